@@ -1,0 +1,214 @@
+// trmath: elementary functions for the lane policies, and scalar helpers.
+//
+// Error budget (float lanes). Every exponential is evaluated as
+//     e^a = 2^n * P(r),   n = round(a / ln 2),   r = a - n ln 2,
+// with the range reduction done in double, so r carries no error from |a| (a logit gap of
+// 80 in float would otherwise cost 80 * 2^-24 = 5e-6 relative). P is the degree-7 Taylor
+// polynomial on |r| <= ln2/2 (truncation 5.6e-9) evaluated in float: |rel err| <= 2 ulp.
+// Series (expm1, phi, JS halves) are used only where they converge to float precision with
+// the stated number of terms (tools/gen_coefficients.py prints the truncation errors).
+#pragma once
+
+#include <cmath>
+
+#include "trmath/coefficients.hpp"
+#include "trmath/vec.hpp"
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace trmath {
+namespace simd {
+
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+constexpr double kLn2Hi = 6.93147180369123816490e-01;  // 32 significant bits
+constexpr double kLn2Lo = 1.90821492927058770002e-10;
+
+template <class V, int N>
+TRMATH_INLINE V horner(V x, const double (&c)[N]) {
+  using S = typename std::remove_reference<decltype(x[0])>::type;
+  V r = splat<V>(S(c[N - 1]));
+  for (int k = N - 2; k >= 0; --k) r = r * x + S(c[k]);
+  return r;
+}
+
+// 2^n * p for float lanes, n in [-160, 129]; two exact power-of-two factors keep every
+// intermediate normal, so subnormal results round once.
+TRMATH_INLINE f8 ldexp_f(f8 p, i8 n) {
+  i8 n1 = n >> 1;
+  i8 n2 = n - n1;
+  f8 s1 = (f8)((n1 + 127) << 23);
+  f8 s2 = (f8)((n2 + 127) << 23);
+  return p * s1 * s2;
+}
+
+TRMATH_INLINE d4 ldexp_d(d4 p, l4 n) {
+  l4 n1 = n >> 1;
+  l4 n2 = n - n1;
+  d4 s1 = (d4)((n1 + 1023) << 52);
+  d4 s2 = (d4)((n2 + 1023) << 52);
+  return p * s1 * s2;
+}
+
+TRMATH_INLINE d4 exp_d(d4 a) {
+  d4 ac = a < -746.0 ? splat<d4>(-746.0) : a;
+  ac = ac > 710.0 ? splat<d4>(710.0) : ac;
+  const d4 magic = splat<d4>(6755399441055744.0);
+  d4 t = ac * kLog2e + magic;
+  d4 nd = t - magic;
+  d4 r = ac - nd * kLn2Hi;  // exact: n*ln2_hi has 43 bits, and Sterbenz
+  r = r - nd * kLn2Lo;
+  d4 p = horner(r, coef::exp_d);
+  l4 n = (l4)t - (l4)magic;
+  d4 res = ldexp_d(p, n);
+  return a < -745.2 ? splat<d4>(0.0) : res;
+}
+
+// ---- lane policies --------------------------------------------------------------------
+// Float lanes carry exact arguments as unevaluated sums hi + lo of two floats ("double-float"):
+// a logit gap a = (z - M)/T is formed exactly (two-sum, and a split product for 1/T), the
+// exponential reduces hi and folds lo into the reduced argument. So e^a is correct to ~2 ulp
+// whatever |a| is, without a single double operation on the hot path.
+struct DF {
+  f8 hi, lo;
+};
+
+TRMATH_INLINE f8 finite_or_zero(f8 ref, f8 v) {
+  return vabs(ref) < std::numeric_limits<float>::infinity() ? v : f8{};
+}
+
+// Exact product error a*b - fl(a*b).
+TRMATH_INLINE f8 prod_err(f8 a, f8 b, f8 p) {
+#if defined(__FMA__)
+  __m256 r = _mm256_fmsub_ps((__m256)a, (__m256)b, (__m256)p);
+  return (f8)r;
+#else
+  const f8 split = splat<f8>(4097.0f);
+  f8 ca = a * split, cb = b * split;
+  f8 ah = ca - (ca - a), al = a - ah;
+  f8 bh = cb - (cb - b), bl = b - bh;
+  return ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+#endif
+}
+
+template <class In>
+struct FloatLanes {
+  static constexpr int W = 8;
+  using V = f8;
+  using Mask = i8;
+  using S = float;
+  using Wide = DF;
+  using Storage = In;
+
+  static TRMATH_INLINE V load(const In* p) { return Load8<In>::load(p); }
+
+  // (v - M) * invT as hi + lo, exact to ~2^-48 relative.
+  static TRMATH_INLINE DF shifted(V v, double M, double invT) {
+    const float Mh = float(M), Ml = float(M - double(Mh));
+    f8 s = v - Mh;
+    f8 bb = s - v;
+    // For v = -inf the low part is NaN; exp() selects 0 there and callers mask -inf lanes.
+    f8 e = (v - (s - bb)) + (-Mh - bb) - Ml;
+    if (invT == 1.0) return {s, e};
+    const float ih = float(invT), il = float(invT - double(ih));
+    f8 h = s * ih;
+    f8 l = prod_err(s, splat<f8>(ih), h) + (s * il + e * ih);
+    return {h, l};
+  }
+  static TRMATH_INLINE V narrow(DF a) { return a.hi + a.lo; }
+
+  // x = (z - w - m - mlo) / T: z - w split exactly, then reduced about the centre.
+  static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT) {
+    f8 d = z - w;
+    f8 bb = d - z;
+    f8 e = finite_or_zero(d, (z - (d - bb)) + (-w - bb));
+    const float mh = float(m), ml = float((m - double(mh)) + mlo);
+    f8 x = (d - mh) + (e - ml);
+    return invT == 1.0 ? x : x * float(invT);
+  }
+
+  // e^a for a <= 88. Results below 2^-126 (a < -87.3) are flushed to 0: a probability under
+  // 1e-38 changes no reduction by more than V * 1e-38, far below the 1e-30 absolute slack, and
+  // this keeps every intermediate normal (subnormals would cost microcode assists).
+  static TRMATH_INLINE V exp(DF a) {
+    f8 hi = vmax(a.hi, splat<f8>(-88.0f));
+    const f8 magic = splat<f8>(12582912.0f);  // 1.5 * 2^23
+    f8 t = hi * float(kLog2e) + magic;
+    f8 n = t - magic;
+    i8 ni = (i8)t - (i8)magic;
+    f8 r = hi - n * 0.693359375f;  // Cody-Waite: ln2_hi has 9 bits, n*ln2_hi is exact
+    r = r - n * -2.12194440e-4f;
+    r = r + a.lo;
+    f8 p = horner(r, coef::exp_f);
+    f8 res = p * (f8)((ni + 127) << 23);
+    return a.hi < -87.0f ? splat<f8>(0.0f) : res;
+  }
+  static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
+  static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
+  static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_f); }
+  static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_f); }
+  // log(1 + u) for u in [0, 1]: 2 atanh(u / (2 + u)).
+  static TRMATH_INLINE V log1p_unit(V u) {
+    V s = u / (2.0f + u);
+    return 2.0f * s * horner(s * s, coef::log1p_f);
+  }
+  // Accumulate 8 float terms into 4 double lanes.
+  static TRMATH_INLINE d4 to_acc(V v) {
+    return __builtin_convertvector(lo_half(v), d4) + __builtin_convertvector(hi_half(v), d4);
+  }
+};
+
+template <class In>
+struct DoubleLanes {
+  static constexpr int W = 4;
+  using V = d4;
+  using Mask = l4;
+  using S = double;
+  using Wide = d4;
+  using Storage = In;
+
+  static TRMATH_INLINE V load(const In* p) { return Load4<In>::load(p); }
+  static TRMATH_INLINE d4 shifted(V v, double M, double invT) { return (v - M) * invT; }
+  static TRMATH_INLINE V narrow(Wide w) { return w; }
+  static TRMATH_INLINE V exp(Wide a) { return exp_d(a); }
+  static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_d); }
+  static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_d); }
+  static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_d); }
+  static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_d); }
+  static TRMATH_INLINE V log1p_unit(V u) {
+    V s = u / (2.0 + u);
+    return 2.0 * s * horner(s * s, coef::log1p_d);
+  }
+  static TRMATH_INLINE d4 to_acc(V v) { return v; }
+  // x = (z - w - m) / T with z - w split exactly (two-sum): near-identical float64 rows have
+  // log-ratios of 1e-8 next to logits of size 10, where a rounded z - w would cost 1e-8
+  // relative accuracy in KL.
+  // The centre is a double-double (m + mlo) for the same reason.
+  static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT) {
+    d4 s = z - w;
+    d4 bb = s - z;
+    d4 e = (z - (s - bb)) + (-w - bb);
+    return ((s - m) + (e - mlo)) * invT;
+  }
+};
+
+// ---- scalar helpers (per-row finalisation, double) ------------------------------------
+
+// psi(u) = log1p(u) - u / (1 + u) >= 0, accurate for small |u| (series) and elsewhere.
+inline double psi_log1p(double u) {
+  if (std::fabs(u) < 1e-3) {
+    // sum_{n>=2} (-1)^n (n-1) u^n / n
+    double s = 0.0, p = u * u;
+    for (int n = 2; n <= 8; ++n) {
+      s += ((n % 2 == 0) ? 1.0 : -1.0) * (n - 1) * p / n;
+      p *= u;
+    }
+    return s;
+  }
+  return std::log1p(u) - u / (1.0 + u);
+}
+
+}  // namespace simd
+}  // namespace trmath

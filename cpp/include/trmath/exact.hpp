@@ -1,0 +1,227 @@
+// trmath: segment kernels and per-row formulas of the exact full-vocabulary reductions.
+//
+// A row is reduced in fixed segments (kSegment elements). Each kernel below reads one
+// contiguous segment and returns a Partial of double sums; the caller combines partials in
+// segment order, so results are bitwise reproducible. No kernel allocates.
+//
+// Notation for a pair of rows z (policy p) and w (policy q) at temperature T:
+//   a_i = (z_i - Mz)/T,  b_i = (w_i - Mw)/T        (M = row maxima; a, b <= 0)
+//   qt_i = exp(b_i)                                  (unnormalised q, A_w = sum qt)
+//   x_i  = (z_i - w_i - m)/T                         (log-ratio about a centre m)
+//   pt_i = qt_i exp(x_i) = exp(a_i) * exp((Mz - Mw - m)/T)
+// With E = sum q e^x = 1 + Z1 and L = log E, the exact log-ratio is eps_i = x_i - L and
+//   KL(p||q) = Phi / E - psi(Z1),   Phi = sum q phi(x),   phi(x) = x e^x - e^x + 1 >= 0,
+//   psi(u) = log1p(u) - u/(1+u) >= 0.
+// Phi and psi are sums of non-negative terms; the only subtraction is Phi/E - psi(Z1), and
+// the driver re-centres (m <- m + T L) whenever that subtraction would lose more than 2 bits.
+// This is what keeps KL = 1e-12 accurate to 1e-7 in float, where sum p (log p - log q)
+// returns noise of either sign.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "trmath/config.hpp"
+#include "trmath/elementary.hpp"
+
+namespace trmath {
+
+struct Partial {
+  double v[8];
+  int flags;
+};
+
+namespace simd {
+
+TRMATH_INLINE void partial_zero(Partial& p) {
+  for (double& x : p.v) x = 0.0;
+  p.flags = 0;
+}
+
+// Block accumulators: K float (or double) lanes summed for 4 steps, then flushed to double.
+template <class L, int K>
+struct Accs {
+  typename L::V blk[K];
+  d4 tot[K];
+  int cnt = 0;
+  TRMATH_INLINE Accs() {
+    for (int k = 0; k < K; ++k) {
+      blk[k] = typename L::V{};
+      tot[k] = d4{};
+    }
+  }
+  TRMATH_INLINE void step() {
+    if (++cnt == 4) flush();
+  }
+  TRMATH_INLINE void flush() {
+    for (int k = 0; k < K; ++k) {
+      tot[k] += L::to_acc(blk[k]);
+      blk[k] = typename L::V{};
+    }
+    cnt = 0;
+  }
+  TRMATH_INLINE double sum(int k) const { return hsum(tot[k]); }
+};
+
+// Copy a short tail into a full lane, padding with -inf (which every kernel treats as p = 0).
+template <class L>
+TRMATH_INLINE typename L::V load_tail(const typename L::Storage* p, int64_t n) {
+  using In = typename L::Storage;
+  In buf[L::W];
+  for (int i = 0; i < L::W; ++i) buf[i] = i < n ? p[i] : neg_inf_of<In>();
+  return L::load(buf);
+}
+
+template <class L, class F>
+TRMATH_INLINE void for_lanes(const typename L::Storage* p, int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + L::W <= n; i += L::W) f(L::load(p + i));
+  if (i < n) f(load_tail<L>(p + i, n - i));
+}
+
+template <class L, class F>
+TRMATH_INLINE void for_lanes2(const typename L::Storage* p, const typename L::Storage* q,
+                              int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + L::W <= n; i += L::W) f(L::load(p + i), L::load(q + i));
+  if (i < n) f(load_tail<L>(p + i, n - i), load_tail<L>(q + i, n - i));
+}
+
+// ---- pass A: maxima and validity ------------------------------------------------------
+template <class L>
+TRMATH_INLINE void seg_max(const typename L::Storage* z, int64_t n, double& mx, int& flags,
+                           int nan_bit, int inf_bit) {
+  using V = typename L::V;
+  using S = typename L::S;
+  const S inf = std::numeric_limits<S>::infinity();
+  V m = splat<V>(-inf);
+  typename L::Mask bad_nan{}, bad_inf{};
+  for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
+    bad_nan |= (v != v);
+    bad_inf |= (v == inf);
+    m = v > m ? v : m;
+  });
+  double r = -std::numeric_limits<double>::infinity();
+  for (int i = 0; i < L::W; ++i) {
+    if (bad_nan[i]) flags |= nan_bit;
+    if (bad_inf[i]) flags |= inf_bit;
+    r = double(m[i]) > r ? double(m[i]) : r;
+  }
+  mx = r;
+}
+
+// ---- pass B, one row: sum exp(a) and sum exp(a) * (-a) --------------------------------
+template <class L, bool kEntropy>
+TRMATH_INLINE void seg_sum1(const typename L::Storage* z, int64_t n, double M, double invT,
+                            Partial& out) {
+  using V = typename L::V;
+  using S = typename L::S;
+  Accs<L, kEntropy ? 2 : 1> acc;
+  for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
+    auto a = L::shifted(v, M, invT);
+    V e = L::exp(a);
+    acc.blk[0] += e;
+    if constexpr (kEntropy) {
+      V t = e * (-L::narrow(a));
+      acc.blk[1] += (v > -std::numeric_limits<S>::infinity()) ? t : splat<V>(S(0));
+    }
+    acc.step();
+  });
+  acc.flush();
+  out.v[0] = acc.sum(0);
+  out.v[1] = kEntropy ? acc.sum(kEntropy ? 1 : 0) : 0.0;
+}
+
+// ---- pass B, two rows ---------------------------------------------------------------------
+enum PairTerms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3 };
+
+struct PairParams {
+  double Mz, Mw, invT;
+  double m, mlo;  // centre m + mlo, in logit units (x = (z - w - m - mlo) / T)
+  double g;       // exp((Mz - Mw - m - mlo) / T), so that pt = exp(a) * g
+};
+
+// Slots of the partial:  0 A_w, 1 Z1 (q-units), then
+//   kKL: 2 Phi                       kTV: 2 T+, 3 Q+, 4 P+, 5 Q-, 6 P-
+//   kJS: 2 KL(p||m)-part, 3 KL(q||m)-part
+//   7: R = sum of pt where q_i = 0 < p_i (all but kKL, where such a token makes KL = +inf)
+// flags: bit 0 = some q_i = 0 < p_i.
+template <class L, int kTerms>
+TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Storage* w, int64_t n,
+                            const PairParams& P, Partial& out) {
+  using V = typename L::V;
+  using S = typename L::S;
+  using Mask = typename L::Mask;
+  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 8 : 5;
+  const S ninf = -std::numeric_limits<S>::infinity();
+  const V zero = splat<V>(S(0));
+  const S g = S(P.g);
+  Accs<L, K> acc;
+  Mask infq{};
+  for_lanes2<L>(z, w, n, [&](V zv, V wv) TRMATH_LAMBDA_INLINE {
+    auto a = L::shifted(zv, P.Mz, P.invT);
+    auto b = L::shifted(wv, P.Mw, P.invT);
+    V qt = L::exp(b);
+    V ez = L::exp(a);
+    Mask wneg = wv == ninf;
+    Mask zneg = zv == ninf;
+    infq |= wneg & ~zneg;
+    V x = L::logratio(zv, wv, P.m, P.mlo, P.invT);
+    x = wneg ? zero : x;                      // both masked -> no contribution
+    V pt = wneg ? zero : ez * g;              // q_i = 0 is reported through the flag
+    Mask small = vabs(x) < S(1);
+    V em1 = small ? qt * L::expm1_series(x) : pt - qt;  // q (e^x - 1)
+    acc.blk[0] += qt;
+    acc.blk[1] += em1;
+    if constexpr (kTerms == kKL) {
+      V xc = vmax(x, splat<V>(S(-200)));  // x = -inf only where p_i = 0, then pt = 0
+      V phi = small ? qt * L::phi_series(x) : pt * (xc - S(1)) + qt;
+      acc.blk[2] += phi;
+    } else if constexpr (kTerms == kTV) {
+      Mask pos = x > zero;
+      Mask neg = x < zero;
+      acc.blk[2] += pos ? em1 : zero;
+      acc.blk[3] += pos ? qt : zero;
+      acc.blk[4] += pos ? pt : zero;
+      acc.blk[5] += neg ? qt : zero;
+      acc.blk[6] += neg ? pt : zero;
+    } else if constexpr (kTerms == kJS) {
+      // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0.
+      Mask js_small = vabs(x) < S(0.5);
+      V sp = qt * L::jsp_series(x);
+      V sq = qt * L::jsq_series(x);
+      V hi = vmax(pt, qt), lo = vmin(pt, qt);
+      V u = hi > zero ? lo / hi : zero;
+      V l1 = L::log1p_unit(u);             // log(1 + min/max)
+      V xc = vmax(x, splat<V>(S(-200)));
+      Mask ppos = pt > qt;
+      V d_big = S(kLn2) - l1;               // log(2 max/(p+q)) for the larger side
+      V dp = ppos ? d_big : d_big + xc;     // log(p/m)
+      V dq = ppos ? d_big - xc : d_big;     // log(q/m)
+      const V half = splat<V>(S(0.5));
+      V bp = pt * dp + (qt - pt) * half;
+      V bq = qt * dq + (pt - qt) * half;
+      V tp = js_small ? sp : bp;
+      V tq = js_small ? sq : bq;
+      // q_i = 0 < p_i: p_i (log 2 - 1/2) and p_i / 2.
+      V praw = ez * g;
+      Mask only_p = wneg & ~zneg;
+      tp = only_p ? praw * S(kLn2 - 0.5) : tp;
+      tq = only_p ? praw * half : tq;
+      acc.blk[2] += tp;
+      acc.blk[3] += tq;
+    }
+    if constexpr (kTerms != kKL) acc.blk[K - 1] += (wneg & ~zneg) ? ez * g : zero;
+    acc.step();
+  });
+  acc.flush();
+  constexpr int Kmain = kTerms == kKL ? K : K - 1;
+  for (int k = 0; k < Kmain; ++k) out.v[k] = acc.sum(k);
+  if constexpr (kTerms != kKL) out.v[7] = acc.sum(K - 1);
+  for (int i = 0; i < L::W; ++i)
+    if (infq[i]) out.flags |= 1;
+}
+
+}  // namespace simd
+}  // namespace trmath

@@ -1,0 +1,125 @@
+// trmath: bindings of the exact reductions. Arrays arrive as typed views
+// (address, dtype code, shape, strides in elements) so the core never links against torch and
+// reads torch tensors and numpy arrays in place. Every call releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "view.hpp"
+
+namespace py = pybind11;
+
+namespace trmath {
+
+const KernelTable& kernels();
+
+namespace {
+
+using Desc = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
+
+View make_view(const Desc& d, const char* name) {
+  View v;
+  v.data = reinterpret_cast<const char*>(std::get<0>(d));
+  int code = std::get<1>(d);
+  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unsupported dtype code");
+  v.dtype = static_cast<DType>(code);
+  const auto& shape = std::get<2>(d);
+  const auto& strides = std::get<3>(d);
+  if (shape.empty() || shape.size() > size_t(kMaxDim) || shape.size() != strides.size())
+    throw std::invalid_argument(std::string(name) + ": rank must be 1.." + std::to_string(kMaxDim));
+  v.ndim = int(shape.size());
+  for (int i = 0; i < v.ndim; ++i) {
+    if (shape[i] < 0) throw std::invalid_argument(std::string(name) + ": negative extent");
+    v.shape[i] = shape[i];
+    v.strides[i] = strides[i];
+  }
+  if (v.V() < 1) throw std::invalid_argument(std::string(name) + ": empty vocabulary axis");
+  return v;
+}
+
+template <class T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+void check_same(const View& a, const View& b) {
+  if (a.ndim != b.ndim || a.dtype != b.dtype)
+    throw std::invalid_argument("p_logits and q_logits must have the same rank and dtype");
+  for (int i = 0; i < a.ndim; ++i)
+    if (a.shape[i] != b.shape[i]) throw std::invalid_argument("p_logits and q_logits differ in shape");
+}
+
+}  // namespace
+
+void register_exact(py::module_& m) {
+  m.def("isa", [] { return std::string(kernels().isa); }, "Instruction set of the kernels in use.");
+  m.def("num_threads", &num_threads);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
+    set_num_threads(n);
+  });
+  m.def("segment", [] { return kSegment; });
+
+  m.def("single_forward",
+        [](const Desc& z, uintptr_t tokens, double T, int op, uintptr_t out0, uintptr_t out1,
+           uintptr_t stats, uintptr_t status) {
+          SingleFwd a;
+          a.z = make_view(z, "logits");
+          a.tokens = ptr<const int64_t>(tokens);
+          a.T = T;
+          a.op = static_cast<SingleOp>(op);
+          a.out0 = ptr<void>(out0);
+          a.out1 = ptr<void>(out1);
+          a.stats = ptr<double>(stats);
+          a.status = ptr<int>(status);
+          if ((a.op == SingleOp::logprob || a.op == SingleOp::logprob_entropy) && !a.tokens)
+            throw std::invalid_argument("tokens required");
+          py::gil_scoped_release nogil;
+          kernels().single_fwd(a);
+        });
+  m.def("pair_forward", [](const Desc& z, const Desc& w, double T, int op, uintptr_t out,
+                           uintptr_t stats, uintptr_t status) {
+    PairFwd a;
+    a.z = make_view(z, "p_logits");
+    a.w = make_view(w, "q_logits");
+    check_same(a.z, a.w);
+    a.T = T;
+    a.op = static_cast<PairOp>(op);
+    a.out = ptr<void>(out);
+    a.stats = ptr<double>(stats);
+    a.status = ptr<int>(status);
+    py::gil_scoped_release nogil;
+    kernels().pair_fwd(a);
+  });
+  m.def("single_backward", [](const Desc& z, uintptr_t tokens, double T, int op, uintptr_t stats,
+                              uintptr_t g0, uintptr_t g1, uintptr_t dz) {
+    SingleBwd a;
+    a.z = make_view(z, "logits");
+    a.tokens = ptr<const int64_t>(tokens);
+    a.T = T;
+    a.op = static_cast<SingleOp>(op);
+    a.stats = ptr<const double>(stats);
+    a.g0 = ptr<const double>(g0);
+    a.g1 = ptr<const double>(g1);
+    a.dz = ptr<void>(dz);
+    py::gil_scoped_release nogil;
+    kernels().single_bwd(a);
+  });
+  m.def("pair_backward", [](const Desc& z, const Desc& w, double T, int op, uintptr_t stats,
+                            uintptr_t g, uintptr_t dz, uintptr_t dw) {
+    PairBwd a;
+    a.z = make_view(z, "p_logits");
+    a.w = make_view(w, "q_logits");
+    check_same(a.z, a.w);
+    a.T = T;
+    a.op = static_cast<PairOp>(op);
+    a.stats = ptr<const double>(stats);
+    a.g = ptr<const double>(g);
+    a.dz = ptr<void>(dz);
+    a.dw = ptr<void>(dw);
+    py::gil_scoped_release nogil;
+    kernels().pair_bwd(a);
+  });
+}
+
+}  // namespace trmath

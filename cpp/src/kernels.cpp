@@ -1,0 +1,593 @@
+// trmath: CPU drivers of the exact reductions. This file is compiled once per instruction
+// set (TRMATH_ISA = generic, avx2, ...) and the matching table is chosen at run time.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifndef TRMATH_ISA
+#error "TRMATH_ISA must be defined"
+#endif
+#define TRMATH_CAT2(a, b) a##b
+#define TRMATH_CAT(a, b) TRMATH_CAT2(a, b)
+// Every header entity that touches vector types lives in namespace trmath::simd; renaming it
+// per instruction set keeps the copies compiled with different flags (and vector calling
+// conventions) from being merged by the linker.
+#define simd TRMATH_CAT(simd_, TRMATH_ISA)
+
+#include "trmath/exact.hpp"
+#include "view.hpp"
+
+#define TRMATH_NS TRMATH_CAT(isa_, TRMATH_ISA)
+#define TRMATH_STR2(a) #a
+#define TRMATH_STR(a) TRMATH_STR2(a)
+
+namespace trmath {
+namespace TRMATH_NS {
+namespace {
+
+using namespace simd;
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ---- segment access -----------------------------------------------------------------------
+template <class In>
+struct RowReader {
+  const View& v;
+  int64_t V, nseg;
+  explicit RowReader(const View& view) : v(view), V(view.V()), nseg((view.V() + kSegment - 1) / kSegment) {}
+  int64_t seg_len(int64_t s) const { return std::min(kSegment, V - s * kSegment); }
+  // Pointer to segment s of row r, contiguous; gathers strided rows into `buf`.
+  const In* seg(int64_t r, int64_t s, std::vector<In>& buf) const {
+    const In* base = reinterpret_cast<const In*>(v.data) + v.row_offset(r);
+    int64_t vs = v.vstride();
+    int64_t n = seg_len(s);
+    if (vs == 1) return base + s * kSegment;
+    if (int64_t(buf.size()) < n) buf.resize(n);
+    const In* p = base + s * kSegment * vs;
+    for (int64_t i = 0; i < n; ++i) buf[i] = p[i * vs];
+    return buf.data();
+  }
+  double element(int64_t r, int64_t i) const {
+    const In* base = reinterpret_cast<const In*>(v.data) + v.row_offset(r);
+    return to_double(base[i * v.vstride()]);
+  }
+};
+
+template <class In>
+std::vector<In>& scratch(int which) {
+  thread_local std::vector<In> bufs[2];
+  return bufs[which];
+}
+
+// Lanes used for a dtype: float lanes for 16/32-bit inputs, double lanes for float64.
+template <class In> struct LanesFor { using type = FloatLanes<In>; };
+template <> struct LanesFor<double> { using type = DoubleLanes<double>; };
+
+// ---- executor -------------------------------------------------------------------------------
+// An algorithm exposes: nseg, bool next(row) (prepare the row's next pass, false when done),
+// void run(row, seg, Partial&), void consume(row, const Partial*). Rows are independent and
+// every pass combines its segment partials in order, so the result of a row is the same
+// whichever thread computes which segment.
+template <class Algo>
+void execute(Algo& algo, int64_t N) {
+  const int64_t nseg = algo.nseg;
+  const int nt = num_threads();
+  if (nseg == 1 || N >= 4 * int64_t(nt)) {
+    parallel_for(N, [&](int64_t r) {
+      thread_local std::vector<Partial> parts;
+      if (int64_t(parts.size()) < nseg) parts.resize(nseg);
+      while (algo.next(r)) {
+        for (int64_t s = 0; s < nseg; ++s) {
+          partial_zero(parts[s]);
+          algo.run(r, s, parts[s]);
+        }
+        algo.consume(r, parts.data());
+      }
+    });
+    return;
+  }
+  std::vector<Partial> parts(N * nseg);
+  std::vector<int64_t> active;
+  for (;;) {
+    active.clear();
+    for (int64_t r = 0; r < N; ++r)
+      if (algo.next(r)) active.push_back(r);
+    if (active.empty()) break;
+    int64_t na = int64_t(active.size());
+    parallel_for(na * nseg, [&](int64_t u) {
+      int64_t r = active[u / nseg], s = u % nseg;
+      partial_zero(parts[r * nseg + s]);
+      algo.run(r, s, parts[r * nseg + s]);
+    });
+    for (int64_t r : active) algo.consume(r, &parts[r * nseg]);
+  }
+}
+
+template <class T>
+void put(void* out, int64_t i, double v) {
+  static_cast<T*>(out)[i] = T(v);
+}
+
+// ---- single-row reductions -------------------------------------------------------------------
+template <class In>
+struct SingleAlgo {
+  using L = typename LanesFor<In>::type;
+  using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
+  enum Stage : int { kStart, kMax, kSum, kSumDouble, kDone };
+  struct St {
+    int stage = kStart;
+    int flags = 0;
+    double M = 0, zt = 0, A = 0, B = 0;
+  };
+  const SingleFwd& a;
+  RowReader<In> rd;
+  int64_t nseg;
+  std::vector<St> st;
+  double invT;
+  bool want_h, want_lp, want_lse;
+
+  SingleAlgo(const SingleFwd& args, int64_t N)
+      : a(args), rd(args.z), nseg(rd.nseg), st(N), invT(1.0 / args.T) {
+    want_h = a.op == SingleOp::entropy || a.op == SingleOp::logprob_entropy;
+    want_lp = a.op == SingleOp::logprob || a.op == SingleOp::logprob_entropy;
+    want_lse = a.op == SingleOp::lse;
+  }
+
+  bool next(int64_t r) {
+    St& s = st[r];
+    switch (s.stage) {
+      case kStart: s.stage = kMax; return true;
+      case kMax:
+        if (s.flags) return finish(r);
+        s.stage = kSum;
+        return true;
+      case kSum: {
+        if (want_lse && !std::is_same<In, double>::value) {
+          // lse = M/T + log A cancels when lse ~ 0 (log-probabilities passed as logits);
+          // float exponentials leave ~2e-7 absolute error in log A: redo the row in double.
+          double lse = s.M * invT + std::log(s.A);
+          if (std::fabs(s.M * invT) + std::fabs(std::log(s.A)) > 4.0 * std::fabs(lse)) {
+            s.stage = kSumDouble;
+            return true;
+          }
+        }
+        return finish(r);
+      }
+      case kSumDouble: return finish(r);
+      default: return false;
+    }
+  }
+
+  void run(int64_t r, int64_t sg, Partial& p) {
+    St& s = st[r];
+    const In* z = rd.seg(r, sg, scratch<In>(0));
+    int64_t n = rd.seg_len(sg);
+    if (s.stage == kMax) {
+      seg_max<L>(z, n, p.v[0], p.flags, kNanA, kPosInfA);
+    } else if (s.stage == kSum) {
+      if (want_h) seg_sum1<L, true>(z, n, s.M, invT, p);
+      else seg_sum1<L, false>(z, n, s.M, invT, p);
+    } else {
+      seg_sum1<DoubleLanes<In>, false>(z, n, s.M, invT, p);
+    }
+  }
+
+  void consume(int64_t r, const Partial* parts) {
+    St& s = st[r];
+    if (s.stage == kMax) {
+      double M = -kInf;
+      int flags = 0;
+      for (int64_t k = 0; k < nseg; ++k) {
+        M = std::max(M, parts[k].v[0]);
+        flags |= parts[k].flags;
+      }
+      if (!(flags & (kNanA | kPosInfA)) && M == -kInf) flags |= kAllNegInfA;
+      if (want_lp && !flags) {
+        int64_t t = a.tokens[r];
+        if (t < 0 || t >= rd.V) flags |= kTokenRange;
+        else s.zt = rd.element(r, t);
+      }
+      s.M = M;
+      s.flags = flags;
+    } else {
+      double A = 0, B = 0;
+      for (int64_t k = 0; k < nseg; ++k) {
+        A += parts[k].v[0];
+        B += parts[k].v[1];
+      }
+      s.A = A;
+      if (s.stage == kSum) s.B = B;
+    }
+  }
+
+  bool finish(int64_t r) {
+    St& s = st[r];
+    s.stage = kDone;
+    double lse = kNaN, H = kNaN, lp = kNaN;
+    if (!s.flags) {
+      double logA = std::log(s.A);
+      lse = s.M * invT + logA;
+      H = want_h ? s.B / s.A + logA : 0.0;
+      lp = (s.zt - s.M) * invT - logA;
+    }
+    if (a.status) a.status[r] = s.flags;
+    if (a.stats) {
+      a.stats[2 * r] = lse;
+      a.stats[2 * r + 1] = H;
+    }
+    switch (a.op) {
+      case SingleOp::lse: put<OutT>(a.out0, r, lse); break;
+      case SingleOp::entropy: put<OutT>(a.out0, r, H); break;
+      case SingleOp::logprob: put<OutT>(a.out0, r, lp); break;
+      case SingleOp::logprob_entropy:
+        put<OutT>(a.out0, r, lp);
+        put<OutT>(a.out1, r, H);
+        break;
+    }
+    return false;
+  }
+};
+
+// ---- pair reductions ----------------------------------------------------------------------------
+template <class In>
+struct PairAlgo {
+  using L = typename LanesFor<In>::type;
+  using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
+  static constexpr bool kDouble = std::is_same<In, double>::value;
+  enum Stage : int { kStart, kMax, kCentre, kFull, kDone };
+  struct St {
+    int stage = kStart;
+    int flags = 0;
+    int iter = 0;
+    double Mz = 0, Mw = 0, m = 0, mlo = 0;  // centre m + mlo (logit units)
+    double s[8] = {};
+  };
+  const PairFwd& a;
+  RowReader<In> rz, rw;
+  int64_t nseg;
+  std::vector<St> st;
+  double invT;
+
+  PairAlgo(const PairFwd& args, int64_t N)
+      : a(args), rz(args.z), rw(args.w), nseg(rz.nseg), st(N), invT(1.0 / args.T) {}
+
+  bool next(int64_t r) {
+    St& s = st[r];
+    switch (s.stage) {
+      case kStart: s.stage = kMax; return true;
+      case kMax:
+        if (s.flags & ~1) return finish(r);
+        s.m = s.Mz - s.Mw;  // centre in logit units
+        s.stage = a.op == PairOp::kl ? kFull : kCentre;
+        return true;
+      case kCentre: {
+        double Zt = (s.s[1] + s.s[7]) / s.s[0];
+        s.mlo += a.T * std::log1p(Zt);
+        s.stage = kFull;
+        return true;
+      }
+      case kFull: {
+        if (accept(s) || s.iter >= 3) return finish(r);
+        ++s.iter;
+        return true;
+      }
+      default: return false;
+    }
+  }
+
+  // Is the last full pass accurate enough at its centre? Otherwise re-centre (s.m updated).
+  bool accept(St& s) {
+    const double Aw = s.s[0], Z1 = s.s[1] / Aw;
+    if (a.op == PairOp::kl) {
+      if (s.flags & 1) return true;  // KL = +inf
+      double E = 1.0 + Z1, A = (s.s[2] / Aw) / E, B = psi_log1p(Z1);
+      if (B <= 0.6 * A) return true;  // Phi/E - psi loses at most 2 bits
+      s.mlo += a.T * std::log1p(Z1);
+      return false;
+    }
+    double R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
+    if (a.op == PairOp::tv) {
+      double tv = std::max((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G;
+      // Tokens whose log-ratio lies between 0 and log G are misclassified; their total
+      // error is at most |Zt|.
+      if (std::fabs(Zt) <= (kDouble ? 1e-13 : 1e-7) * tv || Zt == 0.0) return true;
+      s.mlo += a.T * std::log1p(Zt);
+      return false;
+    }
+    double Lp = std::log1p(Zt);
+    double js = 0.5 * (s.s[2] + s.s[3]) / Aw;
+    double tol = kDouble ? 1e-14 : 1e-7;
+    if (std::fabs(Lp) <= tol && Lp * Lp <= tol * js) return true;
+    if (Lp == 0.0) return true;
+    s.mlo += a.T * Lp;
+    return false;
+  }
+
+  void run(int64_t r, int64_t sg, Partial& p) {
+    St& s = st[r];
+    const In* z = rz.seg(r, sg, scratch<In>(0));
+    const In* w = rw.seg(r, sg, scratch<In>(1));
+    int64_t n = rz.seg_len(sg);
+    if (s.stage == kMax) {
+      seg_max<L>(z, n, p.v[0], p.flags, kNanA, kPosInfA);
+      seg_max<L>(w, n, p.v[1], p.flags, kNanB, kPosInfB);
+      return;
+    }
+    PairParams P;
+    P.Mz = s.Mz;
+    P.Mw = s.Mw;
+    P.invT = invT;
+    P.m = s.m;
+    P.mlo = s.mlo;
+    P.g = std::exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT);
+    if (s.stage == kCentre) {
+      seg_sum2<L, kCentre>(z, w, n, P, p);
+      return;
+    }
+    switch (a.op) {
+      case PairOp::kl: seg_sum2<L, kKL>(z, w, n, P, p); break;
+      case PairOp::tv: seg_sum2<L, kTV>(z, w, n, P, p); break;
+      case PairOp::js: seg_sum2<L, kJS>(z, w, n, P, p); break;
+    }
+  }
+
+  void consume(int64_t r, const Partial* parts) {
+    St& s = st[r];
+    if (s.stage == kMax) {
+      double Mz = -kInf, Mw = -kInf;
+      int flags = 0;
+      for (int64_t k = 0; k < nseg; ++k) {
+        Mz = std::max(Mz, parts[k].v[0]);
+        Mw = std::max(Mw, parts[k].v[1]);
+        flags |= parts[k].flags;
+      }
+      if (!(flags & (kNanA | kPosInfA)) && Mz == -kInf) flags |= kAllNegInfA;
+      if (!(flags & (kNanB | kPosInfB)) && Mw == -kInf) flags |= kAllNegInfB;
+      s.Mz = Mz;
+      s.Mw = Mw;
+      s.flags = flags;
+      return;
+    }
+    // Slot 7 gathers R = sum of p where q = 0 (only in centre/TV/JS passes).
+    double acc[8] = {};
+    int flags = 0;
+    const bool kl = s.stage == kFull && a.op == PairOp::kl;
+    for (int64_t k = 0; k < nseg; ++k) {
+      for (int j = 0; j < 8; ++j) acc[j] += parts[k].v[j];
+      flags |= parts[k].flags;
+    }
+    for (int j = 0; j < 8; ++j) s.s[j] = acc[j];
+    if (kl) s.s[7] = 0.0;
+    s.flags |= flags;
+  }
+
+  bool finish(int64_t r) {
+    St& s = st[r];
+    s.stage = kDone;
+    double out = kNaN, lse_p = kNaN, lse_q = kNaN, sa = kNaN, sb = kNaN, clo = kNaN;
+    if (!(s.flags & ~1)) {
+      const double Aw = s.s[0], Z1 = s.s[1] / Aw, R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
+      lse_q = s.Mw * invT + std::log(Aw);
+      lse_p = lse_q + (s.m + s.mlo) * invT + std::log1p(Zt);
+      // Centre (m, clo) of the log-ratio the backward uses: the exact one (x - log G) for KL
+      // and JS; for TV the one the forward classified signs at, so both passes agree.
+      clo = a.op == PairOp::tv ? s.mlo : s.mlo + a.T * std::log1p(Zt);
+      switch (a.op) {
+        case PairOp::kl:
+          if (s.flags & 1) {
+            out = kInf;
+          } else {
+            double E = 1.0 + Z1;
+            out = std::max((s.s[2] / Aw) / E - psi_log1p(Z1), 0.0);
+          }
+          sa = out;
+          sb = 0.0;
+          break;
+        case PairOp::tv:
+          // Both terms are >= 0 up to the (bounded) misclassification error; clamp the rounding.
+          out = std::min(std::max((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G, 1.0);
+          sa = (s.s[4] / Aw - s.s[6] / Aw) / G + R / G;
+          sb = s.s[3] / Aw - s.s[5] / Aw;
+          break;
+        case PairOp::js:
+          sa = s.s[2] / Aw;
+          sb = s.s[3] / Aw;
+          out = std::min(0.5 * (sa + sb), kLn2);
+          break;
+      }
+    }
+    if (a.status) a.status[r] = s.flags & ~1;
+    if (a.stats) {
+      double* t = a.stats + kPairStats * r;
+      t[0] = lse_p;
+      t[1] = lse_q;
+      t[2] = sa;
+      t[3] = sb;
+      t[4] = s.m;
+      t[5] = clo;
+    }
+    put<OutT>(a.out, r, out);
+    return false;
+  }
+};
+
+// ---- backward ------------------------------------------------------------------------------------
+template <class L>
+TRMATH_INLINE void store_lanes(typename L::Storage* dst, int64_t n, int64_t i, typename L::V v) {
+  using In = typename L::Storage;
+  if (i + L::W <= n) {
+    if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
+      std::memcpy(dst + i, &v, sizeof(v));
+      return;
+    }
+  }
+  for (int k = 0; k < L::W && i + k < n; ++k) store_from_float(dst + i + k, v[k]);
+}
+
+template <class L>
+TRMATH_INLINE typename L::V load_at(const typename L::Storage* p, int64_t n, int64_t i) {
+  return i + L::W <= n ? L::load(p + i) : load_tail<L>(p + i, n - i);
+}
+
+template <class In>
+void single_bwd_impl(const SingleBwd& a) {
+  using L = typename LanesFor<In>::type;
+  using V = typename L::V;
+  using S = typename L::S;
+  using Mask = typename L::Mask;
+  RowReader<In> rd(a.z);
+  const int64_t N = a.z.rows(), nseg = rd.nseg, Vn = rd.V;
+  const double invT = 1.0 / a.T;
+  In* dz = static_cast<In*>(a.dz);
+  parallel_for(N * nseg, [&](int64_t u) {
+    int64_t r = u / nseg, sg = u % nseg;
+    const In* z = rd.seg(r, sg, scratch<In>(0));
+    int64_t n = rd.seg_len(sg);
+    In* out = dz + r * Vn + sg * kSegment;
+    const double lse = a.stats[2 * r], H = a.stats[2 * r + 1];
+    const S g0 = S(a.g0[r] * invT), g1 = S(a.g1 ? a.g1[r] * invT : 0.0);
+    const int64_t t = a.tokens ? a.tokens[r] - sg * kSegment : -1;
+    const S ninf = -std::numeric_limits<S>::infinity();
+    for (int64_t i = 0; i < n; i += L::W) {
+      V zv = load_at<L>(z, n, i);
+      auto wa = L::shifted(zv, lse * a.T, invT);
+      V p = L::exp(wa);
+      Mask live = zv > ninf;
+      V res;
+      switch (a.op) {
+        case SingleOp::lse: res = g0 * p; break;
+        case SingleOp::entropy: {
+          V lp = L::narrow(wa) + S(H);
+          res = live ? -g0 * p * lp : splat<V>(S(0));
+          break;
+        }
+        default: {
+          V lp = L::narrow(wa) + S(H);
+          V ent = live ? p * lp : splat<V>(S(0));
+          res = -g0 * p - g1 * ent;
+          if (t >= i && t < i + L::W) res[t - i] += g0;
+          break;
+        }
+      }
+      // NaN statistics (invalid rows) propagate.
+      if (std::isnan(lse)) res = splat<V>(std::numeric_limits<S>::quiet_NaN());
+      store_lanes<L>(out, n, i, res);
+    }
+  });
+}
+
+template <class In>
+void pair_bwd_impl(const PairBwd& a) {
+  using L = typename LanesFor<In>::type;
+  using V = typename L::V;
+  using S = typename L::S;
+  using Mask = typename L::Mask;
+  RowReader<In> rz(a.z), rw(a.w);
+  const int64_t N = a.z.rows(), nseg = rz.nseg, Vn = rz.V;
+  const double invT = 1.0 / a.T;
+  In* dz = static_cast<In*>(a.dz);
+  In* dw = static_cast<In*>(a.dw);
+  parallel_for(N * nseg, [&](int64_t u) {
+    int64_t r = u / nseg, sg = u % nseg;
+    const In* z = rz.seg(r, sg, scratch<In>(0));
+    const In* w = rw.seg(r, sg, scratch<In>(1));
+    int64_t n = rz.seg_len(sg);
+    const double* t = a.stats + kPairStats * r;
+    const double lse_p = t[0], lse_q = t[1];
+    const S sa = S(t[2]), sb = S(t[3]);
+    const S g = S(a.g[r] * invT);
+    const S zero(0), half(0.5), one(1);
+    const S ninf = -std::numeric_limits<S>::infinity();
+    const bool bad = std::isnan(lse_p) || std::isnan(lse_q);
+    for (int64_t i = 0; i < n; i += L::W) {
+      V zv = load_at<L>(z, n, i), wv = load_at<L>(w, n, i);
+      auto az = L::shifted(zv, lse_p * a.T, invT);
+      auto bw = L::shifted(wv, lse_q * a.T, invT);
+      V p = L::exp(az), q = L::exp(bw);
+      Mask zl = zv > ninf, wl = wv > ninf;
+      V eps = L::logratio(zv, wv, t[4], t[5], invT);
+      V gz, gw;
+      switch (a.op) {
+        case PairOp::kl: {
+          Mask small = vabs(eps) < one;
+          V em1 = small ? q * L::expm1_series(eps) : p - q;  // p - q
+          gz = zl ? g * p * (eps - sa) : splat<V>(zero);
+          gw = (zl | wl) ? -g * em1 : splat<V>(zero);
+          break;
+        }
+        case PairOp::tv: {
+          V s = eps > zero ? splat<V>(one) : (eps < zero ? splat<V>(-one) : splat<V>(zero));
+          s = (zl | wl) ? s : splat<V>(zero);
+          gz = g * half * p * (s - sa);
+          gw = -g * half * q * (s - sb);
+          break;
+        }
+        default: {
+          Mask small = vabs(eps) < half;
+          V hi = vmax(p, q), lo = vmin(p, q);
+          V uu = hi > zero ? lo / hi : splat<V>(zero);
+          V dbig = S(kLn2) - L::log1p_unit(uu);
+          V ec = vmin(vmax(eps, splat<V>(S(-200))), splat<V>(S(200)));
+          Mask ppos = p > q;
+          V dp = ppos ? dbig : dbig + ec;
+          V dq = ppos ? dbig - ec : dbig;
+          V ds;  // log(p/m) = log(2 / (1 + e^-eps)), series for |eps| < 1/2
+          if constexpr (sizeof(S) == 4) ds = eps * horner(eps, coef::jsd_f);
+          else ds = eps * horner(eps, coef::jsd_d);
+          dp = small ? ds : dp;
+          dq = small ? ds - eps : dq;
+          gz = zl ? g * half * p * (dp - sa) : splat<V>(zero);
+          gw = wl ? g * half * q * (dq - sb) : splat<V>(zero);
+          break;
+        }
+      }
+      if (bad) {
+        gz = splat<V>(std::numeric_limits<S>::quiet_NaN());
+        gw = gz;
+      }
+      if (dz) store_lanes<L>(dz + r * Vn + sg * kSegment, n, i, gz);
+      if (dw) store_lanes<L>(dw + r * Vn + sg * kSegment, n, i, gw);
+    }
+  });
+}
+
+template <template <class> class Algo, class Args>
+void run_fwd(const Args& a, DType dt) {
+  const int64_t N = a.z.rows();
+  switch (dt) {
+    case DType::f32: { Algo<float> al(a, N); execute(al, N); break; }
+    case DType::f64: { Algo<double> al(a, N); execute(al, N); break; }
+    case DType::bf16: { Algo<bf16_t> al(a, N); execute(al, N); break; }
+    case DType::f16: { Algo<f16_t> al(a, N); execute(al, N); break; }
+  }
+}
+
+void single_fwd(const SingleFwd& a) { run_fwd<SingleAlgo>(a, a.z.dtype); }
+void pair_fwd(const PairFwd& a) { run_fwd<PairAlgo>(a, a.z.dtype); }
+
+void single_bwd(const SingleBwd& a) {
+  switch (a.z.dtype) {
+    case DType::f32: single_bwd_impl<float>(a); break;
+    case DType::f64: single_bwd_impl<double>(a); break;
+    case DType::bf16: single_bwd_impl<bf16_t>(a); break;
+    case DType::f16: single_bwd_impl<f16_t>(a); break;
+  }
+}
+void pair_bwd(const PairBwd& a) {
+  switch (a.z.dtype) {
+    case DType::f32: pair_bwd_impl<float>(a); break;
+    case DType::f64: pair_bwd_impl<double>(a); break;
+    case DType::bf16: pair_bwd_impl<bf16_t>(a); break;
+    case DType::f16: pair_bwd_impl<f16_t>(a); break;
+  }
+}
+
+}  // namespace
+
+extern const KernelTable table;
+const KernelTable table = {TRMATH_STR(TRMATH_ISA), &single_fwd, &single_bwd, &pair_fwd, &pair_bwd};
+
+}  // namespace TRMATH_NS
+}  // namespace trmath

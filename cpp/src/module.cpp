@@ -1,0 +1,13 @@
+// trmath._core: the compiled core. Private; imported only by trmath/_backend.py.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace trmath {
+void register_exact(py::module_& m);
+}
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "trmath compiled core (private; use the trmath package)";
+  trmath::register_exact(m);
+}

@@ -1,0 +1,118 @@
+"""The C++ CPU backend: the only module that imports the compiled core ``trmath._core``.
+
+Arrays are handed to the core as typed views -- address, dtype, shape and strides -- so
+torch tensors of every float dtype (bfloat16 included) and numpy arrays are read in place,
+without a copy or an upcast. Outputs are allocated here and filled by the core.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _core
+
+__all__ = [
+    "DTYPE_CODES",
+    "isa",
+    "num_threads",
+    "set_num_threads",
+    "single_forward",
+    "single_backward",
+    "pair_forward",
+    "pair_backward",
+]
+
+#: torch dtype -> the core's dtype code
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+#: per-row statistics: [lse, H]; [lse_p, lse_q, a, b, m, m_lo] (see cpp/src/view.hpp)
+SINGLE_STATS = 2
+PAIR_STATS = 6
+
+SINGLE_OPS = {"logsumexp": 0, "entropy": 1, "token_logprobs": 2, "token_logprobs_entropy": 3}
+PAIR_OPS = {"kl": 0, "tv": 1, "js": 2}
+
+
+def isa() -> str:
+    """Instruction set of the CPU kernels in use (``"avx2"`` or ``"generic"``)."""
+    return _core.isa()
+
+
+def num_threads() -> int:
+    """Number of threads the CPU kernels use."""
+    return _core.num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads of the CPU kernels (results do not depend on it)."""
+    _core.set_num_threads(int(n))
+
+
+def _desc(t: torch.Tensor):
+    return (t.data_ptr(), DTYPE_CODES[t.dtype], list(t.shape), list(t.stride()))
+
+
+def out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str):
+    """Run a single-row reduction; returns ``(out0, out1 or None, stats[..., 2], status)``."""
+    lead = z.shape[:-1]
+    odt = out_dtype(z.dtype)
+    out0 = torch.empty(lead, dtype=odt)
+    out1 = torch.empty(lead, dtype=odt) if op == "token_logprobs_entropy" else None
+    stats = torch.empty((*lead, 2), dtype=torch.float64)
+    status = torch.empty(lead, dtype=torch.int32)
+    tok_ptr = 0
+    if tokens is not None:
+        tokens = tokens.to(torch.int64).contiguous()
+        tok_ptr = tokens.data_ptr()
+    _core.single_forward(
+        _desc(z), tok_ptr, float(temperature), SINGLE_OPS[op], out0.data_ptr(),
+        out1.data_ptr() if out1 is not None else 0, stats.data_ptr(), status.data_ptr(),
+    )
+    return out0, out1, stats, status
+
+
+def single_backward(g0, g1, z, tokens, stats, temperature: float, op: str) -> torch.Tensor:
+    """Gradient of a single-row reduction with respect to the logits (dtype of ``z``)."""
+    dz = torch.empty(z.shape, dtype=z.dtype)
+    g0 = g0.to(torch.float64).contiguous()
+    g1c = g1.to(torch.float64).contiguous() if g1 is not None else None
+    stats = stats.contiguous()
+    tok_ptr = 0
+    if tokens is not None:
+        tokens = tokens.to(torch.int64).contiguous()
+        tok_ptr = tokens.data_ptr()
+    _core.single_backward(
+        _desc(z), tok_ptr, float(temperature), SINGLE_OPS[op], stats.data_ptr(), g0.data_ptr(),
+        g1c.data_ptr() if g1c is not None else 0, dz.data_ptr(),
+    )
+    return dz
+
+
+def pair_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str):
+    """Run a divergence between two rows; returns ``(out, stats[..., PAIR_STATS], status)``."""
+    lead = z.shape[:-1]
+    out = torch.empty(lead, dtype=out_dtype(z.dtype))
+    stats = torch.empty((*lead, PAIR_STATS), dtype=torch.float64)
+    status = torch.empty(lead, dtype=torch.int32)
+    _core.pair_forward(
+        _desc(z), _desc(w), float(temperature), PAIR_OPS[op], out.data_ptr(), stats.data_ptr(),
+        status.data_ptr(),
+    )
+    return out, stats, status
+
+
+def pair_backward(g, z, w, stats, temperature: float, op: str, need_z: bool, need_w: bool):
+    """Gradients of a divergence with respect to both logits (``None`` where not needed)."""
+    dz = torch.empty(z.shape, dtype=z.dtype) if need_z else None
+    dw = torch.empty(w.shape, dtype=w.dtype) if need_w else None
+    g = g.to(torch.float64).contiguous()
+    stats = stats.contiguous()
+    _core.pair_backward(
+        _desc(z), _desc(w), float(temperature), PAIR_OPS[op], stats.data_ptr(), g.data_ptr(),
+        dz.data_ptr() if dz is not None else 0, dw.data_ptr() if dw is not None else 0,
+    )
+    return dz, dw
