@@ -145,8 +145,18 @@ def _check(name: str, dtype: torch.dtype, ours: torch.Tensor, refs: Sequence[mpm
             worst = max(worst, float(err / abs(r)))
     key = (name, str(dtype).replace("torch.", ""))
     WORST[key] = max(WORST.get(key, 0.0), worst)
-    assert not bad, f"{name} [{dtype}] rows off (row, ours, exact): {bad[:4]} (worst rel {worst:.3e})"
+    assert not bad, (
+        f"{name} [{dtype}] rows off (row, ours, exact): {bad[:4]} (worst rel {worst:.3e})"
+    )
     return worst
+
+
+def _assert_allclose(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> None:
+    """``|a - b| <= atol + rtol |b|`` elementwise (torch.testing is slow to import)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    err = (a - b).abs()
+    ok = err <= atol + rtol * b.abs()
+    assert bool(ok.all()), f"max abs err {err.max().item():.3e} at {int(err.argmax())}"
 
 
 def _check_single(z: torch.Tensor, T: float, tokens: torch.Tensor | None = None) -> None:
@@ -227,7 +237,7 @@ def test_single_masked(dtype: torch.dtype) -> None:
 
 def test_single_large_vocab() -> None:
     g = torch.Generator().manual_seed(4)
-    z = torch.randn(2, 3000, generator=g, dtype=F64) * 4
+    z = torch.randn(2, 1500, generator=g, dtype=F64) * 4
     z[1, ::7] = -INF
     _check_single(z, 1.0)
     _check_single(z.to(F32), 1.3)
@@ -298,10 +308,18 @@ def test_pair_peaked_offset_unresolved_dominant() -> None:
     TV (~1e-93) must come from the side of the small tokens, whose log-ratios are resolved.  The
     oracle needs 250 digits here: at T = 0.5, TV ~ 1e-180 sits under a dominant probability ~1.
     """
-    z = torch.tensor(
-        [[0.0, -200.0, -201.0], [0.0, -200.0, -201.0], [5.0, -195.0, -198.5], [0.0, -3.0, -80.0]],
-        dtype=F64,
-    )
+    z = (
+        torch.tensor(
+            [
+                [0.0, -200.0, -201.0],
+                [0.0, -200.0, -201.0],
+                [5.0, -195.0, -198.5],
+                [0.0, -3.0, -80.0],
+            ],
+            dtype=F64,
+        )
+        + 0.123456789
+    )  # so that z - w is inexact under an offset
     d = torch.tensor(
         [[3.1e-7, 1e-6, -2e-6], [-2.7e-7, -1e-6, 3e-6], [1.3e-7, 1e-6, 1e-6], [0.0, 1e-7, 1e-6]],
         dtype=F64,
@@ -312,6 +330,12 @@ def test_pair_peaked_offset_unresolved_dominant() -> None:
             _check_pair(z, w, 1.0)
             _check_pair(w, z, 1.0)
             _check_pair(z, w, 0.5, ops=("tv",))
+        # the dominant token's log-ratio (~7e-27) is resolved only to ~1e-29: TV must be summed
+        # over the side of the small token
+        z = torch.tensor([[-INF, 9.09275882569726, -3.086288801921475]], dtype=F64)
+        w = torch.tensor([[-INF, 10009.092758824705, 9996.913711198027]], dtype=F64)
+        _check_pair(z, w, 0.3)
+        _check_pair(w, z, 0.3)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
@@ -372,7 +396,7 @@ def _pair_rows(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, float]:
     return z[None].to(dtype), w[None].to(dtype), T
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=max(settings.default.max_examples, 100), deadline=None)
 @given(_pair_rows())
 def test_invariants(rows: tuple[torch.Tensor, torch.Tensor, float]) -> None:
     z, w, T = rows
@@ -385,9 +409,11 @@ def test_invariants(rows: tuple[torch.Tensor, torch.Tensor, float]) -> None:
     assert ((tv >= 0) & (tv <= 1)).all()
     assert ((js >= 0) & (js <= LN2)).all()
     assert (h >= 0).all()
-    # Pinsker, TV^2 <= KL/2, on the float64 KL of the stats and squared (KL ~ TV^2 underflows
-    # where TV does not)
-    assert (tv.to(F64) ** 2 <= kl_stats[:, 2] / 2 * (1 + 1e-5) + 1e-300).all()
+    # Pinsker, TV^2 <= KL/2, on the float64 KL of the stats; below TV = 1e-150 (float64) the
+    # KL ~ TV^2 underflows, and float32 TV rounds to denormals below the 1e-30 floor of TARGETS.md
+    tv64 = tv.to(F64)
+    floor = 1e-150 if z.dtype == F64 else 1e-30
+    assert ((tv64**2 <= kl_stats[:, 2] / 2 * (1 + 1e-5)) | (tv64 <= floor)).all()
 
 
 def test_shift_invariance() -> None:
@@ -399,7 +425,7 @@ def test_shift_invariance() -> None:
         f = getattr(tb, f"{op}_forward")
         a, _ = f(z, w, 1.0)
         b, _ = f(z + 17.25, w - 3.125, 1.0)
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        _assert_allclose(a, b, rtol=1e-12, atol=0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +439,9 @@ def _safe_log_softmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return torch.where(mask, torch.zeros_like(lp), lp), lp.exp(), mask
 
 
-def naive(op: str, z: torch.Tensor, w: torch.Tensor | None, T: float, tok: torch.Tensor | None = None):
+def naive(
+    op: str, z: torch.Tensor, w: torch.Tensor | None, T: float, tok: torch.Tensor | None = None
+):
     """Textbook float64 formulas, written so that masked tokens do not poison autograd."""
     lp, p, _ = _safe_log_softmax(z / T)
     if op == "lse":
@@ -464,7 +492,9 @@ class _TokenFn(torch.autograd.Function):
 
 class _PairFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: torch.Tensor, w: torch.Tensor, T: float, op: str) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, z: torch.Tensor, w: torch.Tensor, T: float, op: str
+    ) -> torch.Tensor:
         out, stats = getattr(tb, f"{op}_forward")(z, w, T)
         ctx.save_for_backward(z, w, stats)
         ctx.T, ctx.op = T, op
@@ -479,7 +509,9 @@ class _PairFn(torch.autograd.Function):
         return dz, dw, None, None
 
 
-def _ours(op: str, z: torch.Tensor, w: torch.Tensor | None, T: float, tok: torch.Tensor | None = None):
+def _ours(
+    op: str, z: torch.Tensor, w: torch.Tensor | None, T: float, tok: torch.Tensor | None = None
+):
     if op in ("lse", "entropy"):
         return _SingleFn.apply(z, T, op)
     if op == "token_logprobs":
@@ -521,7 +553,7 @@ def test_backward_vs_autograd(op: str, T: float, masked: bool) -> None:
     mine = _grads(lambda a, b: _ours(op, a, b, T, tok), z, w, gs)
     ref = _grads(lambda a, b: naive(op, a, b, T, tok), z, w, gs)
     for a, b in zip(mine, ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+        _assert_allclose(a, b, rtol=1e-9, atol=1e-13)
     assert (mine[0][z == -INF] == 0).all() and (mine[1][w == -INF] == 0).all()
 
 
@@ -539,7 +571,13 @@ def test_gradcheck(op: str) -> None:
         assert torch.autograd.gradcheck(lambda a, b: _ours(op, a, b, 0.8), (z, w))
         # one side only
         dz, dw = getattr(tb, f"{op}_backward")(
-            torch.ones(3, dtype=F64), z.detach(), w.detach(), getattr(tb, f"{op}_forward")(z.detach(), w.detach(), 0.8)[1], 0.8, True, False
+            torch.ones(3, dtype=F64),
+            z.detach(),
+            w.detach(),
+            getattr(tb, f"{op}_forward")(z.detach(), w.detach(), 0.8)[1],
+            0.8,
+            True,
+            False,
         )
         assert dz is not None and dw is None
 

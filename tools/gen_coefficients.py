@@ -36,6 +36,10 @@ out.append(arr("exp_d", [1 / mp.factorial(k) for k in range(14)]))
 # expm1(x)/x = sum x^k/(k+1)!, |x| <= 1
 out.append(arr("expm1_f", [1 / mp.factorial(k + 1) for k in range(11)]))
 out.append(arr("expm1_d", [1 / mp.factorial(k + 1) for k in range(18)]))
+# (expm1(x) - x)/x^2 = sum x^k/(k+2)!, |x| <= 1: expm1 and phi = x expm1(x) - (expm1(x) - x)
+# both follow from this one series.
+out.append(arr("em2_f", [1 / mp.factorial(k + 2) for k in range(11)]))
+out.append(arr("em2_d", [1 / mp.factorial(k + 2) for k in range(18)]))
 # phi(x)/x^2 = sum_{n>=2} (n-1) x^(n-2)/n!, phi(x) = x e^x - e^x + 1, |x| <= 1
 out.append(arr("phi_f", [mp.mpf(n - 1) / mp.factorial(n) for n in range(2, 13)]))
 out.append(arr("phi_d", [mp.mpf(n - 1) / mp.factorial(n) for n in range(2, 21)]))

@@ -9,8 +9,9 @@ Every function takes logits ``z`` of shape ``[N, V]`` (any strides; float16, bfl
 float64) and a temperature ``T > 0``; row ``n`` describes the distribution
 :math:`p = \operatorname{softmax}(z_n / T)`.  A logit of ``-inf`` is a masked token (:math:`p_i = 0`
 exactly).  A row that contains NaN or ``+inf``, or whose logits are all ``-inf``, is *invalid*: its
-outputs and its stats are NaN, never a silent number.  Values are not validated with exceptions (the
-public layer does that); wrong ranks, shapes and dtypes raise :class:`TypeError` / :class:`ValueError`.
+outputs and its stats are NaN, never a silent number.  Values are not validated with exceptions
+(the public layer does that); wrong ranks, shapes and dtypes raise :class:`TypeError` /
+:class:`ValueError`.
 
 Results are float32 for 16/32-bit inputs and float64 when an input is float64.  All arithmetic is
 done in float64, over blocks of rows holding at most :data:`_CHUNK_ELEMS` elements each, so no
@@ -21,8 +22,8 @@ Each forward also returns float64 per-row *stats* that its backward consumes:
 
 * single-input ops (``lse``, ``entropy``, ``token_logprobs``): ``[lse, H]`` with
   :math:`\mathrm{lse} = \log\sum_i e^{z_i/T}` and :math:`H` the entropy (0 when not computed);
-* pair ops (``kl``, ``tv``, ``js``): ``[lse_p, lse_q, a, b]`` where ``lse_p - lse_q`` is the accurate
-  normaliser difference :math:`c` that defines :math:`\varepsilon_i = \log p_i - \log q_i =
+* pair ops (``kl``, ``tv``, ``js``): ``[lse_p, lse_q, a, b]`` where ``lse_p - lse_q`` is the
+  accurate normaliser difference :math:`c` that defines :math:`\varepsilon_i = \log p_i - \log q_i =
   (z_i - w_i)/T - c`; ``a = KL(p||q), b = 0`` for ``kl``; :math:`a = \sum_i p_i s_i`,
   :math:`b = \sum_i q_i s_i` with :math:`s_i = \operatorname{sign}(p_i - q_i)` for ``tv``;
   :math:`a = KL(p\|m)`, :math:`b = KL(q\|m)` for ``js``.
@@ -33,26 +34,39 @@ The library exists because the textbook formulas cancel catastrophically where t
 (:math:`p \approx q`).  Here every reduction is a sum of non-negative terms, each computed to a few
 ulps, so that the *relative* error of the sum is a few ulps times a small factor:
 
-* the normaliser is taken around the row maximum :math:`m`, :math:`\mathrm{lse} = m/T + \log1p(r)`
-  with :math:`r = \sum_{i \ne \arg\max} e^{(z_i - m)/T}`, so that :math:`\log p_{\max} = -\log1p(r)`
-  keeps full relative accuracy for peaked rows;
-* the entropy is :math:`H = \sum_i p_i (\log1p(r) - x_i)` with :math:`x_i = (z_i - m)/T \le 0`: two
-  non-negative parts per term;
+* the normaliser is taken around the row maximum :math:`m`,
+  :math:`\mathrm{lse} = m/T + \operatorname{log1p}(r)` with
+  :math:`r = \sum_{i \ne \arg\max} e^{(z_i - m)/T}`, so that
+  :math:`\log p_{\max} = -\operatorname{log1p}(r)` keeps full relative accuracy for peaked rows;
+* the entropy is :math:`H = \sum_i p_i (\operatorname{log1p}(r) - x_i)` with
+  :math:`x_i = (z_i - m)/T \le 0`: two non-negative parts per term;
 * the centred log-ratio :math:`\varepsilon_i` is formed from an error-free difference of the raw
   logits (TwoSum) and a double-double normaliser difference, refined once by
-  :math:`c \leftarrow c + \log1p\bigl(\sum_i q_i\,\operatorname{expm1}(\varepsilon_i)\bigr)`;
+  :math:`c \leftarrow c +
+  \operatorname{log1p}\bigl(\sum_i q_i\,\operatorname{expm1}(\varepsilon_i)\bigr)`;
 * :math:`KL(p\|q) = \sum_i q_i\,\varphi(\varepsilon_i)` with
   :math:`\varphi(e) = e\,e^{e} - \operatorname{expm1}(e) \ge 0` (the identity uses
   :math:`\sum_i p_i = \sum_i q_i = 1`);
-* :math:`TV = \sum_{\varepsilon_i > 0} q_i \operatorname{expm1}(\varepsilon_i)`;
+* :math:`TV = \sum_{\varepsilon_i > 0} q_i \operatorname{expm1}(\varepsilon_i)
+  = -\sum_{\varepsilon_i < 0} q_i \operatorname{expm1}(\varepsilon_i)`, summed over the side that
+  is insensitive to the resolution of :math:`c`;
 * :math:`JS = \tfrac12\sum_i m_i\,[\varphi(\delta^p_i) + \varphi(\delta^q_i)]` with
   :math:`\delta^p = \log(p/m)`, :math:`\delta^q = \log(q/m)`, written through ``log1p``/``expm1`` of
   :math:`\varepsilon`.
 
-With float64 inputs the measured relative error is a few times ``1e-16`` (the target is ``1e-12``)
-on random, near-identical (KL down to ``1e-12``, with or without a constant offset between the two
-rows), peaked (logit spread ``1e4``) and masked rows; with float32 inputs it is the float32 rounding
-of the output.
+Error.  The one rounding that is not removed is that of the scaled gaps :math:`x_i = (z_i - m)/T`,
+which ``exp`` turns into a relative error of about :math:`2u|x_i|` (:math:`u = 2^{-53}`) in
+:math:`p_i`.  The relative error of every result is therefore a few ulps times
+:math:`1 + |x_i|` over the tokens that carry the value: about ``1e-15`` for ordinary rows and at
+most about ``2e-13`` when the value is carried by probabilities near the float64 underflow threshold
+(:math:`|x_i| \approx 700`) — below the ``1e-12`` target for float64 inputs, on random,
+near-identical (KL down to ``1e-12`` and far below, with or without a constant offset between the
+two rows), peaked (logit spread ``1e4``) and masked rows.  For 16/32-bit inputs the error is the
+float32 rounding of the result.  (``lse`` itself has an absolute error of a few ulps of ``|m|/T``.)
+
+Determinism.  A row's result does not depend on :data:`_CHUNK_ELEMS` or on the other rows, except
+that PyTorch may split a long reduction across threads differently for different block shapes
+(observed on CPU for ``V`` around ``1e5`` and several threads), which changes the last bits.
 """
 
 from __future__ import annotations
@@ -89,7 +103,7 @@ _INF = math.inf
 _NAN = math.nan
 _LN2 = math.log(2.0)
 
-#: Below this magnitude, phi(e) is summed from its Taylor series (where ``1 + e^e (e - 1)`` cancels).
+#: Below this magnitude, phi(e) is summed from its Taylor series (``1 + e^e (e - 1)`` cancels).
 _PHI_SERIES_RADIUS = 0.5
 #: Taylor coefficients of phi(e) = sum_{n >= 2} (n - 1) / n! e^n, n = 2 .. 18.  For |e| < 0.5 the
 #: first omitted term is below 3e-21 times the leading one.
@@ -110,9 +124,7 @@ def _check_logits(x: object, name: str) -> Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, V], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     return x
 
 
@@ -120,7 +132,9 @@ def _check_pair(z: object, w: object) -> tuple[Tensor, Tensor]:
     z = _check_logits(z, "z")
     w = _check_logits(w, "w")
     if z.shape != w.shape:
-        raise ValueError(f"z and w must have the same shape, got {tuple(z.shape)} and {tuple(w.shape)}")
+        raise ValueError(
+            f"z and w must have the same shape, got {tuple(z.shape)} and {tuple(w.shape)}"
+        )
     return z, w
 
 
@@ -193,8 +207,8 @@ def _phi(e: Tensor) -> Tensor:
     es = torch.where(small, e, torch.zeros_like(e))
     acc = torch.full_like(e, _PHI_COEFFS[-1])
     for c in reversed(_PHI_COEFFS[:-1]):
-        acc = acc * es + c
-    series = acc * es * es
+        acc.mul_(es).add_(c)
+    series = acc.mul_(es).mul_(es)
     el = torch.where(small, torch.zeros_like(e), e)
     closed = 1.0 + torch.exp(el) * (el - 1.0)
     closed = torch.where(el == -_INF, torch.ones_like(e), closed)
@@ -252,7 +266,9 @@ def _zero_masked(grad: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, torch.zeros_like(grad), grad)
 
 
-def _empty_vocab_forward(n: int, s: int, device: torch.device, dtype: torch.dtype, k: int) -> tuple[Tensor, ...]:
+def _empty_vocab_forward(
+    n: int, s: int, device: torch.device, dtype: torch.dtype, k: int
+) -> tuple[Tensor, ...]:
     """Outputs for ``V = 0``: no distribution, every row invalid."""
     outs = tuple(torch.full((n,), _NAN, dtype=dtype, device=device) for _ in range(k))
     return outs + (torch.full((n, s), _NAN, dtype=torch.float64, device=device),)
@@ -270,7 +286,7 @@ def lse_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     .. math::
 
         \mathrm{lse}(z) = \log \sum_i e^{z_i / T}
-                        = \frac{m}{T} + \operatorname{log1p}\Bigl(\sum_{i \ne i^*} e^{(z_i - m)/T}\Bigr),
+            = \frac{m}{T} + \operatorname{log1p}\Bigl(\sum_{i \ne i^*} e^{(z_i - m)/T}\Bigr),
         \qquad m = z_{i^*} = \max_i z_i .
 
     Parameters
@@ -575,8 +591,8 @@ def token_logprobs_backward(
 class _Pair(NamedTuple):
     """Block of two rows aligned token by token (float64).
 
-    ``eps = log p - log q`` (``0`` where both are masked, ``-inf`` where only ``p`` is, ``+inf`` where
-    only ``q`` is); ``p``, ``q`` the probabilities; ``zmask``, ``wmask`` the masked tokens;
+    ``eps = log p - log q`` (``0`` where both are masked, ``-inf`` where only ``p`` is, ``+inf``
+    where only ``q`` is); ``p``, ``q`` the probabilities; ``zmask``, ``wmask`` the masked tokens;
     ``lse_p``, ``lse_q`` the normalisers; ``bad`` the invalid rows.
     """
 
@@ -591,21 +607,29 @@ class _Pair(NamedTuple):
 
 
 def _centred_log_ratio(
-    z: Tensor, w: Tensor, c_hi: Tensor, c_lo: Tensor, temperature: float, zmask: Tensor, wmask: Tensor
+    diff: tuple[Tensor, Tensor],
+    c_hi: Tensor,
+    c_lo: Tensor,
+    temperature: float,
+    zmask: Tensor,
+    wmask: Tensor,
 ) -> Tensor:
     r""":math:`\varepsilon_i = ((z_i - w_i) - C)/T` with :math:`C = C_{hi} + C_{lo}` in logit units.
 
-    ``z - w`` is split exactly into ``s + err`` (TwoSum); ``s - C_hi`` is exact when the two are
+    ``diff = (s, err)`` is ``z - w`` split exactly by TwoSum; ``s - C_hi`` is exact when the two are
     within a factor 2 (Sterbenz), which is the near-identical case that needs it, so
-    :math:`\varepsilon` carries a relative error of a couple of ulps even when ``|z - w|`` is a large
-    constant offset and :math:`|\varepsilon|` is ``1e-6``.
+    :math:`\varepsilon` carries a relative error of a couple of ulps even when ``|z - w|`` is a
+    large constant offset and :math:`|\varepsilon|` is ``1e-6``.  Masked tokens get ``0`` (both),
+    ``-inf`` (``z`` only) or ``+inf`` (``w`` only).
     """
-    s, err = _two_sum(z, -w)
+    s, err = diff
     eps = (s - c_hi[:, None]) + (err - c_lo[:, None])
     if temperature != 1.0:
         eps = eps / temperature
     eps = torch.where(wmask, torch.full_like(eps, _INF), eps)
-    eps = torch.where(zmask, torch.where(wmask, torch.zeros_like(eps), torch.full_like(eps, -_INF)), eps)
+    eps = torch.where(
+        zmask, torch.where(wmask, torch.zeros_like(eps), torch.full_like(eps, -_INF)), eps
+    )
     return eps
 
 
@@ -618,18 +642,19 @@ def _pair_block(zc: Tensor, wc: Tensor, temperature: float) -> _Pair:
     nw = _normaliser(w, t)
     zmask = z == -_INF
     wmask = w == -_INF
-    # p and q straight from their own logits (relative error: ulps of |log p|, |log q|); they are
-    # used only where no cancellation can occur (eps > 1, masked tokens, the TV/JS stats).
+    # p and q straight from their own logits (relative error: a few ulps times |log p|, |log q|).
+    # q weights every term; p enters only where nothing cancels (eps > 1, masked q, TV/JS stats).
     p = nz.e / (1.0 + nz.rest)[:, None]
     q = nw.e / (1.0 + nw.rest)[:, None]
     # C = T (lse_p - lse_q) = (m_z - m_w) + T (L_z - L_w), kept as an unevaluated sum hi + lo.
     hi, lo = _two_sum(nz.m, -nw.m)
     c_hi, c_lo = _two_sum(hi, lo + t * (nz.L - nw.L))
-    eps = _centred_log_ratio(z, w, c_hi, c_lo, t, zmask, wmask)
+    diff = _two_sum(z, -w)
+    eps = _centred_log_ratio(diff, c_hi, c_lo, t, zmask, wmask)
     # One refinement: sum_i p_i(c) - 1 = exp(c_true - c) - 1, summed without cancellation.
     z1 = torch.where(eps > _EPS_SPLIT, p - q, q * torch.expm1(eps)).sum(dim=1)
     c_hi, c_lo = _two_sum(c_hi, c_lo + t * torch.log1p(z1))
-    eps = _centred_log_ratio(z, w, c_hi, c_lo, t, zmask, wmask)
+    eps = _centred_log_ratio(diff, c_hi, c_lo, t, zmask, wmask)
     lse_q = nw.m / t + nw.L
     lse_p = lse_q + (c_hi + c_lo) / t
     return _Pair(eps, p, q, zmask, wmask, lse_p, lse_q, nz.bad | nw.bad)
@@ -645,7 +670,7 @@ def _pair_block_from_stats(zc: Tensor, wc: Tensor, st: Tensor, temperature: floa
     lse_p = st[:, 0]
     lse_q = st[:, 1]
     c_hi = t * (lse_p - lse_q)
-    eps = _centred_log_ratio(z, w, c_hi, torch.zeros_like(c_hi), t, zmask, wmask)
+    eps = _centred_log_ratio(_two_sum(z, -w), c_hi, torch.zeros_like(c_hi), t, zmask, wmask)
     q = torch.exp(w / t - lse_q[:, None])
     p = torch.exp(z / t - lse_p[:, None])
     return _Pair(eps, p, q, zmask, wmask, lse_p, lse_q, st.isnan().any(dim=1))
@@ -654,11 +679,14 @@ def _pair_block_from_stats(zc: Tensor, wc: Tensor, st: Tensor, temperature: floa
 def _kl_terms(b: _Pair) -> Tensor:
     r"""Terms of :math:`KL(p\|q) = \sum_i q_i\varphi(\varepsilon_i)`, each ``>= 0``.
 
-    For :math:`\varepsilon > 1`, :math:`q\varphi(\varepsilon) = p(\varepsilon - 1) + q` (no overflow);
-    masked ``p`` gives :math:`q\varphi(-\infty) = q`; masked ``q`` with ``p > 0`` gives ``+inf``.
+    For :math:`\varepsilon > 1`, :math:`q\varphi(\varepsilon) = p(\varepsilon - 1) + q` (no
+    overflow); masked ``p`` gives :math:`q\varphi(-\infty) = q`; masked ``q`` with ``p > 0`` gives
+    ``+inf``.
     """
     big = b.eps > _EPS_SPLIT
-    term = torch.where(big, b.p * (b.eps - 1.0) + b.q, b.q * _phi(torch.where(big, torch.zeros_like(b.eps), b.eps)))
+    term = torch.where(
+        big, b.p * (b.eps - 1.0) + b.q, b.q * _phi(torch.where(big, torch.zeros_like(b.eps), b.eps))
+    )
     return torch.where(b.wmask & ~b.zmask, torch.full_like(term, _INF), term)
 
 
@@ -666,8 +694,9 @@ def _js_parts(eps: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor
     r"""Mixture mass and log-ratios to it: :math:`m = (p+q)/2`, :math:`\delta^p = \log(p/m)`,
     :math:`\delta^q = \log(q/m)`.
 
-    For :math:`|\varepsilon| \le 1`: :math:`\delta^p = -\operatorname{log1p}(\operatorname{expm1}
-    (-\varepsilon)/2)`, :math:`\delta^q = -\operatorname{log1p}(\operatorname{expm1}(\varepsilon)/2)`,
+    For :math:`|\varepsilon| \le 1`:
+    :math:`\delta^p = -\operatorname{log1p}(\operatorname{expm1}(-\varepsilon)/2)`,
+    :math:`\delta^q = -\operatorname{log1p}(\operatorname{expm1}(\varepsilon)/2)`,
     :math:`m = q(1 + \operatorname{expm1}(\varepsilon)/2)`; otherwise, with
     :math:`\tau = e^{-|\varepsilon|}`, :math:`\delta = \log 2 - \operatorname{log1p}(\tau)` for the
     larger of the two and that minus :math:`|\varepsilon|` for the smaller, and
@@ -698,15 +727,16 @@ def _js_parts(eps: Tensor, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor
 def _tv_parts(b: _Pair) -> tuple[Tensor, Tensor, Tensor]:
     r"""TV and its stats :math:`a = \sum_i p_i s_i`, :math:`b = \sum_i q_i s_i`.
 
-    :math:`|p_i - q_i| = q_i |\operatorname{expm1}(\varepsilon_i)|` for :math:`|\varepsilon_i| \le 1`
-    and is taken directly otherwise.  Both :math:`\sum_{\varepsilon > 0}` and
-    :math:`\sum_{\varepsilon < 0}` of it equal TV; an error :math:`\gamma` in the normaliser
-    difference moves them by :math:`\gamma P(\varepsilon > 0)` and :math:`\gamma P(\varepsilon < 0)`
-    respectively, so the side with the smaller ``p``-mass is returned (for a peaked row the other side
-    would need :math:`\varepsilon` of the dominant token to an absolute precision far below one ulp
-    of the logits).  When the tokens whose computed :math:`\varepsilon` is exactly 0 carry more mass
-    than either side (a dominant token whose tiny log-ratio is below that resolution), the larger of
-    the two sums is returned: such a token belongs to the side whose sum it would complete.
+    :math:`|p_i - q_i| = q_i |\operatorname{expm1}(\varepsilon_i)|` for
+    :math:`|\varepsilon_i| \le 1` and is taken directly otherwise.  Both
+    :math:`\sum_{\varepsilon > 0}` and :math:`\sum_{\varepsilon < 0}` of it equal TV; an error
+    :math:`\gamma` in the normaliser difference moves them by :math:`\gamma P(\varepsilon > 0)` and
+    :math:`\gamma P(\varepsilon < 0)` respectively, so the side with the smaller ``p``-mass is
+    returned (for a peaked row the other side would need :math:`\varepsilon` of the dominant token
+    to an absolute precision far below one ulp of the logits).  When the tokens whose computed
+    :math:`\varepsilon` is exactly 0 carry more mass than either side (a dominant token whose tiny
+    log-ratio is below that resolution), the larger of the two sums is returned: such a token
+    belongs to the side whose sum it would complete.
     """
     eps = b.eps
     zero = torch.zeros_like(eps)
@@ -807,8 +837,9 @@ def kl_forward(z: Tensor, w: Tensor, temperature: float) -> tuple[Tensor, Tensor
         \qquad \varphi(e) = e\,e^{e} - \operatorname{expm1}(e) \ge 0,
 
     with :math:`p = \operatorname{softmax}(z/T)`, :math:`q = \operatorname{softmax}(w/T)`,
-    :math:`\varepsilon_i = \log p_i - \log q_i`.  Masked tokens: :math:`p_i = q_i = 0` contributes 0,
-    :math:`p_i = 0 < q_i` contributes :math:`q_i`, :math:`q_i = 0 < p_i` makes the result ``+inf``.
+    :math:`\varepsilon_i = \log p_i - \log q_i`.  Masked tokens: :math:`p_i = q_i = 0` contributes
+    0, :math:`p_i = 0 < q_i` contributes :math:`q_i`, :math:`q_i = 0 < p_i` makes the result
+    ``+inf``.
 
     Parameters
     ----------
@@ -862,8 +893,9 @@ def kl_backward(
     Returns
     -------
     dz, dw : Tensor or None
-        In the dtypes of ``z`` and ``w``; zero where the corresponding logit is ``-inf``; NaN on rows
-        with NaN stats.  A row with :math:`KL = +\infty` has no finite gradient with respect to ``z``.
+        In the dtypes of ``z`` and ``w``; zero where the corresponding logit is ``-inf``; NaN on
+        rows with NaN stats.  A row with :math:`KL = +\infty` has no finite gradient with respect
+        to ``z`` (its entries are ``-inf`` or NaN).
     """
     return _pair_backward(g, z, w, stats, temperature, need_z, need_w, "kl")
 
@@ -897,9 +929,9 @@ def tv_forward(z: Tensor, w: Tensor, temperature: float) -> tuple[Tensor, Tensor
     Notes
     -----
     The terms are non-negative, each with a relative error of a few ulps (``|p - q|`` is used only
-    for :math:`|\varepsilon| > 1`, where one of ``p, q`` exceeds the other by a factor ``e``).  Of the
-    two one-sided sums, the one over the side with the smaller ``p``-mass is returned: it is the one
-    least sensitive to the rounding of the normaliser difference, which matters for peaked rows
+    for :math:`|\varepsilon| > 1`, where one of ``p, q`` exceeds the other by a factor ``e``).  Of
+    the two one-sided sums, the one over the side with the smaller ``p``-mass is returned: it is the
+    one least sensitive to the rounding of the normaliser difference, which matters for peaked rows
     (e.g. ``TV = 1e-26`` under a logit offset of ``1e4``).  The relative error is a few ulps.
     """
     return _pair_forward(z, w, temperature, "tv")
@@ -949,11 +981,13 @@ def js_forward(z: Tensor, w: Tensor, temperature: float) -> tuple[Tensor, Tensor
                  = \tfrac12 \sum_i m_i \bigl[\varphi(\delta^p_i) + \varphi(\delta^q_i)\bigr]
                  \in [0, \log 2],
 
-    with :math:`m = (p + q)/2`, :math:`\delta^p_i = \log(p_i/m_i) =
-    -\operatorname{log1p}(\operatorname{expm1}(-\varepsilon_i)/2)`, :math:`\delta^q_i = \log(q_i/m_i)
-    = -\operatorname{log1p}(\operatorname{expm1}(\varepsilon_i)/2)` and :math:`\varphi` as in
-    :func:`kl_forward`.  A token with :math:`p_i = 0 < q_i` contributes :math:`\tfrac12 q_i \log 2`
-    (symmetrically for ``q``).
+    with :math:`m = (p + q)/2`,
+    :math:`\delta^p_i = \log(p_i/m_i) =
+    -\operatorname{log1p}(\operatorname{expm1}(-\varepsilon_i)/2)`,
+    :math:`\delta^q_i = \log(q_i/m_i) =
+    -\operatorname{log1p}(\operatorname{expm1}(\varepsilon_i)/2)`
+    and :math:`\varphi` as in :func:`kl_forward`.  A token with :math:`p_i = 0 < q_i` contributes
+    :math:`\tfrac12 q_i \log 2` (symmetrically for ``q``).
 
     Parameters
     ----------
@@ -972,8 +1006,8 @@ def js_forward(z: Tensor, w: Tensor, temperature: float) -> tuple[Tensor, Tensor
     Notes
     -----
     All terms are non-negative; for :math:`|\varepsilon| > 1` the log-ratios are rewritten around
-    :math:`\log 2 - \operatorname{log1p}(e^{-|\varepsilon|})` so that nothing overflows.  The relative
-    error is a few ulps, also for near-identical rows (:math:`JS \approx KL/4`).
+    :math:`\log 2 - \operatorname{log1p}(e^{-|\varepsilon|})` so that nothing overflows.  The
+    relative error is a few ulps, also for near-identical rows (:math:`JS \approx KL/4`).
     """
     return _pair_forward(z, w, temperature, "js")
 

@@ -16,6 +16,7 @@
 // conventions) from being merged by the linker.
 #define simd TRMATH_CAT(simd_, TRMATH_ISA)
 
+#include "trmath/ddouble.hpp"
 #include "trmath/exact.hpp"
 #include "view.hpp"
 
@@ -115,47 +116,55 @@ template <class In>
 struct SingleAlgo {
   using L = typename LanesFor<In>::type;
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
-  enum Stage : int { kStart, kMax, kSum, kSumDouble, kDone };
+  enum Stage : int { kStart, kSum, kSumDouble, kSumDD, kDone };
   struct St {
     int stage = kStart;
     int flags = 0;
-    double M = 0, zt = 0, A = 0, B = 0;
+    double M = 0, zt = 0, A = 0, B = 0, lse_dd = 0;
+    bool has_dd = false;
   };
   const SingleFwd& a;
   RowReader<In> rd;
   int64_t nseg;
   std::vector<St> st;
-  double invT;
+  double invT, a_T;
   bool want_h, want_lp, want_lse;
 
   SingleAlgo(const SingleFwd& args, int64_t N)
-      : a(args), rd(args.z), nseg(rd.nseg), st(N), invT(1.0 / args.T) {
+      : a(args), rd(args.z), nseg(rd.nseg), st(N), invT(1.0 / args.T), a_T(args.T) {
     want_h = a.op == SingleOp::entropy || a.op == SingleOp::logprob_entropy;
     want_lp = a.op == SingleOp::logprob || a.op == SingleOp::logprob_entropy;
     want_lse = a.op == SingleOp::lse;
   }
 
+  // Pass 1 reads each segment once from memory: its maximum, then (from cache) its sums
+  // relative to that maximum; segments are merged by exact rescaling in double.
   bool next(int64_t r) {
     St& s = st[r];
     switch (s.stage) {
-      case kStart: s.stage = kMax; return true;
-      case kMax:
+      case kStart: s.stage = kSum; return true;
+      case kSum:
+      case kSumDouble: {
         if (s.flags) return finish(r);
-        s.stage = kSum;
-        return true;
-      case kSum: {
-        if (want_lse && !std::is_same<In, double>::value) {
-          // lse = M/T + log A cancels when lse ~ 0 (log-probabilities passed as logits);
-          // float exponentials leave ~2e-7 absolute error in log A: redo the row in double.
+        if (want_lse) {
+          // lse = M/T + log A cancels when lse ~ 0 (log-probabilities passed as logits).
+          // Float exponentials leave ~2e-7 absolute error in log A, double ones ~2e-16: when
+          // the cancellation would amplify that beyond the error bound, redo the row wider.
           double lse = s.M * invT + std::log(s.A);
-          if (std::fabs(s.M * invT) + std::fabs(std::log(s.A)) > 4.0 * std::fabs(lse)) {
+          double cond = (std::fabs(s.M * invT) + std::fabs(std::log(s.A))) / std::fabs(lse);
+          bool in_double = s.stage == kSumDouble || std::is_same<In, double>::value;
+          if (!in_double && cond > 4.0) {
             s.stage = kSumDouble;
+            return true;
+          }
+          if (in_double && cond > 1000.0) {
+            s.stage = kSumDD;
             return true;
           }
         }
         return finish(r);
       }
-      case kSumDouble: return finish(r);
+      case kSumDD: return finish(r);
       default: return false;
     }
   }
@@ -164,19 +173,37 @@ struct SingleAlgo {
     St& s = st[r];
     const In* z = rd.seg(r, sg, scratch<In>(0));
     int64_t n = rd.seg_len(sg);
-    if (s.stage == kMax) {
-      seg_max<L>(z, n, p.v[0], p.flags, kNanA, kPosInfA);
-    } else if (s.stage == kSum) {
-      if (want_h) seg_sum1<L, true>(z, n, s.M, invT, p);
-      else seg_sum1<L, false>(z, n, s.M, invT, p);
-    } else {
+    if (s.stage == kSum) {
+      double Ms;
+      seg_max<L>(z, n, Ms, p.flags, kNanA, kPosInfA);
+      p.v[0] = Ms;
+      if (p.flags || Ms == -kInf) return;
+      Partial q;
+      partial_zero(q);
+      if (want_h) seg_sum1<L, true>(z, n, Ms, invT, q);
+      else seg_sum1<L, false>(z, n, Ms, invT, q);
+      p.v[1] = q.v[0];
+      p.v[2] = q.v[1];
+    } else if (s.stage == kSumDouble) {
       seg_sum1<DoubleLanes<In>, false>(z, n, s.M, invT, p);
+    } else {
+      // Double-double: sum of exp((z - M)/T) with every term correct to ~1e-30 relative.
+      dd::DD acc{0.0, 0.0};
+      for (int64_t i = 0; i < n; ++i) {
+        double zi = to_double(z[i]);
+        if (zi == -kInf) continue;
+        dd::DD a = dd::two_sum(zi, -s.M);
+        if (a_T != 1.0) a = dd::div(a, a_T);
+        acc = dd::add(acc, dd::exp(a));
+      }
+      p.v[0] = acc.hi;
+      p.v[1] = acc.lo;
     }
   }
 
   void consume(int64_t r, const Partial* parts) {
     St& s = st[r];
-    if (s.stage == kMax) {
+    if (s.stage == kSum) {
       double M = -kInf;
       int flags = 0;
       for (int64_t k = 0; k < nseg; ++k) {
@@ -191,14 +218,30 @@ struct SingleAlgo {
       }
       s.M = M;
       s.flags = flags;
-    } else {
+      if (flags) return;
+      // A = sum_s A_s f_s, B = sum_s f_s (B_s + (M - M_s)/T A_s), f_s = exp((M_s - M)/T).
       double A = 0, B = 0;
       for (int64_t k = 0; k < nseg; ++k) {
-        A += parts[k].v[0];
-        B += parts[k].v[1];
+        const Partial& q = parts[k];
+        if (q.v[0] == -kInf) continue;
+        double d = (M - q.v[0]) * invT;
+        double f = std::exp(-d);
+        A += q.v[1] * f;
+        B += f * (q.v[2] + d * q.v[1]);
       }
       s.A = A;
-      if (s.stage == kSum) s.B = B;
+      s.B = B;
+    } else if (s.stage == kSumDouble) {
+      double A = 0;
+      for (int64_t k = 0; k < nseg; ++k) A += parts[k].v[0];
+      s.A = A;
+    } else {
+      dd::DD A{0.0, 0.0};
+      for (int64_t k = 0; k < nseg; ++k) A = dd::add(A, dd::DD{parts[k].v[0], parts[k].v[1]});
+      dd::DD lse = dd::add(dd::div(dd::DD{s.M, 0.0}, a_T), dd::log(A));
+      s.A = A.hi;
+      s.lse_dd = lse.hi + lse.lo;
+      s.has_dd = true;
     }
   }
 
@@ -208,7 +251,7 @@ struct SingleAlgo {
     double lse = kNaN, H = kNaN, lp = kNaN;
     if (!s.flags) {
       double logA = std::log(s.A);
-      lse = s.M * invT + logA;
+      lse = s.has_dd ? s.lse_dd : s.M * invT + logA;
       H = want_h ? s.B / s.A + logA : 0.0;
       lp = (s.zt - s.M) * invT - logA;
     }
@@ -388,8 +431,8 @@ struct PairAlgo {
         case PairOp::tv:
           // Both terms are >= 0 up to the (bounded) misclassification error; clamp the rounding.
           out = std::min(std::max((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G, 1.0);
-          sa = (s.s[4] / Aw - s.s[6] / Aw) / G + R / G;
-          sb = s.s[3] / Aw - s.s[5] / Aw;
+          sa = (s.s[4] / Aw) / G + R / G;  // sum p sign(p - q); q = 0 < p counts +1
+          sb = s.s[5] / Aw;
           break;
         case PairOp::js:
           sa = s.s[2] / Aw;

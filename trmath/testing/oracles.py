@@ -36,25 +36,26 @@ Cost
 ----
 The dominant cost is one multiple-precision exponential per *distinct* logit value (distinct
 values are exponentiated once and reused, so ``bfloat16``/``float16`` rows are cheap), plus for
-pair divergences a few multiple-precision multiplications per element and, for JS, one logarithm
-per element. Measured on this project's 2-core CPU machines (mpmath 1.3 with its pure-Python
-backend, shared and noisy, so treat these as rough), one row with :math:`V = 131072` float32
-standard-normal logits (all values distinct), ``dps=50``:
+pair divergences a few multiple-precision operations per element and, for TV and JS, an
+``expm1`` or a logarithm per element. CPU seconds for one row of float32 standard-normal
+logits (all values distinct), ``dps=50``, mpmath 1.3 with its pure-Python backend, measured on
+this project's 2-core CPU machine while it was shared with other jobs (so treat them as rough;
+on an idle core wall time is about the CPU time, sometimes less):
 
-==================  =========
-oracle              seconds
-==================  =========
-``mp_logsumexp``    ~1.1
-``mp_entropy``      ~1.2
-``mp_token_logprob`` ~1.1
-``mp_kl``           ~2.7
-``mp_tv``           ~2.8
-``mp_js``           ~4.2
-==================  =========
+==========================================  ===============  ===============
+oracle                                      V = 131072       V = 262144
+==========================================  ===============  ===============
+``mp_logsumexp``, ``mp_entropy``,           2.2 -- 3.0 s     4.4 s
+``mp_token_logprob``
+``mp_kl`` (T = 1; about 8 s at T = 0.7)     4.9 -- 6.4 s     11.5 s
+``mp_tv``                                   6.1 -- 7.3 s
+``mp_js``                                   8.6 -- 9.1 s     21.5 s
+``mp_kl`` / ``mp_js``, bfloat16 rows        0.6 s / 4.2 s
+==========================================  ===============  ===============
 
-and about half as much again per row at :math:`V = 262144`. The same rows in ``bfloat16`` take
-well under a second each. A handful of full-vocabulary rows is practical; sweeps over many rows
-should use a small ``V``.
+With ``gmpy2`` installed mpmath uses it automatically and the exponential-bound oracles run
+about twice as fast (``mp_logsumexp`` 1.2 s, ``mp_kl`` 3.6 s at V = 131072). A handful of
+full-vocabulary rows is practical; sweeps over many rows should use a small ``V``.
 
 Gradients
 ---------
@@ -83,10 +84,11 @@ probability factor equal to zero. They are evaluated with 64 guard bits and roun
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 
@@ -198,7 +200,7 @@ def _temperature(temperature: Temperature) -> _Raw:
         raw = temperature._mpf_
     else:
         t = float(temperature)
-        if t != t or t in (float("inf"), float("-inf")):
+        if not math.isfinite(t):
             raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
         raw = _lm.from_float(t)
     if _lm.mpf_sign(raw) <= 0 or raw in (_INF, _NINF, _NAN):
@@ -321,8 +323,20 @@ class _Side:
     is stored as ``1 + rest`` so that ``log S = log1p(rest)`` keeps full relative precision.
     """
 
-    __slots__ = ("_p", "_wp", "counts", "e", "finite", "inv", "logS", "rest", "S", "shifted",
-                 "top_scaled", "x")
+    __slots__ = (
+        "S",
+        "_p",
+        "_wp",
+        "counts",
+        "e",
+        "finite",
+        "inv",
+        "logS",
+        "rest",
+        "shifted",
+        "top_scaled",
+        "x",
+    )
 
     def __init__(self, z: np.ndarray, temp: _Raw, wp: int) -> None:
         finite = np.isfinite(z)
@@ -380,7 +394,7 @@ class _Side:
         """Per-element ``p_i`` and ``log p_i`` (``0`` and ``-inf`` where masked)."""
         sub = _lm.mpf_sub
         lu = [sub(xv, self.logS, wp, _RN) for xv in self.x]
-        inv = self.inv.tolist()
+        inv = cast(list[int], self.inv.tolist())
         pu = self.p
         p = [pu[k] if k >= 0 else _ZERO for k in inv]
         lp = [lu[k] if k >= 0 else _NINF for k in inv]
@@ -660,7 +674,9 @@ def mp_logsumexp(
     )
 
 
-def mp_entropy(z: ArrayLike, temperature: Temperature = 1.0, *, dps: int = DEFAULT_DPS) -> mpmath.mpf:
+def mp_entropy(
+    z: ArrayLike, temperature: Temperature = 1.0, *, dps: int = DEFAULT_DPS
+) -> mpmath.mpf:
     r"""Exact Shannon entropy (nats) of ``softmax(z / T)``.
 
     .. math::
@@ -842,7 +858,9 @@ def mp_js(
     return _finish(_raw_js(a, b, _temperature(temperature), _target_prec(dps) + 2), dps)
 
 
-def mp_softmax(z: ArrayLike, temperature: Temperature = 1.0, *, dps: int = DEFAULT_DPS) -> np.ndarray:
+def mp_softmax(
+    z: ArrayLike, temperature: Temperature = 1.0, *, dps: int = DEFAULT_DPS
+) -> np.ndarray:
     r"""Probabilities :math:`p = \operatorname{softmax}(z / T)`, correctly rounded to ``float64``.
 
     Parameters
@@ -867,7 +885,7 @@ def mp_softmax(z: ArrayLike, temperature: Temperature = 1.0, *, dps: int = DEFAU
 def mp_log_softmax(
     z: ArrayLike, temperature: Temperature = 1.0, *, dps: int = DEFAULT_DPS
 ) -> np.ndarray:
-    r"""Log-probabilities :math:`\log p_i = z_i / T - \operatorname{lse}_T(z)`, rounded to ``float64``.
+    r"""Log-probabilities :math:`\log p_i = z_i / T - \operatorname{lse}_T(z)` in ``float64``.
 
     Parameters
     ----------
@@ -1070,8 +1088,7 @@ def mp_grad_kl(
     dw = [mul(g, d, wp, _RN) for d in diff]
     kl = _raw_kl(a, b, temp, wp)
     if kl == _INF:
-        dz = np.where(np.isfinite(a), np.nan, 0.0)
-        return dz, _to_f64(dw)
+        return np.where(np.isfinite(a), np.nan, 0.0), _to_f64(dw)
     dz = [_ZERO] * a.size
     for j, eps in eps_of.items():
         dz[j] = mul(g, mul(p[j], sub(eps, kl, wp, _RN), wp, _RN), wp, _RN)
@@ -1126,7 +1143,7 @@ def mp_grad_tv(
         for j, ja, jb in zip(*pr.both()):
             _, eps = pr.u_eps(ja, jb)
             s[j] = _lm.mpf_sign(eps)
-    sl = s.tolist()
+    sl = cast(list[int], s.tolist())
     mul, sub, neg = _lm.mpf_mul, _lm.mpf_sub, _lm.mpf_neg
 
     def centred(r: list[_Raw]) -> list[_Raw]:
@@ -1235,7 +1252,9 @@ GRADIENT_ORACLES: dict[str, Callable[..., Any]] = {
 _TOKEN_ORACLES = {mp_token_logprob, mp_grad_token_logprob}
 
 
-def _resolve(fn: str | Callable[..., Any], registry: dict[str, Callable[..., Any]]) -> Callable[..., Any]:
+def _resolve(
+    fn: str | Callable[..., Any], registry: dict[str, Callable[..., Any]]
+) -> Callable[..., Any]:
     if callable(fn):
         return fn
     try:
@@ -1325,7 +1344,7 @@ def mp_batch(
     names = ("z", "w") if len(arrs) == 2 else ("logits",)
     out = np.empty(lead, dtype=np.float64)
     objs = np.empty(lead, dtype=object)
-    raw_fns = {
+    raw_fns: dict[Callable[..., Any], Callable[..., _Raw]] = {
         mp_logsumexp: _raw_logsumexp,
         mp_entropy: _raw_entropy,
         mp_kl: _raw_kl,

@@ -248,7 +248,9 @@ def cast(x: np.ndarray, dtype: DType) -> Any:
 def _as64(x: Any) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x.astype(np.float64)
-    return x.detach().to(dtype=__import__("torch").float64).numpy()
+    import torch
+
+    return x.detach().to(dtype=torch.float64).numpy()
 
 
 def _nudge(x: np.ndarray, idx: np.ndarray, up: np.ndarray, dtype: DType) -> np.ndarray:
@@ -520,12 +522,31 @@ def adversarial_batch(
 ) -> tuple[list[str], Any, Any]:
     """Stack :func:`adversarial_pairs` (or :func:`adversarial_rows`) into ``[n, V]`` inputs.
 
+    Parameters
+    ----------
+    n : int
+        Number of rows.
+    V : int
+        Row length.
+    seed : int, optional
+        Row ``i`` depends only on ``(seed, i)``.
+    dtype : str, torch.dtype or None, optional
+        Target dtype (torch tensors) or None for ``float64`` NumPy arrays.
+    pairs : bool, optional
+        Build pairs (:data:`PAIR_FAMILIES`) or single rows (row families).
+    families : str or sequence of str, optional
+        Subset of the families to cycle through.
+    allow_infinite_kl : bool, optional
+        For pairs: if False, ``w`` is never ``-inf`` where ``z`` is finite.
+
     Returns
     -------
     labels : list of str
         Family of each row.
     z : torch.Tensor or numpy.ndarray, shape (n, V)
-    w : torch.Tensor or numpy.ndarray, shape (n, V), or None when ``pairs`` is False
+        First rows (the only rows when ``pairs`` is False).
+    w : torch.Tensor or numpy.ndarray, shape (n, V), or None
+        Second rows; None when ``pairs`` is False.
     """
     if pairs:
         items = adversarial_pairs(V, n, seed, dtype, families, allow_infinite_kl)
@@ -782,8 +803,15 @@ def batches(
 def temperatures(min_value: float = 0.05, max_value: float = 20.0) -> SearchStrategy[float]:
     """Hypothesis strategy for sampling temperatures :math:`T > 0`.
 
-    Common values (1, 0.5, 0.6, 0.7, 0.8, 1.2, 2) are favoured; others are drawn from
-    ``[min_value, max_value]``.
+    Parameters
+    ----------
+    min_value, max_value : float, optional
+        Range of the temperatures. Common values (1, 0.5, 0.6, 0.7, 0.8, 1.2, 2) inside it are
+        favoured; others are drawn from the whole range.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy
     """
     st = _st()
     if not 0 < min_value <= max_value:

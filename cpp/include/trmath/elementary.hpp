@@ -146,6 +146,7 @@ struct FloatLanes {
     return a.hi < -87.0f ? splat<f8>(0.0f) : res;
   }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
+  static TRMATH_INLINE V em2_series(V x) { return x * x * horner(x, coef::em2_f); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_f); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_f); }
@@ -174,6 +175,7 @@ struct DoubleLanes {
   static TRMATH_INLINE V narrow(Wide w) { return w; }
   static TRMATH_INLINE V exp(Wide a) { return exp_d(a); }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_d); }
+  static TRMATH_INLINE V em2_series(V x) { return x * x * horner(x, coef::em2_d); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_d); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_d); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_d); }

@@ -143,7 +143,7 @@ struct PairParams {
 };
 
 // Slots of the partial:  0 A_w, 1 Z1 (q-units), then
-//   kKL: 2 Phi                       kTV: 2 T+, 3 Q+, 4 P+, 5 Q-, 6 P-
+//   kKL: 2 Phi                       kTV: 2 T+, 3 Q+, 4 sum pt sign(x), 5 sum qt sign(x)
 //   kJS: 2 KL(p||m)-part, 3 KL(q||m)-part
 //   7: R = sum of pt where q_i = 0 < p_i (all but kKL, where such a token makes KL = +inf)
 // flags: bit 0 = some q_i = 0 < p_i.
@@ -153,7 +153,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
-  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 8 : 5;
+  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 7 : 5;
   const S ninf = -std::numeric_limits<S>::infinity();
   const V zero = splat<V>(S(0));
   const S g = S(P.g);
@@ -171,21 +171,25 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     x = wneg ? zero : x;                      // both masked -> no contribution
     V pt = wneg ? zero : ez * g;              // q_i = 0 is reported through the flag
     Mask small = vabs(x) < S(1);
-    V em1 = small ? qt * L::expm1_series(x) : pt - qt;  // q (e^x - 1)
+    // |x| < 1: one series E2 = expm1(x) - x gives expm1 = x + E2 and
+    // phi = x expm1(x) - E2 (both terms >= 0, at most 2 bits lost at x = -1).
+    V e2 = L::em2_series(x);
+    V em1_s = x + e2;
+    V em1 = small ? qt * em1_s : pt - qt;  // q (e^x - 1)
     acc.blk[0] += qt;
     acc.blk[1] += em1;
     if constexpr (kTerms == kKL) {
       V xc = vmax(x, splat<V>(S(-200)));  // x = -inf only where p_i = 0, then pt = 0
-      V phi = small ? qt * L::phi_series(x) : pt * (xc - S(1)) + qt;
+      V phi = small ? qt * (x * em1_s - e2) : pt * (xc - S(1)) + qt;
       acc.blk[2] += phi;
     } else if constexpr (kTerms == kTV) {
       Mask pos = x > zero;
       Mask neg = x < zero;
-      acc.blk[2] += pos ? em1 : zero;
-      acc.blk[3] += pos ? qt : zero;
-      acc.blk[4] += pos ? pt : zero;
-      acc.blk[5] += neg ? qt : zero;
-      acc.blk[6] += neg ? pt : zero;
+      V sgn = pos ? splat<V>(S(1)) : (neg ? splat<V>(S(-1)) : zero);
+      acc.blk[2] += pos ? em1 : zero;  // T+ = sum_{x>0} q (e^x - 1)
+      acc.blk[3] += pos ? qt : zero;   // Q+
+      acc.blk[4] += sgn * pt;          // sum p sign(x)   (p-units before normalisation)
+      acc.blk[5] += sgn * qt;          // sum q sign(x)
     } else if constexpr (kTerms == kJS) {
       // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0.
       Mask js_small = vabs(x) < S(0.5);

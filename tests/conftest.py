@@ -1,0 +1,52 @@
+"""Shared pytest configuration of trmath's tests.
+
+Hypothesis profiles (select with the environment variable ``HYPOTHESIS_PROFILE``):
+
+``dev`` (default)
+    Quick local runs: few examples, random seeds.
+``ci``
+    Derandomised (the same examples on every run, so CI is reproducible), no deadline (the
+    machines are shared and noisy), ``print_blob`` so that a failure can be replayed locally
+    with ``@reproduce_failure``.
+``nightly``
+    Many examples, for a scheduled long run.
+
+The autouse fixture :func:`_restore_global_state` puts back the process-wide knobs that tests
+touch: the number of threads of the CPU kernels and the test hook ``_ops._FORCE_TORCH`` that
+routes CPU tensors to the pure-torch backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+settings.register_profile("dev", max_examples=25, deadline=None, **_COMMON)
+settings.register_profile(
+    "ci", max_examples=50, derandomize=True, deadline=None, print_blob=True, **_COMMON
+)
+settings.register_profile("nightly", max_examples=2000, deadline=None, print_blob=True, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Restore ``trmath.set_num_threads`` and ``_ops._FORCE_TORCH`` after every test."""
+    try:
+        import trmath
+        from trmath import _ops
+    except Exception:  # the compiled core may be missing (tests of pure-Python parts)
+        yield
+        return
+    n_threads = trmath.num_threads()
+    force = list(_ops._FORCE_TORCH)
+    try:
+        yield
+    finally:
+        _ops._FORCE_TORCH[:] = force
+        if trmath.num_threads() != n_threads:
+            trmath.set_num_threads(n_threads)

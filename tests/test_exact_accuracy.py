@@ -1,0 +1,433 @@
+"""Deterministic accuracy sweeps of the exact reductions against mpmath (TARGETS.md, accuracy).
+
+Every public function of :mod:`trmath.exact` (``kl``, ``tv``, ``js``, ``logsumexp``,
+``entropy``, ``token_logprobs`` with and without ``return_entropy``) is evaluated on every input
+dtype over fixed families of rows, and compared with the 50-digit oracles of
+:mod:`trmath.testing.oracles` applied to the values *after* the cast to the dtype (the exact
+distributions the inputs represent):
+
+* ``random``       unrelated rows, normal and wide (logit spread of a few thousand);
+* ``near``         near-identical rows (KL from ~1e-4 down to ~1e-12 and below), by noise or by
+                   moving a few logits one unit in the last place;
+* ``near_offset``  the same with a constant logit offset between the two rows (and one row whose
+                   offset is exact: the same distribution, every divergence exactly 0);
+* ``peaked``       one logit far above the rest (spreads 20, 80, 1e4), peak kept, moved or lowered;
+* ``masked``       ``-inf`` tokens in p, in q, in both, disjoint supports; ``q_i = 0 < p_i`` gives
+                   ``KL = +inf`` exactly while TV and JS stay finite;
+* ``logprobs``     log-probabilities passed as logits (``logsumexp`` close to 0, the hard case);
+
+at V = 1, 2, 3, 7, 64, 1000; at temperatures 0.5, 0.7 and 2.0; and on a few rows at V = 32769
+(across the 16384-element segment boundary) and V = 262144 (slow).
+
+Failures list the worst rows (value, reference, errors, and a description of the input rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import trmath
+from trmath.testing import StableRNG, assert_close_to_reference, cast, max_relative_error, mp_batch
+
+# ------------------------------------------------------------------------------------------------
+# The tolerance table (TARGETS.md): |err| <= rtol * |value| + atol against the oracle. No widening.
+# ------------------------------------------------------------------------------------------------
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float16: (1e-5, 1e-30),
+    torch.bfloat16: (1e-5, 1e-30),
+    torch.float32: (1e-5, 1e-30),
+    torch.float64: (1e-12, 1e-300),
+}
+
+DTYPES = tuple(TOL)
+SIZES = (1, 2, 3, 7, 64, 1000)
+FAMILIES = ("random", "near", "near_offset", "peaked", "masked", "logprobs")
+FUNCS = ("kl", "tv", "js", "logsumexp", "entropy", "token_logprobs", "token_logprobs+entropy")
+PAIR_FUNCS = ("kl", "tv", "js")
+TEMPERATURES = (0.5, 0.7, 2.0)
+
+INF = math.inf
+
+
+def _dname(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def _as64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy()
+
+
+def _ulp_moves(zc: torch.Tensor, idx: np.ndarray, up: np.ndarray) -> torch.Tensor:
+    """``zc`` with the entries ``idx`` moved one unit in the last place (of zc's dtype)."""
+    w = zc.clone()
+    if idx.size == 0:
+        return w
+    ii = torch.from_numpy(idx)
+    target = torch.where(torch.from_numpy(up), torch.tensor(INF), torch.tensor(-INF)).to(zc.dtype)
+    w[ii] = torch.nextafter(zc[ii], target)
+    return w
+
+
+def _keep_one(mask: np.ndarray, rng: StableRNG) -> np.ndarray:
+    if mask.all():
+        mask = mask.copy()
+        mask[rng.integers(0, mask.size)] = False
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------
+# input families: (z, w) rows, cast to the dtype first; derived rows start from the cast values
+# ------------------------------------------------------------------------------------------------
+def _pair(family: str, V: int, dtype: torch.dtype, i: int, rng: StableRNG):
+    """The i-th pair of a family: two 1-D tensors of ``dtype``."""
+    low = dtype in (torch.float16, torch.bfloat16)
+    if family == "random":
+        kind = i % 4
+        if kind == 0:
+            z, w = rng.normal(V), rng.normal(V)
+        elif kind == 1:
+            z, w = 4.0 * rng.normal(V) - 5.0, 0.5 * rng.normal(V) + 20.0
+        elif kind == 2:  # wide rows: logit spread of a few thousand
+            z, w = 300.0 * rng.normal(V), 30.0 * rng.normal(V)
+        else:
+            z, w = 2.0 * rng.normal(V), 2.0 * rng.normal(V) - 100.0
+        return cast(z, dtype), cast(w, dtype)
+
+    if family == "near":
+        scale = (1.0, 4.0, 0.25)[i % 3]
+        zc = cast(scale * rng.normal(V), dtype)
+        z64 = _as64(zc)
+        kind = i % 8
+        if kind in (0, 1, 2, 6, 7):
+            sigma = {0: 1e-2, 1: 1e-4, 2: 1e-6, 6: 1e-7, 7: 1e-3}[kind]
+            if low and sigma < 1e-2:
+                sigma = 1e-2 if kind != 7 else 3e-2  # smaller noise would round away entirely
+            return zc, cast(z64 + sigma * rng.normal(V), dtype)
+        if kind == 3:  # one logit one ulp away
+            return zc, _ulp_moves(zc, np.array([rng.integers(0, V)]), np.array([True]))
+        if kind == 4:  # a few logits one ulp away, both directions
+            idx = np.unique(rng.integers(0, V, min(V, 3)))
+            return zc, _ulp_moves(zc, idx, rng.uniform(idx.size) < 0.5)
+        # every logit one ulp up (not a constant shift: the ulps differ)
+        return zc, _ulp_moves(zc, np.arange(V), np.ones(V, dtype=bool))
+
+    if family == "near_offset":
+        kind = i % 5
+        if kind == 4:  # an exact offset: the same distribution, every divergence exactly 0
+            zq = np.round(8.0 * np.clip(rng.normal(V), -3.0, 3.0)) / 8.0
+            return cast(zq, dtype), cast(zq + 4.0, dtype)
+        scale = (1.0, 4.0)[i % 2]
+        zc = cast(scale * rng.normal(V), dtype)
+        z64 = _as64(zc)
+        if low:
+            c = (2.0, -4.0, 0.5, 1.0)[kind]
+            return zc, cast(z64 + c, dtype)  # the rounding of z + c is the perturbation
+        c = (3.0, -1000.0, 64.0, 0.5)[kind]
+        sigma = (0.0, 1e-6, 1e-4, 1e-7)[kind]
+        return zc, cast(z64 + c + sigma * rng.normal(V), dtype)
+
+    if family == "peaked":
+        spread = (20.0, 80.0, 1e4)[(i + i // 4) % 3]
+        mode = i % 4
+        z = rng.normal(V)
+        k = rng.integers(0, V)
+        z[k] += spread
+        zc = cast(z, dtype)
+        z64 = _as64(zc)
+        if mode == 0:
+            w = z64 + (3e-2 if low else 1e-3) * rng.normal(V)
+        elif mode == 1 and V > 1:  # the peak moved to another token
+            w = z64.copy()
+            j = (k + 1 + rng.integers(0, V - 1)) % V
+            w[j], w[k] = w[k], w[j]
+        elif mode == 2:  # the peak lowered by half its height
+            w = z64.copy()
+            w[k] -= spread / 2
+        else:  # an offset plus a one-ulp move of the peak
+            return zc, _ulp_moves(cast(z64 + 0.5, dtype), np.array([k]), np.array([False]))
+        return zc, cast(w, dtype)
+
+    if family == "masked":
+        z = (1.0, 3.0)[i % 2] * rng.normal(V)
+        w = z + 1e-3 * rng.normal(V) if i % 3 != 2 else 2.0 * rng.normal(V)
+        mode = i % 6
+        if V > 1:
+            if mode == 0:  # the same tokens masked in both
+                m = _keep_one(rng.uniform(V) < 0.5, rng)
+                z[m] = -INF
+                w[m] = -INF
+            elif mode == 1:  # p_i = 0 < q_i: finite KL
+                z[_keep_one(rng.uniform(V) < 0.3, rng)] = -INF
+            elif mode == 2:  # q_i = 0 < p_i: KL = +inf, TV and JS finite
+                w[_keep_one(rng.uniform(V) < 0.3, rng)] = -INF
+            elif mode == 3:  # independent masks
+                z[_keep_one(rng.uniform(V) < 0.4, rng)] = -INF
+                w[_keep_one(rng.uniform(V) < 0.4, rng)] = -INF
+            elif mode == 4:  # disjoint supports: TV = 1, JS = log 2, KL = +inf
+                k = rng.integers(0, V)
+                z[:] = -INF
+                z[k] = 1.5
+                w[k] = -INF
+            else:  # all but one token masked in p; q keeps them (KL = -log q_k)
+                k = rng.integers(0, V)
+                keep = z[k]
+                z[:] = -INF
+                z[k] = keep
+        return cast(z, dtype), cast(w, dtype)
+
+    if family == "logprobs":
+        scale = (1.0, 4.0, 0.25, 1.0)[i % 4]
+        x = scale * rng.normal(V)
+        if i % 4 == 3:
+            x[rng.integers(0, V)] += 30.0  # log p_max = -1e-13 or so
+        sigma = (1e-3, 1e-2, 1.0)[i % 3]
+        y = x + sigma * rng.normal(V)
+        lz = torch.log_softmax(torch.from_numpy(x), -1).numpy()
+        lw = torch.log_softmax(torch.from_numpy(y), -1).numpy()
+        return cast(lz, dtype), cast(lw, dtype)
+
+    raise ValueError(family)
+
+
+def family_batch(family: str, V: int, dtype: torch.dtype, n: int):
+    """``(z, w, tokens)``: ``[n, V]`` pairs of a family, and a token per row of ``cat(z, w)``."""
+    root = StableRNG(_seed(family, V, _dname(dtype)))
+    pairs = [_pair(family, V, dtype, i, root.spawn(i)) for i in range(n)]
+    z = torch.stack([p[0] for p in pairs])
+    w = torch.stack([p[1] for p in pairs])
+    rows = _as64(torch.cat([z, w]))
+    trng = root.spawn(10**6)
+    tokens = []
+    for r, row in enumerate(rows):
+        fin = np.flatnonzero(np.isfinite(row))
+        masked = np.flatnonzero(~np.isfinite(row))
+        kind = r % 3
+        if kind == 0:
+            tokens.append(int(np.argmax(row)))
+        elif kind == 2 and masked.size:  # a masked token: log-probability -inf
+            tokens.append(int(masked[trng.integers(0, masked.size)]))
+        else:
+            tokens.append(int(fin[trng.integers(0, fin.size)]))
+    return z, w, torch.tensor(tokens, dtype=torch.int64)
+
+
+def rows_per_family(V: int) -> int:
+    return 8 if V <= 64 else 3
+
+
+_ORACLE_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def oracle(name: str, *arrays: torch.Tensor, tokens=None, temperature: float = 1.0) -> np.ndarray:
+    """``mp_batch`` memoised on the exact input values (rows are shared between tests)."""
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(str(a.dtype).encode() + str(tuple(a.shape)).encode())
+        h.update(_as64(a).tobytes())
+    if tokens is not None:
+        h.update(tokens.numpy().astype(np.int64).tobytes())
+    key = (name, float(temperature), h.hexdigest())
+    if key not in _ORACLE_CACHE:
+        _ORACLE_CACHE[key] = mp_batch(name, *arrays, tokens=tokens, temperature=temperature)
+    return _ORACLE_CACHE[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# checking
+# ------------------------------------------------------------------------------------------------
+def check(func: str, z: torch.Tensor, w: torch.Tensor, tokens: torch.Tensor, dtype, T: float,
+          label: str) -> list[str]:
+    """Compare ``func`` with the oracle; returns the failure messages (empty when it passes)."""
+    rtol, atol = TOL[dtype]
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    failures = []
+    if func in PAIR_FUNCS:
+        got = {func: getattr(trmath, func)(z, w, temperature=T)}
+        refs = {func: oracle(func, z, w, temperature=T)}
+        inputs = (z, w)
+    else:
+        x = torch.cat([z, w])
+        if func in ("logsumexp", "entropy"):
+            got = {func: getattr(trmath, func)(x, temperature=T)}
+            refs = {func: oracle(func, x, temperature=T)}
+        else:
+            res = trmath.token_logprobs(x, tokens, temperature=T,
+                                        return_entropy=func.endswith("entropy"))
+            lp, h = res if isinstance(res, tuple) else (res, None)
+            got = {"token_logprobs": lp}
+            refs = {"token_logprobs": oracle("token_logprobs", x, tokens=tokens, temperature=T)}
+            if h is not None:
+                got["entropy (return_entropy)"] = h
+                refs["entropy (return_entropy)"] = oracle("entropy", x, temperature=T)
+        inputs = {"logits": x}
+    lead = tuple(inputs[0].shape[:-1]) if func in PAIR_FUNCS else tuple(inputs["logits"].shape[:-1])
+    for name, val in got.items():
+        if val.dtype != out_dtype or tuple(val.shape) != lead:
+            failures.append(f"{name} {label}: result {val.dtype} {tuple(val.shape)}, "
+                            f"expected {out_dtype} {lead}")
+            continue
+        try:
+            assert_close_to_reference(val, refs[name], rtol=rtol, atol=atol, inputs=inputs,
+                                      name=f"{name} {label}")
+        except AssertionError as exc:
+            failures.append(str(exc))
+    return failures
+
+
+def raise_failures(failures: list[str]) -> None:
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+# ------------------------------------------------------------------------------------------------
+# the sweeps
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_sweep(family, func, dtype):
+    """Every family, at every V of SIZES, temperature 1."""
+    failures = []
+    for V in SIZES:
+        z, w, tokens = family_batch(family, V, dtype, rows_per_family(V))
+        failures += check(func, z, w, tokens, dtype, 1.0, f"[{_dname(dtype)} {family} V={V}]")
+    raise_failures(failures)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("func", FUNCS)
+@pytest.mark.parametrize("T", TEMPERATURES)
+def test_temperature_sweep(T, func, dtype):
+    """A mix of every family at temperatures != 1 (the rollout's sampling temperature)."""
+    failures = []
+    for V in (3, 64):
+        parts = [family_batch(f, V, dtype, 4) for f in FAMILIES]
+        z = torch.cat([p[0] for p in parts])
+        w = torch.cat([p[1] for p in parts])
+        n = z.shape[0]
+        tokens = torch.cat([p[2][:4] for p in parts] + [p[2][4:] for p in parts])
+        assert tokens.shape == (2 * n,)
+        failures += check(func, z, w, tokens, dtype, T, f"[{_dname(dtype)} T={T} V={V}]")
+    raise_failures(failures)
+
+
+def test_masked_kl_is_exactly_inf_and_tv_js_finite():
+    """``q_i = 0 < p_i``: KL is +inf exactly, TV and JS finite and correct, in every dtype."""
+    z64 = np.array([[0.5, -1.0, 2.0, -INF], [0.0, 0.0, 0.0, 0.0], [3.0, -INF, -INF, -INF]])
+    w64 = np.array([[0.5, -INF, 2.0, 1.0], [-INF, 0.0, 0.0, 0.0], [-INF, 1.0, -INF, -INF]])
+    for dtype in DTYPES:
+        z, w = cast(z64, dtype), cast(w64, dtype)
+        k = trmath.kl(z, w)
+        assert torch.equal(k, torch.full_like(k, INF)), (dtype, k)
+        for f in ("tv", "js"):
+            v = getattr(trmath, f)(z, w)
+            assert torch.isfinite(v).all(), (f, dtype, v)
+            rtol, atol = TOL[dtype]
+            assert_close_to_reference(v, mp_batch(f, z, w), rtol=rtol, atol=atol,
+                                      inputs=(z, w), name=f"{f} {_dname(dtype)}")
+        # disjoint supports (row 2): TV = 1 and JS = log 2 to the tolerance
+        assert abs(float(trmath.tv(z, w)[2]) - 1.0) <= TOL[dtype][0]
+        assert abs(float(trmath.js(z, w)[2]) - math.log(2.0)) <= TOL[dtype][0] * math.log(2.0)
+
+
+def test_exact_offset_gives_exact_zero():
+    """Rows equal up to an exactly representable offset: KL, TV, JS are 0 (the oracle's 0)."""
+    base = np.array([[0.25, -1.5, 3.0, 0.0, -INF], [7.0, 7.0, 7.0, 7.0, 7.0]])
+    for dtype in DTYPES:
+        z, w = cast(base, dtype), cast(base - 2.0, dtype)
+        for f in PAIR_FUNCS:
+            for T in (1.0, 0.7):
+                v = getattr(trmath, f)(z, w, temperature=T)
+                assert (v.abs() <= TOL[dtype][1]).all(), (f, dtype, T, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# large vocabularies: across the 16384-element segment boundary, and V = 262144
+# ------------------------------------------------------------------------------------------------
+def _large_rows(V: int, dtype: torch.dtype):
+    """Three pairs at vocabulary V, with the interesting entries on the segment edges.
+
+    Values are multiples of 1/8 (exact in every dtype, also after the offset below) so that the
+    oracle, which exponentiates each distinct value once, stays cheap at large V.
+
+    * near-identical: ``w = z + 0.5`` (an exact offset) with five logits one ulp away, at
+      indices 0, 16383, 16384, 32768 and V - 1;
+    * masked: a block of ``-inf`` across index 16384 in p, and ``q_{V-1} = 0 < p_{V-1}``
+      (KL = +inf exactly);
+    * peaked: a peak of height 1e4 on the last token, lowered by 0.5 in q.
+    """
+    rng = StableRNG(_seed("large", V, _dname(dtype)))
+    base = np.clip(np.round(8.0 * 1.5 * rng.normal(V)) / 8.0, -9.0, 9.0)
+    edges = np.array(sorted({0, 16383, 16384, min(32768, V - 1), V - 1}))
+    z1 = cast(base, dtype)
+    w1 = _ulp_moves(cast(base + 0.5, dtype), edges, np.arange(edges.size) % 2 == 0)
+    z2, w2 = base.copy(), base + 0.25
+    z2[16380:16390] = -INF
+    w2[16386:16400] = -INF
+    w2[V - 1] = -INF
+    z3 = base.copy()
+    z3[V - 1] += 1e4
+    w3 = z3.copy()
+    w3[V - 1] -= 0.5
+    z = torch.stack([z1, cast(z2, dtype), cast(z3, dtype)])
+    w = torch.stack([w1, cast(w2, dtype), cast(w3, dtype)])
+    tokens = torch.tensor([V - 1, 16384, 16385, 0, V - 1, 16383], dtype=torch.int64)
+    return z, w, tokens
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_across_segment_boundary(dtype):
+    """V = 32769: two full segments and one element (segment-parallel, N < 4 threads)."""
+    V = 32769
+    z, w, tokens = _large_rows(V, dtype)
+    failures = []
+    for func in FUNCS:
+        failures += check(func, z, w, tokens, dtype, 1.0, f"[{_dname(dtype)} V={V}]")
+    raise_failures(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=_dname)
+def test_vocabulary_262144(dtype):
+    """V = 262144, the largest real vocabularies."""
+    V = 262144
+    z, w, tokens = _large_rows(V, dtype)
+    failures = []
+    for func in FUNCS:
+        failures += check(func, z, w, tokens, dtype, 1.0, f"[{_dname(dtype)} V={V}]")
+    raise_failures(failures)
+
+
+# ------------------------------------------------------------------------------------------------
+# the point of the library: the textbook float32 formula fails where trmath does not
+# ------------------------------------------------------------------------------------------------
+def _naive_kl(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(z, dim=-1)
+    lq = torch.log_softmax(w, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def test_naive_float32_formula_fails_on_near_identical_rows():
+    dtype = torch.float32
+    rtol, atol = TOL[dtype]
+    for V in (64, 1000):
+        z, w, _ = family_batch("near", V, dtype, 8)
+        ref = mp_batch("kl", z, w)
+        assert (ref > 0).all() and ref.min() < 1e-12  # the family reaches the 1e-12 regime
+        naive = _naive_kl(z, w)
+        # the textbook formula: relative errors of order 1 or more, wrong signs
+        assert max_relative_error(naive, ref) > 0.1, naive
+        assert (naive <= 0).any(), naive
+        # trmath: within the target on every row
+        assert_close_to_reference(trmath.kl(z, w), ref, rtol=rtol, atol=atol, inputs=(z, w),
+                                  name="trmath.kl near-identical float32")
