@@ -48,6 +48,18 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(int(n))
 
 
+_HUGE = 1 << 23  # bytes: outputs this large get transparent-huge-page advice
+
+
+def _empty_like_input(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous gradient buffer; large ones are advised to use huge pages before first touch."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= _HUGE:
+        _core.advise_hugepages(out.data_ptr(), nbytes)
+    return out
+
+
 def _desc(t: torch.Tensor):
     return (t.data_ptr(), DTYPE_CODES[t.dtype], list(t.shape), list(t.stride()))
 
@@ -77,7 +89,7 @@ def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: fl
 
 def single_backward(g0, g1, z, tokens, stats, temperature: float, op: str) -> torch.Tensor:
     """Gradient of a single-row reduction with respect to the logits (dtype of ``z``)."""
-    dz = torch.empty(z.shape, dtype=z.dtype)
+    dz = _empty_like_input(z)
     g0 = g0.to(torch.float64).contiguous()
     g1c = g1.to(torch.float64).contiguous() if g1 is not None else None
     stats = stats.contiguous()
@@ -107,8 +119,8 @@ def pair_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str):
 
 def pair_backward(g, z, w, stats, temperature: float, op: str, need_z: bool, need_w: bool):
     """Gradients of a divergence with respect to both logits (``None`` where not needed)."""
-    dz = torch.empty(z.shape, dtype=z.dtype) if need_z else None
-    dw = torch.empty(w.shape, dtype=w.dtype) if need_w else None
+    dz = _empty_like_input(z) if need_z else None
+    dw = _empty_like_input(w) if need_w else None
     g = g.to(torch.float64).contiguous()
     stats = stats.contiguous()
     _core.pair_backward(

@@ -50,6 +50,11 @@ struct RowReader {
     for (int64_t i = 0; i < n; ++i) buf[i] = p[i * vs];
     return buf.data();
   }
+  // Segment s of row r if it can be prefetched in place (contiguous rows), else null.
+  const In* prefetch(int64_t r, int64_t s) const {
+    if (r < 0 || v.vstride() != 1) return nullptr;
+    return reinterpret_cast<const In*>(v.data) + v.row_offset(r) + s * kSegment;
+  }
   double element(int64_t r, int64_t i) const {
     const In* base = reinterpret_cast<const In*>(v.data) + v.row_offset(r);
     return to_double(base[i * v.vstride()]);
@@ -68,7 +73,8 @@ template <> struct LanesFor<double> { using type = DoubleLanes<double>; };
 
 // ---- executor -------------------------------------------------------------------------------
 // An algorithm exposes: nseg, bool next(row) (prepare the row's next pass, false when done),
-// void run(row, seg, Partial&), void consume(row, const Partial*). Rows are independent and
+// void run(row, seg, Partial&, next_row) (next_row: the row this thread takes next, or -1, for
+// prefetching), void consume(row, const Partial*). Rows are independent and
 // every pass combines its segment partials in order, so the result of a row is the same
 // whichever thread computes which segment.
 template <class Algo>
@@ -76,15 +82,22 @@ void execute(Algo& algo, int64_t N) {
   const int64_t nseg = algo.nseg;
   const int nt = num_threads();
   if (nseg == 1 || N >= 4 * int64_t(nt)) {
-    parallel_for(N, [&](int64_t r) {
+    // Rows in contiguous chunks, so a thread knows its next row and can prefetch it.
+    const int64_t chunk = std::max<int64_t>(1, N / (8 * int64_t(nt)));
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+    parallel_for(nchunks, [&](int64_t c) {
       thread_local std::vector<Partial> parts;
       if (int64_t(parts.size()) < nseg) parts.resize(nseg);
-      while (algo.next(r)) {
-        for (int64_t s = 0; s < nseg; ++s) {
-          partial_zero(parts[s]);
-          algo.run(r, s, parts[s]);
+      const int64_t r1 = std::min(N, (c + 1) * chunk);
+      for (int64_t r = c * chunk; r < r1; ++r) {
+        const int64_t next = r + 1 < r1 ? r + 1 : -1;
+        while (algo.next(r)) {
+          for (int64_t s = 0; s < nseg; ++s) {
+            partial_zero(parts[s]);
+            algo.run(r, s, parts[s], next);
+          }
+          algo.consume(r, parts.data());
         }
-        algo.consume(r, parts.data());
       }
     });
     return;
@@ -100,7 +113,7 @@ void execute(Algo& algo, int64_t N) {
     parallel_for(na * nseg, [&](int64_t u) {
       int64_t r = active[u / nseg], s = u % nseg;
       partial_zero(parts[r * nseg + s]);
-      algo.run(r, s, parts[r * nseg + s]);
+      algo.run(r, s, parts[r * nseg + s], -1);
     });
     for (int64_t r : active) algo.consume(r, &parts[r * nseg]);
   }
@@ -120,7 +133,7 @@ struct SingleAlgo {
   struct St {
     int stage = kStart;
     int flags = 0;
-    double M = 0, zt = 0, A = 0, B = 0, lse_dd = 0;
+    double M = 0, zt = 0, A = 0, B = 0, k = 1, lse_dd = 0;  // A: the sum R below the maxima
     bool has_dd = false;
   };
   const SingleFwd& a;
@@ -150,8 +163,9 @@ struct SingleAlgo {
           // lse = M/T + log A cancels when lse ~ 0 (log-probabilities passed as logits).
           // Float exponentials leave ~2e-7 absolute error in log A, double ones ~2e-16: when
           // the cancellation would amplify that beyond the error bound, redo the row wider.
-          double lse = s.M * invT + std::log(s.A);
-          double cond = (std::fabs(s.M * invT) + std::fabs(std::log(s.A))) / std::fabs(lse);
+          double logA = log_sum(s);
+          double lse = s.M * invT + logA;
+          double cond = (std::fabs(s.M * invT) + std::fabs(logA)) / std::fabs(lse);
           bool in_double = s.stage == kSumDouble || std::is_same<In, double>::value;
           if (!in_double && cond > 4.0) {
             s.stage = kSumDouble;
@@ -169,21 +183,23 @@ struct SingleAlgo {
     }
   }
 
-  void run(int64_t r, int64_t sg, Partial& p) {
+  void run(int64_t r, int64_t sg, Partial& p, int64_t next) {
     St& s = st[r];
     const In* z = rd.seg(r, sg, scratch<In>(0));
     int64_t n = rd.seg_len(sg);
     if (s.stage == kSum) {
+      const In* pf = rd.prefetch(next, sg);
       double Ms;
       seg_max<L>(z, n, Ms, p.flags, kNanA, kPosInfA);
       p.v[0] = Ms;
       if (p.flags || Ms == -kInf) return;
       Partial q;
       partial_zero(q);
-      if (want_h) seg_sum1<L, true>(z, n, Ms, invT, q);
-      else seg_sum1<L, false>(z, n, Ms, invT, q);
-      p.v[1] = q.v[0];
-      p.v[2] = q.v[1];
+      if (want_h) seg_sum1<L, true>(z, n, Ms, invT, q, pf);
+      else seg_sum1<L, false>(z, n, Ms, invT, q, pf);
+      p.v[1] = q.v[0];  // R_s
+      p.v[2] = q.v[1];  // B_s
+      p.v[3] = q.v[2];  // k_s
     } else if (s.stage == kSumDouble) {
       seg_sum1<DoubleLanes<In>, false>(z, n, s.M, invT, p);
     } else {
@@ -219,40 +235,55 @@ struct SingleAlgo {
       s.M = M;
       s.flags = flags;
       if (flags) return;
-      // A = sum_s A_s f_s, B = sum_s f_s (B_s + (M - M_s)/T A_s), f_s = exp((M_s - M)/T).
-      double A = 0, B = 0;
-      for (int64_t k = 0; k < nseg; ++k) {
-        const Partial& q = parts[k];
+      // Rescale each segment to the row maximum: f_s = exp((M_s - M)/T); a segment whose
+      // maximum is below M contributes all of its mass (k_s + R_s) to the rest R.
+      double k = 0, R = 0, B = 0;
+      for (int64_t j = 0; j < nseg; ++j) {
+        const Partial& q = parts[j];
         if (q.v[0] == -kInf) continue;
+        if (q.v[0] == M) {
+          k += q.v[3];
+          R += q.v[1];
+          B += q.v[2];
+          continue;
+        }
         double d = (M - q.v[0]) * invT;
         double f = std::exp(-d);
-        A += q.v[1] * f;
-        B += f * (q.v[2] + d * q.v[1]);
+        double As = q.v[3] + q.v[1];
+        R += As * f;
+        B += f * (q.v[2] + d * As);
       }
-      s.A = A;
+      s.k = k;
+      s.A = R;
       s.B = B;
     } else if (s.stage == kSumDouble) {
-      double A = 0;
-      for (int64_t k = 0; k < nseg; ++k) A += parts[k].v[0];
-      s.A = A;
+      double R = 0, k = 0;
+      for (int64_t j = 0; j < nseg; ++j) {
+        R += parts[j].v[0];
+        k += parts[j].v[2];
+      }
+      s.A = R;
+      s.k = k;
     } else {
       dd::DD A{0.0, 0.0};
       for (int64_t k = 0; k < nseg; ++k) A = dd::add(A, dd::DD{parts[k].v[0], parts[k].v[1]});
       dd::DD lse = dd::add(dd::div(dd::DD{s.M, 0.0}, a_T), dd::log(A));
-      s.A = A.hi;
       s.lse_dd = lse.hi + lse.lo;
       s.has_dd = true;
     }
   }
+
+  // log(k + R) = log k + log1p(R / k): exact when the row is nearly deterministic.
+  static double log_sum(const St& s) { return std::log(s.k) + std::log1p(s.A / s.k); }
 
   bool finish(int64_t r) {
     St& s = st[r];
     s.stage = kDone;
     double lse = kNaN, H = kNaN, lp = kNaN;
     if (!s.flags) {
-      double logA = std::log(s.A);
+      double logA = log_sum(s);
       lse = s.has_dd ? s.lse_dd : s.M * invT + logA;
-      H = want_h ? s.B / s.A + logA : 0.0;
+      H = want_h ? s.B / (s.k + s.A) + logA : 0.0;
       lp = (s.zt - s.M) * invT - logA;
     }
     if (a.status) a.status[r] = s.flags;
@@ -301,7 +332,7 @@ struct PairAlgo {
     switch (s.stage) {
       case kStart: s.stage = kMax; return true;
       case kMax:
-        if (s.flags & ~1) return finish(r);
+        if (s.flags & kErrorBits) return finish(r);
         s.m = s.Mz - s.Mw;  // centre in logit units
         s.stage = a.op == PairOp::kl ? kFull : kCentre;
         return true;
@@ -324,7 +355,7 @@ struct PairAlgo {
   bool accept(St& s) {
     const double Aw = s.s[0], Z1 = s.s[1] / Aw;
     if (a.op == PairOp::kl) {
-      if (s.flags & 1) return true;  // KL = +inf
+      if (s.flags & kQZeroP) return true;  // KL = +inf
       double E = 1.0 + Z1, A = (s.s[2] / Aw) / E, B = psi_log1p(Z1);
       if (B <= 0.6 * A) return true;  // Phi/E - psi loses at most 2 bits
       s.mlo += a.T * std::log1p(Z1);
@@ -348,11 +379,13 @@ struct PairAlgo {
     return false;
   }
 
-  void run(int64_t r, int64_t sg, Partial& p) {
+  void run(int64_t r, int64_t sg, Partial& p, int64_t next) {
     St& s = st[r];
     const In* z = rz.seg(r, sg, scratch<In>(0));
     const In* w = rw.seg(r, sg, scratch<In>(1));
     int64_t n = rz.seg_len(sg);
+    const In* pf = rz.prefetch(next, sg);
+    const In* pg = rw.prefetch(next, sg);
     if (s.stage == kMax) {
       seg_max<L>(z, n, p.v[0], p.flags, kNanA, kPosInfA);
       seg_max<L>(w, n, p.v[1], p.flags, kNanB, kPosInfB);
@@ -366,13 +399,13 @@ struct PairAlgo {
     P.mlo = s.mlo;
     P.g = std::exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT);
     if (s.stage == kCentre) {
-      seg_sum2<L, kCentre>(z, w, n, P, p);
+      seg_sum2<L, kCentre>(z, w, n, P, p, pf, pg);
       return;
     }
     switch (a.op) {
-      case PairOp::kl: seg_sum2<L, kKL>(z, w, n, P, p); break;
-      case PairOp::tv: seg_sum2<L, kTV>(z, w, n, P, p); break;
-      case PairOp::js: seg_sum2<L, kJS>(z, w, n, P, p); break;
+      case PairOp::kl: seg_sum2<L, kKL>(z, w, n, P, p, pf, pg); break;
+      case PairOp::tv: seg_sum2<L, kTV>(z, w, n, P, p, pf, pg); break;
+      case PairOp::js: seg_sum2<L, kJS>(z, w, n, P, p, pf, pg); break;
     }
   }
 
@@ -410,7 +443,7 @@ struct PairAlgo {
     St& s = st[r];
     s.stage = kDone;
     double out = kNaN, lse_p = kNaN, lse_q = kNaN, sa = kNaN, sb = kNaN, clo = kNaN;
-    if (!(s.flags & ~1)) {
+    if (!(s.flags & kErrorBits)) {
       const double Aw = s.s[0], Z1 = s.s[1] / Aw, R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
       lse_q = s.Mw * invT + std::log(Aw);
       lse_p = lse_q + (s.m + s.mlo) * invT + std::log1p(Zt);
@@ -419,7 +452,7 @@ struct PairAlgo {
       clo = a.op == PairOp::tv ? s.mlo : s.mlo + a.T * std::log1p(Zt);
       switch (a.op) {
         case PairOp::kl:
-          if (s.flags & 1) {
+          if (s.flags & kQZeroP) {
             out = kInf;
           } else {
             double E = 1.0 + Z1;
@@ -441,7 +474,7 @@ struct PairAlgo {
           break;
       }
     }
-    if (a.status) a.status[r] = s.flags & ~1;
+    if (a.status) a.status[r] = s.flags & kErrorBits;
     if (a.stats) {
       double* t = a.stats + kPairStats * r;
       t[0] = lse_p;

@@ -27,7 +27,9 @@ enum RowStatus : int {
   kPosInfB = 16,
   kAllNegInfB = 32,
   kTokenRange = 64,  // token id outside [0, V)
+  kQZeroP = 128,     // (not an error) some q_i = 0 < p_i: KL(p||q) = +inf
 };
+constexpr int kErrorBits = 127;
 
 // Segment length: a row is reduced in fixed segments whose partial results are combined in
 // order, so a row's result never depends on the batch, its position or the number of threads.

@@ -73,18 +73,38 @@ TRMATH_INLINE typename L::V load_tail(const typename L::Storage* p, int64_t n) {
   return L::load(buf);
 }
 
+// Optional prefetch streams (pf, pg): the data the caller processes next (the same segment
+// of its next row), requested while this compute-bound pass runs so the next pass does not
+// wait on memory.
 template <class L, class F>
-TRMATH_INLINE void for_lanes(const typename L::Storage* p, int64_t n, F&& f) {
+TRMATH_INLINE void for_lanes(const typename L::Storage* p, int64_t n, F&& f,
+                             const typename L::Storage* pf = nullptr) {
   int64_t i = 0;
-  for (; i + L::W <= n; i += L::W) f(L::load(p + i));
+  if (pf) {
+    for (; i + L::W <= n; i += L::W) {
+      __builtin_prefetch(pf + i, 0, 1);
+      f(L::load(p + i));
+    }
+  } else {
+    for (; i + L::W <= n; i += L::W) f(L::load(p + i));
+  }
   if (i < n) f(load_tail<L>(p + i, n - i));
 }
 
 template <class L, class F>
 TRMATH_INLINE void for_lanes2(const typename L::Storage* p, const typename L::Storage* q,
-                              int64_t n, F&& f) {
+                              int64_t n, F&& f, const typename L::Storage* pf = nullptr,
+                              const typename L::Storage* pg = nullptr) {
   int64_t i = 0;
-  for (; i + L::W <= n; i += L::W) f(L::load(p + i), L::load(q + i));
+  if (pf && pg) {
+    for (; i + L::W <= n; i += L::W) {
+      __builtin_prefetch(pf + i, 0, 1);
+      __builtin_prefetch(pg + i, 0, 1);
+      f(L::load(p + i), L::load(q + i));
+    }
+  } else {
+    for (; i + L::W <= n; i += L::W) f(L::load(p + i), L::load(q + i));
+  }
   if (i < n) f(load_tail<L>(p + i, n - i), load_tail<L>(q + i, n - i));
 }
 
@@ -112,25 +132,34 @@ TRMATH_INLINE void seg_max(const typename L::Storage* z, int64_t n, double& mx, 
 }
 
 // ---- pass B, one row: sum exp(a) and sum exp(a) * (-a) --------------------------------
+// The maxima (a = 0, exp(a) = 1 exactly) are counted apart from the rest R, so that
+// log A = log k + log1p(R / k) keeps full relative accuracy when R ~ 1e-17 (a nearly
+// deterministic row, whose log-probability of the top token is -R).
+// out: v[0] = R = sum_{z < M} exp(a), v[1] = sum exp(a) (-a), v[2] = k = #{z = M}.
 template <class L, bool kEntropy>
 TRMATH_INLINE void seg_sum1(const typename L::Storage* z, int64_t n, double M, double invT,
-                            Partial& out) {
+                            Partial& out, const typename L::Storage* pf = nullptr) {
   using V = typename L::V;
   using S = typename L::S;
-  Accs<L, kEntropy ? 2 : 1> acc;
+  const V zero = splat<V>(S(0));
+  const S Ms = S(M);
+  Accs<L, 3> acc;
   for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
     auto a = L::shifted(v, M, invT);
     V e = L::exp(a);
-    acc.blk[0] += e;
+    auto top = v == Ms;
+    acc.blk[0] += top ? zero : e;
+    acc.blk[2] += top ? splat<V>(S(1)) : zero;
     if constexpr (kEntropy) {
       V t = e * (-L::narrow(a));
-      acc.blk[1] += (v > -std::numeric_limits<S>::infinity()) ? t : splat<V>(S(0));
+      acc.blk[1] += (v > -std::numeric_limits<S>::infinity()) ? t : zero;
     }
     acc.step();
-  });
+  }, pf);
   acc.flush();
   out.v[0] = acc.sum(0);
-  out.v[1] = kEntropy ? acc.sum(kEntropy ? 1 : 0) : 0.0;
+  out.v[1] = kEntropy ? acc.sum(1) : 0.0;
+  out.v[2] = acc.sum(2);
 }
 
 // ---- pass B, two rows ---------------------------------------------------------------------
@@ -146,10 +175,12 @@ struct PairParams {
 //   kKL: 2 Phi                       kTV: 2 T+, 3 Q+, 4 sum pt sign(x), 5 sum qt sign(x)
 //   kJS: 2 KL(p||m)-part, 3 KL(q||m)-part
 //   7: R = sum of pt where q_i = 0 < p_i (all but kKL, where such a token makes KL = +inf)
-// flags: bit 0 = some q_i = 0 < p_i.
+// flags: kQZeroP = some q_i = 0 < p_i.
 template <class L, int kTerms>
 TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Storage* w, int64_t n,
-                            const PairParams& P, Partial& out) {
+                            const PairParams& P, Partial& out,
+                            const typename L::Storage* pf = nullptr,
+                            const typename L::Storage* pg = nullptr) {
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
@@ -218,13 +249,13 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     }
     if constexpr (kTerms != kKL) acc.blk[K - 1] += (wneg & ~zneg) ? ez * g : zero;
     acc.step();
-  });
+  }, pf, pg);
   acc.flush();
   constexpr int Kmain = kTerms == kKL ? K : K - 1;
   for (int k = 0; k < Kmain; ++k) out.v[k] = acc.sum(k);
   if constexpr (kTerms != kKL) out.v[7] = acc.sum(K - 1);
   for (int i = 0; i < L::W; ++i)
-    if (infq[i]) out.flags |= 1;
+    if (infq[i]) out.flags |= kQZeroP;
 }
 
 }  // namespace simd
