@@ -310,11 +310,13 @@ struct PairAlgo {
   using L = typename LanesFor<In>::type;
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   static constexpr bool kDouble = std::is_same<In, double>::value;
-  enum Stage : int { kStart, kMax, kCentre, kFull, kDone };
+  enum Stage : int { kStart, kFused, kMax, kCentre, kFull, kDone };
   struct St {
     int stage = kStart;
     int flags = 0;
     int iter = 0;
+    bool fallback = false;  // the fused first pass could not be combined: use global maxima
+    double mag = 0;         // sum of |terms| of the combined Phi (cancellation check)
     double Mz = 0, Mw = 0, m = 0, mlo = 0;  // centre m + mlo (logit units)
     double s[8] = {};
   };
@@ -330,7 +332,24 @@ struct PairAlgo {
   bool next(int64_t r) {
     St& s = st[r];
     switch (s.stage) {
-      case kStart: s.stage = kMax; return true;
+      case kStart: s.stage = kFused; return true;
+      case kFused:
+        if (s.flags & kErrorBits) return finish(r);
+        s.m = s.Mz - s.Mw;  // centre in logit units
+        if (s.fallback) {
+          s.stage = a.op == PairOp::kl ? kFull : kCentre;
+          return true;
+        }
+        if (a.op == PairOp::kl) {
+          // Accept the fused pass if neither the merge of the segments nor Phi/E - psi
+          // cancelled by more than 2 bits.
+          if (s.mag <= 4.0 * s.s[2] && accept(s)) return finish(r);
+          if (s.mag > 4.0 * s.s[2]) s.mlo = a.T * std::log1p(s.s[1] / s.s[0]);
+          s.stage = kFull;
+          return true;
+        }
+        s.stage = kCentre;
+        return next(r);
       case kMax:
         if (s.flags & kErrorBits) return finish(r);
         s.m = s.Mz - s.Mw;  // centre in logit units
@@ -386,6 +405,20 @@ struct PairAlgo {
     int64_t n = rz.seg_len(sg);
     const In* pf = rz.prefetch(next, sg);
     const In* pg = rw.prefetch(next, sg);
+    if (s.stage == kFused) {
+      // Pass 1 reads each segment once: its maxima, then (from cache) its sums about its own
+      // centre m_s = Mz_s - Mw_s; consume() merges the segments exactly.
+      double Mzs, Mws;
+      seg_max<L>(z, n, Mzs, p.flags, kNanA, kPosInfA);
+      seg_max<L>(w, n, Mws, p.flags, kNanB, kPosInfB);
+      p.v[5] = Mzs;
+      p.v[6] = Mws;
+      if ((p.flags & kErrorBits) || Mzs == -kInf || Mws == -kInf) return;
+      PairParams P{Mzs, Mws, invT, Mzs - Mws, 0.0, 1.0};
+      if (a.op == PairOp::kl) seg_sum2<L, kKL>(z, w, n, P, p, pf, pg);
+      else seg_sum2<L, kCentre>(z, w, n, P, p, pf, pg);
+      return;
+    }
     if (s.stage == kMax) {
       seg_max<L>(z, n, p.v[0], p.flags, kNanA, kPosInfA);
       seg_max<L>(w, n, p.v[1], p.flags, kNanB, kPosInfB);
@@ -409,8 +442,68 @@ struct PairAlgo {
     }
   }
 
+  // phi(d) = d e^d - e^d + 1 >= 0 in double, |d| < 1.
+  static double phi(double d) {
+    if (std::fabs(d) < 1e-3) return d * d * (0.5 + d * (1.0 / 3.0 + d * 0.125));
+    return d * std::expm1(d) - (std::expm1(d) - d);
+  }
+
+  void consume_fused(St& s, const Partial* parts) {
+    double Mz = -kInf, Mw = -kInf;
+    int flags = 0;
+    for (int64_t k = 0; k < nseg; ++k) {
+      Mz = std::max(Mz, parts[k].v[5]);
+      Mw = std::max(Mw, parts[k].v[6]);
+      flags |= parts[k].flags;
+      if ((parts[k].v[5] == -kInf) != (parts[k].v[6] == -kInf)) s.fallback = true;
+    }
+    if (!(flags & (kNanA | kPosInfA)) && Mz == -kInf) flags |= kAllNegInfA;
+    if (!(flags & (kNanB | kPosInfB)) && Mw == -kInf) flags |= kAllNegInfB;
+    s.Mz = Mz;
+    s.Mw = Mw;
+    s.flags = flags;
+    if ((flags & kErrorBits) || s.fallback) {
+      s.flags &= kErrorBits;
+      return;
+    }
+    // Move each segment to the common centre m = Mz - Mw and maximum Mw:
+    //   delta = (m_s - m)/T, f = exp((Mw_s - Mw)/T), f e^delta = exp((Mz_s - Mz)/T) <= 1,
+    //   Q += f A_s,  Z += f e^d Z_s + f expm1(d) A_s,  R += f e^d R_s,
+    //   Phi += f e^d Phi_s + d f e^d Z_s + f A_s phi(d)     (phi(x + d) expanded exactly).
+    const double m = Mz - Mw;
+    double Q = 0, Z = 0, Phi = 0, R = 0, mag = 0;
+    for (int64_t k = 0; k < nseg; ++k) {
+      const Partial& q = parts[k];
+      if (q.v[5] == -kInf) continue;
+      double d = ((q.v[5] - q.v[6]) - m) * invT;
+      double f = std::exp((q.v[6] - Mw) * invT);
+      double fe = std::exp((q.v[5] - Mz) * invT);
+      // f expm1(d) and f phi(d) without overflow of e^d (f e^d <= 1 always).
+      double f_em1 = d < 1.0 ? f * std::expm1(d) : fe - f;
+      double f_phi = std::fabs(d) < 1.0 ? f * phi(d) : fe * (d - 1.0) + f;
+      Q += f * q.v[0];
+      Z += fe * q.v[1] + f_em1 * q.v[0];
+      if (a.op == PairOp::kl) {
+        double t1 = fe * q.v[2], t2 = d * fe * q.v[1], t3 = q.v[0] * f_phi;
+        Phi += t1 + t2 + t3;
+        mag += t1 + std::fabs(t2) + t3;
+      } else {
+        R += fe * q.v[7];
+      }
+    }
+    s.s[0] = Q;
+    s.s[1] = Z;
+    s.s[2] = Phi;
+    s.s[7] = R;
+    s.mag = mag;
+  }
+
   void consume(int64_t r, const Partial* parts) {
     St& s = st[r];
+    if (s.stage == kFused) {
+      consume_fused(s, parts);
+      return;
+    }
     if (s.stage == kMax) {
       double Mz = -kInf, Mw = -kInf;
       int flags = 0;
