@@ -11,6 +11,12 @@ Hypothesis profiles (select with the environment variable ``HYPOTHESIS_PROFILE``
 ``nightly``
     Many examples, for a scheduled long run.
 
+Torch's own intra-op threads are set to 1 for the session (override with the environment
+variable ``TRMATH_TEST_TORCH_THREADS``): on the shared 2-core machines torch's OpenMP regions
+thrash under load (an elementwise op on 160k doubles measured 12 ms with 2 threads against
+0.05 ms with 1), and the tests' reference computations (pure-torch backend, float64 helpers)
+are small. The C++ kernels' thread pool (``trmath.set_num_threads``) is separate and unaffected.
+
 The autouse fixture :func:`_restore_global_state` puts back the process-wide knobs that tests
 touch: the number of threads of the CPU kernels and the test hook ``_ops._FORCE_TORCH`` that
 routes CPU tensors to the pure-torch backend.
@@ -31,6 +37,12 @@ settings.register_profile(
 )
 settings.register_profile("nightly", max_examples=2000, deadline=None, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TRMATH_TEST_TORCH_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

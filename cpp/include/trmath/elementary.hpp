@@ -14,7 +14,7 @@
 #include "trmath/coefficients.hpp"
 #include "trmath/vec.hpp"
 
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -25,6 +25,25 @@ constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.69314718055994530942;
 constexpr double kLn2Hi = 6.93147180369123816490e-01;  // 32 significant bits
 constexpr double kLn2Lo = 1.90821492927058770002e-10;
+
+// Estrin's scheme: the same polynomial with a dependency chain of depth ~log2(N) instead of N,
+// so the out-of-order core overlaps the several polynomials of a step.
+template <class V, int N>
+TRMATH_INLINE V estrin(V x, const double (&c)[N]) {
+  using S = typename std::remove_reference<decltype(x[0])>::type;
+  V t[(N + 1) / 2];
+  for (int k = 0; k < N / 2; ++k) t[k] = S(c[2 * k + 1]) * x + S(c[2 * k]);
+  if (N % 2) t[N / 2] = splat<V>(S(c[N - 1]));
+  int m = (N + 1) / 2;
+  V xp = x * x;
+  while (m > 1) {
+    for (int k = 0; k < m / 2; ++k) t[k] = t[2 * k + 1] * xp + t[2 * k];
+    if (m % 2) t[m / 2] = t[m - 1];
+    m = (m + 1) / 2;
+    xp = xp * xp;
+  }
+  return t[0];
+}
 
 template <class V, int N>
 TRMATH_INLINE V horner(V x, const double (&c)[N]) {
@@ -64,6 +83,26 @@ TRMATH_INLINE d4 exp_d(d4 a) {
   l4 n = (l4)t - (l4)magic;
   d4 res = ldexp_d(p, n);
   return a < -745.2 ? splat<d4>(0.0) : res;
+}
+
+// True if any lane of the mask is set.
+TRMATH_INLINE bool any_lane(i8 m) {
+#if defined(__AVX2__)
+  return _mm256_movemask_ps((__m256)m) != 0;
+#else
+  int r = 0;
+  for (int i = 0; i < 8; ++i) r |= m[i];
+  return r != 0;
+#endif
+}
+TRMATH_INLINE bool any_lane(l4 m) {
+#if defined(__AVX2__)
+  return _mm256_movemask_pd((__m256d)m) != 0;
+#else
+  int64_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= m[i];
+  return r != 0;
+#endif
 }
 
 // ---- lane policies --------------------------------------------------------------------
@@ -141,12 +180,12 @@ struct FloatLanes {
     f8 r = hi - n * 0.693359375f;  // Cody-Waite: ln2_hi has 9 bits, n*ln2_hi is exact
     r = r - n * -2.12194440e-4f;
     r = r + a.lo;
-    f8 p = horner(r, coef::exp_f);
+    f8 p = estrin(r, coef::exp_f);
     f8 res = p * (f8)((ni + 127) << 23);
     return a.hi < -87.0f ? splat<f8>(0.0f) : res;
   }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
-  static TRMATH_INLINE V em2_series(V x) { return x * x * horner(x, coef::em2_f); }
+  static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_f); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_f); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_f); }

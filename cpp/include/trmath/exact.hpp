@@ -191,22 +191,26 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   Accs<L, K> acc;
   Mask infq{};
   for_lanes2<L>(z, w, n, [&](V zv, V wv) TRMATH_LAMBDA_INLINE {
-    auto a = L::shifted(zv, P.Mz, P.invT);
     auto b = L::shifted(wv, P.Mw, P.invT);
     V qt = L::exp(b);
-    V ez = L::exp(a);
     Mask wneg = wv == ninf;
     Mask zneg = zv == ninf;
-    infq |= wneg & ~zneg;
+    Mask only_p = wneg & ~zneg;
+    infq |= only_p;
     V x = L::logratio(zv, wv, P.m, P.mlo, P.invT);
     x = wneg ? zero : x;                      // both masked -> no contribution
-    V pt = wneg ? zero : ez * g;              // q_i = 0 is reported through the flag
     Mask small = vabs(x) < S(1);
     // |x| < 1: one series E2 = expm1(x) - x gives expm1 = x + E2 and
     // phi = x expm1(x) - E2 (both terms >= 0, at most 2 bits lost at x = -1).
     V e2 = L::em2_series(x);
     V em1_s = x + e2;
-    V em1 = small ? qt * em1_s : pt - qt;  // q (e^x - 1)
+    // p's own exponential is needed only where |x| >= 1 or q = 0 < p; near-identical rows
+    // (the trust-region regime) skip it and cost one exponential per element.
+    V ez = zero;
+    if (any_lane(~small | only_p)) ez = L::exp(L::shifted(zv, P.Mz, P.invT));
+    V pt = wneg ? zero : ez * g;              // q_i = 0 is reported through the flag
+    V em1 = small ? qt * em1_s : pt - qt;     // q (e^x - 1)
+    V pfull = small ? qt + qt * em1_s : pt;   // q e^x, from the series where |x| < 1
     acc.blk[0] += qt;
     acc.blk[1] += em1;
     if constexpr (kTerms == kKL) {
@@ -219,35 +223,34 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
       V sgn = pos ? splat<V>(S(1)) : (neg ? splat<V>(S(-1)) : zero);
       acc.blk[2] += pos ? em1 : zero;  // T+ = sum_{x>0} q (e^x - 1)
       acc.blk[3] += pos ? qt : zero;   // Q+
-      acc.blk[4] += sgn * pt;          // sum p sign(x)   (p-units before normalisation)
+      acc.blk[4] += sgn * pfull;       // sum p sign(x)   (p-units before normalisation)
       acc.blk[5] += sgn * qt;          // sum q sign(x)
     } else if constexpr (kTerms == kJS) {
       // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0.
       Mask js_small = vabs(x) < S(0.5);
       V sp = qt * L::jsp_series(x);
       V sq = qt * L::jsq_series(x);
-      V hi = vmax(pt, qt), lo = vmin(pt, qt);
+      V hi = vmax(pfull, qt), lo = vmin(pfull, qt);
       V u = hi > zero ? lo / hi : zero;
       V l1 = L::log1p_unit(u);             // log(1 + min/max)
       V xc = vmax(x, splat<V>(S(-200)));
-      Mask ppos = pt > qt;
+      Mask ppos = pfull > qt;
       V d_big = S(kLn2) - l1;               // log(2 max/(p+q)) for the larger side
       V dp = ppos ? d_big : d_big + xc;     // log(p/m)
       V dq = ppos ? d_big - xc : d_big;     // log(q/m)
       const V half = splat<V>(S(0.5));
-      V bp = pt * dp + (qt - pt) * half;
-      V bq = qt * dq + (pt - qt) * half;
+      V bp = pfull * dp + (qt - pfull) * half;
+      V bq = qt * dq + (pfull - qt) * half;
       V tp = js_small ? sp : bp;
       V tq = js_small ? sq : bq;
       // q_i = 0 < p_i: p_i (log 2 - 1/2) and p_i / 2.
       V praw = ez * g;
-      Mask only_p = wneg & ~zneg;
       tp = only_p ? praw * S(kLn2 - 0.5) : tp;
       tq = only_p ? praw * half : tq;
       acc.blk[2] += tp;
       acc.blk[3] += tq;
     }
-    if constexpr (kTerms != kKL) acc.blk[K - 1] += (wneg & ~zneg) ? ez * g : zero;
+    if constexpr (kTerms != kKL) acc.blk[K - 1] += only_p ? ez * g : zero;
     acc.step();
   }, pf, pg);
   acc.flush();

@@ -1,0 +1,311 @@
+"""Gradients of the exact reductions.
+
+* ``torch.autograd.gradcheck`` in float64 of every function with respect to every logits
+  argument, at temperatures 1 and 0.7 (TV on rows without ties, where it is differentiable);
+* backward values against the mpmath gradient oracles (:mod:`trmath.testing.oracles`) for
+  float32 inputs (error <= 1e-5 of the row's largest gradient) and for bfloat16 / float16
+  inputs (gradients in the input's dtype, one rounding to that dtype on top);
+* masked (``-inf``) tokens get exactly zero gradient, and no gradient is NaN;
+* the gradient of every shift-invariant quantity sums to 0 over the vocabulary (both backends);
+* ``torch.compile(fullgraph=True)`` of a small loss using ``kl`` and ``token_logprobs``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import trmath
+from trmath import _ops
+from trmath.testing import StableRNG, cast, mp_grad_batch
+
+INF = math.inf
+PAIR = ("kl", "tv", "js")
+TEMPERATURES = (1.0, 0.7)
+
+# Oracle comparison: |grad - ref| <= rtol_max * max|ref| over the row + rtol_elem * |ref| + ATOL.
+# float32 inputs give float32 gradients (1e-5 of the row's largest, the stated target);
+# 16-bit inputs give gradients in their own dtype, rounded once: half an ulp relative on top
+# (2**-8 for bfloat16, 2**-11 for float16), plus the subnormal spacing of the dtype. ATOL is
+# the absolute floor of the accuracy target of the values (TARGETS.md: 1e-30 for 16/32-bit
+# inputs): gradients below it (float32 subnormals) may flush to zero.
+GRAD_TOL = {
+    torch.float32: (1e-5, 0.0),
+    torch.bfloat16: (1e-5, 2.0**-8),
+    torch.float16: (1e-5, 2.0**-11),
+}
+ATOL = 1e-30
+
+
+def _dname(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# gradcheck (float64)
+# ------------------------------------------------------------------------------------------------
+def _gradcheck_rows(seed: int, no_ties: bool, masked: bool):
+    """[3, 6] float64 rows; with ``no_ties`` every |log p_i - log q_i| >= 0.05 (TV is
+    differentiable there and a finite-difference step cannot cross a kink)."""
+    rng = StableRNG(seed)
+    while True:
+        z = rng.normal(18).reshape(3, 6)
+        w = z + 0.5 * rng.normal(18).reshape(3, 6)
+        if masked:
+            z[0, 2] = w[0, 2] = -INF  # masked in both
+            z[1, 4] = -INF  # p = 0 < q
+        lp = torch.log_softmax(torch.from_numpy(z), -1)
+        lq = torch.log_softmax(torch.from_numpy(w), -1)
+        fin = torch.isfinite(lp) & torch.isfinite(lq)
+        if not no_ties or bool(((lp - lq).abs()[fin] >= 0.05).all()):
+            return torch.from_numpy(z), torch.from_numpy(w)
+        seed += 1000
+        rng = StableRNG(seed)
+
+
+@pytest.mark.parametrize("masked", (False, True), ids=("dense", "masked"))
+@pytest.mark.parametrize("T", TEMPERATURES)
+@pytest.mark.parametrize("func", PAIR)
+def test_gradcheck_pair(func, T, masked):
+    z, w = _gradcheck_rows(1, no_ties=(func == "tv"), masked=masked)
+    z.requires_grad_(True)
+    w.requires_grad_(True)
+    f = getattr(trmath, func)
+    assert torch.autograd.gradcheck(lambda a, b: f(a, b, temperature=T), (z, w),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", (False, True), ids=("dense", "masked"))
+@pytest.mark.parametrize("T", TEMPERATURES)
+@pytest.mark.parametrize("func", ("logsumexp", "entropy", "token_logprobs",
+                                  "token_logprobs+entropy"))
+def test_gradcheck_single(func, T, masked):
+    z, _ = _gradcheck_rows(2, no_ties=False, masked=masked)
+    z.requires_grad_(True)
+    tokens = torch.tensor([0, 3, 5])
+    if func in ("logsumexp", "entropy"):
+        fn = lambda a: getattr(trmath, func)(a, temperature=T)  # noqa: E731
+    else:
+        ent = func.endswith("entropy")
+        fn = lambda a: trmath.token_logprobs(a, tokens, temperature=T,  # noqa: E731
+                                             return_entropy=ent)
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward against the mpmath gradient oracles
+# ------------------------------------------------------------------------------------------------
+def _oracle_rows(V: int, dtype, family: str, seed: int):
+    """[6, V] pairs cast to ``dtype``; no q_i = 0 < p_i (the KL gradient is then undefined)."""
+    rng = StableRNG(seed)
+    zs, ws = [], []
+    for i in range(6):
+        s = (1.0, 3.0, 0.3)[i % 3]
+        z = s * rng.normal(V)
+        if family == "random":
+            w = s * rng.normal(V) + 2.0
+        elif family == "near":
+            w = z + (1e-2, 1e-4, 1e-6)[i % 3] * rng.normal(V)
+        elif family == "peaked":
+            z[rng.integers(0, V)] += (20.0, 80.0, 1e4)[i % 3]
+            w = z + 0.3 * rng.normal(V)
+        else:  # masked: in both, and p = 0 < q
+            w = z + 0.2 * rng.normal(V)
+            if V > 2:
+                z[1::3] = -INF
+                w[2::5] = -INF
+                w[1::6] = -INF
+                w[np.isfinite(z) & ~np.isfinite(w)] = 0.0  # keep q > 0 wherever p > 0
+        zc = cast(z, dtype)
+        zs.append(zc)
+        ws.append(cast(w, dtype) if family != "near" else
+                  cast(zc.double().numpy() + (w - z), dtype))
+    return torch.stack(zs), torch.stack(ws)
+
+
+def _assert_grad_vs_oracle(got, ref, dtype, what):
+    assert got.dtype == dtype, (what, got.dtype)
+    g = got.to(torch.float64).numpy().reshape(-1, got.shape[-1])
+    r = np.asarray(ref, dtype=np.float64).reshape(g.shape)
+    assert not np.isnan(g).any(), (what, "NaN gradient")
+    rtol_max, rtol_elem = GRAD_TOL[dtype]
+    tiny = float(torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+    allowed = rtol_max * np.abs(r).max(-1, keepdims=True) + rtol_elem * np.abs(r) + tiny + ATOL
+    err = np.abs(g - r)
+    bad = err > allowed
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        worst = np.unravel_index(np.argmax(np.where(bad, err / allowed, 0)), err.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} gradient entries in rows {rows.tolist()} off; worst "
+            f"{tuple(int(i) for i in worst)}: got {g[worst]!r}, oracle {r[worst]!r}, "
+            f"row max {np.abs(r[worst[0]]).max():.3g}")
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, T",
+    [("cpp", d, T) for d in GRAD_TOL for T in TEMPERATURES]
+    + [("torch", torch.float32, T) for T in TEMPERATURES],
+    ids=lambda v: _dname(v) if isinstance(v, torch.dtype) else str(v),
+)
+@pytest.mark.parametrize("family", ("random", "near", "peaked", "masked"))
+def test_backward_against_oracle(family, backend, dtype, T):
+    """C++ kernels (every 16/32-bit dtype) and the torch backend (float32) vs mpmath."""
+    _ops._FORCE_TORCH[0] = backend == "torch"
+    failures = []
+    for V in (2, 7, 64, 300):
+        z, w = _oracle_rows(V, dtype, family, seed=V + 17)
+        n = z.shape[0]
+        g = torch.from_numpy(StableRNG(V).uniform(n, 0.5, 2.0))
+        g1 = torch.from_numpy(StableRNG(V + 1).uniform(n, -1.0, 1.0))
+        tokens = torch.tensor([int(np.flatnonzero(np.isfinite(r))[k % 2])
+                               for k, r in enumerate(z.double().numpy())])
+        funcs = [f for f in PAIR if not (f == "tv" and family == "near")]  # TV: no near-ties
+        for func in funcs + ["logsumexp", "entropy", "token_logprobs+entropy"]:
+            zz = z.clone().requires_grad_(True)
+            ww = w.clone().requires_grad_(True)
+            if func in PAIR:
+                (getattr(trmath, func)(zz, ww, temperature=T) * g.float()).sum().backward()
+                refs = mp_grad_batch(func, z, w, temperature=T, grad_output=g)
+                got = (zz.grad, ww.grad)
+            elif func == "token_logprobs+entropy":
+                lp, h = trmath.token_logprobs(zz, tokens, temperature=T, return_entropy=True)
+                (lp * g.float() + h * g1.float()).sum().backward()
+                refs = (mp_grad_batch("token_logprobs", z, tokens=tokens, temperature=T,
+                                      grad_output=g)
+                        + mp_grad_batch("entropy", z, temperature=T, grad_output=g1),)
+                got = (zz.grad,)
+            else:
+                (getattr(trmath, func)(zz, temperature=T) * g.float()).sum().backward()
+                refs = (mp_grad_batch(func, z, temperature=T, grad_output=g),)
+                got = (zz.grad,)
+            for k, (a, r) in enumerate(zip(got, refs)):
+                try:
+                    _assert_grad_vs_oracle(a, r, dtype, f"d{func}/d{'zw'[k]} V={V}")
+                except AssertionError as exc:
+                    failures.append(str(exc))
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------------------
+# masked tokens, NaN, and gradient sums
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                         ids=_dname)
+def test_masked_tokens_get_zero_gradient(dtype):
+    z64 = np.array([[0.5, -INF, 2.0, -INF, 1.0], [1.0, 2.0, -INF, 0.0, -INF],
+                    [-INF, 3.0, 0.0, 1.0, -INF]])
+    w64 = np.array([[0.4, -INF, 2.5, 0.0, 1.0], [1.5, 2.0, 0.5, -INF, -INF],
+                    [0.0, 3.0, 0.0, 1.0, -INF]])
+    z, w = cast(z64, dtype), cast(w64, dtype)
+    zmask, wmask = torch.isinf(z), torch.isinf(w)
+    tokens = torch.tensor([0, 1, 3])
+    for func in ("kl", "tv", "js", "logsumexp", "entropy", "token_logprobs+entropy"):
+        # row 1 has q_3 = 0 < p_3: KL = +inf there, its z-gradient is undefined; use rows 0, 2
+        rows = [0, 2] if func == "kl" else [0, 1, 2]
+        zz = z[rows].clone().requires_grad_(True)
+        ww = w[rows].clone().requires_grad_(True)
+        if func in PAIR:
+            getattr(trmath, func)(zz, ww).sum().backward()
+            pairs = [(zz.grad, zmask[rows]), (ww.grad, wmask[rows])]
+        elif func == "token_logprobs+entropy":
+            lp, h = trmath.token_logprobs(zz, tokens[rows], return_entropy=True)
+            (lp + h).sum().backward()
+            pairs = [(zz.grad, zmask[rows])]
+        else:
+            getattr(trmath, func)(zz).sum().backward()
+            pairs = [(zz.grad, zmask[rows])]
+        for k, (grad, mask) in enumerate(pairs):
+            assert grad.dtype == dtype, (func, grad.dtype)
+            assert not torch.isnan(grad).any(), (func, k, grad)
+            assert torch.isfinite(grad).all(), (func, k, grad)
+            assert (grad[mask] == 0).all(), (func, k, grad)
+            assert (grad[~mask] != 0).any(), (func, k, grad)
+
+
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=_dname)
+def test_gradients_sum_to_zero_over_the_vocabulary(dtype, backend):
+    """Shift invariance: adding c to a row changes nothing, so sum_j dD/dz_j = 0 (and = g/T for
+    logsumexp). Holds for every valid subgradient of TV too, including identical rows."""
+    _ops._FORCE_TORCH[0] = backend == "torch"
+    rng = StableRNG(3)
+    V = 9
+    z = rng.normal(4 * V).reshape(4, V)
+    w = z + np.array([[0.3], [1e-3], [0.0], [0.0]]) * rng.normal(4 * V).reshape(4, V)
+    w[3] = z[3] - 0.375  # the same distribution through an exact offset
+    z, w = cast(z, dtype), cast(w, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for T in TEMPERATURES:
+        for func in ("kl", "tv", "js", "logsumexp", "entropy", "token_logprobs+entropy"):
+            zz = z.clone().requires_grad_(True)
+            ww = w.clone().requires_grad_(True)
+            if func in PAIR:
+                getattr(trmath, func)(zz, ww, temperature=T).sum().backward()
+                grads, expect = (zz.grad, ww.grad), (0.0, 0.0)
+            elif func == "token_logprobs+entropy":
+                lp, h = trmath.token_logprobs(zz, torch.tensor([0, 1, 2, 3]), temperature=T,
+                                              return_entropy=True)
+                (lp + h).sum().backward()
+                grads, expect = (zz.grad,), (0.0,)
+            else:
+                getattr(trmath, func)(zz, temperature=T).sum().backward()
+                grads = (zz.grad,)
+                expect = (1.0 / T,) if func == "logsumexp" else (0.0,)
+            # the log-ratio is formed in double from logits of size |z|/T: a few ulps of that
+            # is the floor of any gradient entry's absolute error (e.g. where the exact
+            # gradient is 0, identical distributions)
+            floor = 16 * 2.0**-52 * (1.0 + float(z.abs().max()) / T)
+            for k, (grad, e) in enumerate(zip(grads, expect)):
+                s = grad.to(torch.float64).sum(-1)
+                scale = grad.to(torch.float64).abs().sum(-1) + abs(e)
+                bad = (s - e).abs() > tol * scale + floor
+                assert not bad.any(), (
+                    f"{backend} {func} T={T} d/d{'zw'[k]}: row sums {s.tolist()} != {e}; "
+                    f"rows {torch.nonzero(bad).reshape(-1).tolist()}, grad {grad.tolist()}")
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------------
+def _loss(z, w, tokens):
+    return trmath.kl(z, w, temperature=0.7).mean() - trmath.token_logprobs(z, tokens).sum()
+
+
+def _compile_available() -> str | None:
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is None or not dynamo.is_dynamo_supported():
+        return "torch.compile (dynamo) is not supported on this Python/platform"
+    return None
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["aot_eager",  # traces through the fake kernels and AOT autograd, no code generation
+     pytest.param("inductor", marks=pytest.mark.slow)],  # generates C++: ~10 s on 2 cores
+)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    reason = _compile_available()
+    if reason:
+        pytest.skip(reason)
+    rng = StableRNG(4)
+    z = torch.from_numpy(rng.normal(3 * 50).reshape(3, 50)).float()
+    w = z + 0.1 * torch.from_numpy(rng.normal(3 * 50).reshape(3, 50)).float()
+    tokens = torch.tensor([1, 7, 49])
+
+    def run(fn):
+        zz = z.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(True)
+        out = fn(zz, ww, tokens)
+        out.backward()
+        return out.detach(), zz.grad, ww.grad
+
+    torch._dynamo.reset()
+    eager = run(_loss)
+    compiled = run(torch.compile(_loss, fullgraph=True, backend=backend))
+    for a, b in zip(eager, compiled):
+        assert b is not None
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
