@@ -270,7 +270,7 @@ def check(func: str, z: torch.Tensor, w: torch.Tensor, tokens: torch.Tensor, dty
                 got["entropy (return_entropy)"] = h
                 refs["entropy (return_entropy)"] = oracle("entropy", x, temperature=T)
         inputs = {"logits": x}
-    lead = tuple(inputs[0].shape[:-1]) if func in PAIR_FUNCS else tuple(inputs["logits"].shape[:-1])
+    lead = tuple(z.shape[:-1]) if func in PAIR_FUNCS else tuple(inputs["logits"].shape[:-1])
     for name, val in got.items():
         if val.dtype != out_dtype or tuple(val.shape) != lead:
             failures.append(f"{name} {label}: result {val.dtype} {tuple(val.shape)}, "

@@ -56,7 +56,8 @@ def test_mismatched_shapes(func):
         getattr(trmath, func)(torch.zeros(5), torch.zeros(1, 5))  # no silent broadcasting
 
 
-@pytest.mark.parametrize("bad", (torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8))
+@pytest.mark.parametrize(
+    "bad", (torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8))
 @pytest.mark.parametrize("func", PAIR)
 def test_pair_non_float_dtypes(func, bad):
     good = torch.zeros(2, 3)

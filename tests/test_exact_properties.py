@@ -95,8 +95,9 @@ def mp_hellinger_chi2(z: np.ndarray, w: np.ndarray, T: float) -> tuple[float, fl
     log-ratio ``eps = log p - log q`` evaluated at 80 digits from the exact logits, so both are
     accurate to many digits even when ``p`` and ``q`` differ in the last bit of a float64.
     (``chi^2`` itself can overflow a float; ``log(1 + chi^2)`` is ``+inf`` exactly when some
-    ``q_i = 0 < p_i``.) Returns ``(H^2, log(1 + chi^2), eta)`` where ``eta`` bounds the error of ``sqrt(H^2)`` (the working
-    precision times the size of the logits: identical distributions give ``H^2 ~ eta^2``, not 0).
+    ``q_i = 0 < p_i``.) Returns ``(H^2, log(1 + chi^2), eta)`` where ``eta`` bounds the error
+    of ``sqrt(H^2)`` (the working precision times the size of the logits: identical
+    distributions give ``H^2 ~ eta^2``, not 0).
     """
     with mpmath.workdps(80):
         t = mpmath.mpf(T)
@@ -351,7 +352,8 @@ def test_permutation_equivariance(dtype, data):
     tok = torch.from_numpy(np.array([int(np.argmax(r)) for r in rows64(x)]))
     inv = torch.argsort(perm)
     assert_consistent(trmath.token_logprobs(xp, inv[tok], temperature=T),
-                      trmath.token_logprobs(x, tok, temperature=T), dtype, "token_logprobs permuted")
+                      trmath.token_logprobs(x, tok, temperature=T), dtype,
+                      "token_logprobs permuted")
 
 
 # ------------------------------------------------------------------------------------------------
