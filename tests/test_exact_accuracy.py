@@ -443,6 +443,51 @@ def test_across_segment_boundary_dense_tv_js(dtype):
     raise_failures(failures)
 
 
+# Peaked pairs (float32 at T = 1/16, float64 at T = 1/2) whose TV is set by tiny tails.
+_TV_Z1 = [
+    7.233269214630127, -8.504182815551758, 19.38880157470703, 11.579718589782715,
+    12.708908081054688, 11.572864532470703, 48.6992301940918, -44.28433609008789,
+    52.25326156616211, 12.687541961669922, -18.54993438720703, 5.261355400085449,
+    15.757564544677734, 22.764522552490234, 5.269659519195557, 8.656760215759277,
+    -43.474143981933594
+]
+_TV_W1 = [
+    9.801434516906738, 5.490525722503662, -0.29743847250938416, -18.788114547729492,
+    -11.702593803405762, -4.673118591308594, -15.091659545898438, -21.618026733398438,
+    15.01118278503418, 12.368464469909668, 7.026387691497803, 9.776002883911133,
+    -11.185566902160645, 4.503543376922607, -10.537357330322266, -4.968324184417725,
+    -6.164202690124512
+]
+_TV_Z2 = [
+    21.822058992764504, 105.52943291755135, -24.654829983483495, -35.812437469454395,
+    -88.01135287649187
+]
+_TV_W2 = [
+    -42.35367237475067, 38.72010727677111, 2.2869265592499133, -87.80609373585895,
+    -119.60027176264009
+]
+
+# Rows that other tests (Hypothesis, parity) found failing, checked here against the oracle:
+# (function, dtype, z, w, temperature, what happened)
+PINNED = [
+    ("tv", torch.float32, [-1.8968006372451782, 0.352798193693161],
+     [-4.8956427574157715, -2.646737813949585], 0.0625, "TV = 2.6e-18 came out as 0.0"),
+    ("tv", torch.float32, [-4.8956427574157715, -2.646737813949585],
+     [-1.8968006372451782, 0.352798193693161], 0.0625, "(the same pair, other order)"),
+    ("tv", torch.float32, _TV_Z1, _TV_W1, 0.0625, "TV = 4.33e-19 came out as 2.0e-25"),
+    ("tv", torch.float32, _TV_W1, _TV_Z1, 0.0625, "(the same pair, other order)"),
+    ("tv", torch.float64, _TV_Z2, _TV_W2, 0.5, "TV = 2.26e-32 came out as 0 in one order"),
+    ("tv", torch.float64, _TV_W2, _TV_Z2, 0.5, "(the same pair, other order)"),
+]
+
+
+@pytest.mark.parametrize("func, dtype, z, w, T, what", PINNED, ids=lambda v: None)
+def test_pinned_rows(func, dtype, z, w, T, what):
+    zt = torch.tensor([z], dtype=torch.float64).to(dtype)
+    wt = torch.tensor([w], dtype=torch.float64).to(dtype)
+    raise_failures(check(func, zt, wt, torch.tensor([0, 0]), dtype, T, f"[pinned: {what}]"))
+
+
 def test_float64_kl_of_a_long_near_identical_row():
     """float64, V = 40000, ``w = z + 1e-3 noise`` (three segments, KL ~ 5e-7): 1e-12 relative.
 

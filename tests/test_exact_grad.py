@@ -126,7 +126,23 @@ def _oracle_rows(V: int, dtype, family: str, seed: int):
     return torch.stack(zs), torch.stack(ws)
 
 
-def _assert_grad_vs_oracle(got, ref, dtype, what):
+def _term_scale(g, T, *rows):
+    """Per row: (|g| / T) max_j p_j (1 + |log p_j|) over the given logit rows.
+
+    Every backward formula is p_j (or q_j) times an O(1 + |log p_j|) factor formed in float32
+    (e.g. -p_j (log p_j + H), p_j (eps_j - KL), p_j (s_j - sum p s)); its absolute error is a
+    few float32 ulps of that term, whatever the (possibly cancelled) value of the entry.
+    """
+    scale = 0.0
+    for z in rows:
+        lp = torch.log_softmax(z.to(torch.float64) / T, -1)
+        p = lp.exp()
+        term = torch.where(p > 0, p * (1 + lp.abs()), torch.zeros_like(p)).amax(-1)
+        scale = scale + term
+    return (g.abs() / T * scale).numpy()[:, None]
+
+
+def _assert_grad_vs_oracle(got, ref, dtype, what, term_scale=None):
     assert got.dtype == dtype, (what, got.dtype)
     g = got.to(torch.float64).numpy().reshape(-1, got.shape[-1])
     r = np.asarray(ref, dtype=np.float64).reshape(g.shape)
@@ -134,6 +150,10 @@ def _assert_grad_vs_oracle(got, ref, dtype, what):
     rtol_max, rtol_elem = GRAD_TOL[dtype]
     tiny = float(torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
     allowed = rtol_max * np.abs(r).max(-1, keepdims=True) + rtol_elem * np.abs(r) + tiny + ATOL
+    if term_scale is not None:
+        # float32 arithmetic of the kernels: 16 ulps of the largest term of the row (see
+        # _term_scale); this only matters where the row's gradient cancels far below its terms.
+        allowed = allowed + 16 * float(torch.finfo(torch.float32).eps) * term_scale
     err = np.abs(g - r)
     bad = err > allowed
     if bad.any():
@@ -182,9 +202,11 @@ def test_backward_against_oracle(family, backend, dtype, T):
                 (getattr(trmath, func)(zz, temperature=T) * g.float()).sum().backward()
                 refs = (mp_grad_batch(func, z, temperature=T, grad_output=g),)
                 got = (zz.grad,)
+            gg = g if func != "token_logprobs+entropy" else g.abs() + g1.abs()
+            scale = _term_scale(gg, T, z, w) if func in PAIR else _term_scale(gg, T, z)
             for k, (a, r) in enumerate(zip(got, refs)):
                 try:
-                    _assert_grad_vs_oracle(a, r, dtype, f"d{func}/d{'zw'[k]} V={V}")
+                    _assert_grad_vs_oracle(a, r, dtype, f"d{func}/d{'zw'[k]} V={V}", scale)
                 except AssertionError as exc:
                     failures.append(str(exc))
     assert not failures, "\n".join(failures)
@@ -305,7 +327,12 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 
     torch._dynamo.reset()
     eager = run(_loss)
-    compiled = run(torch.compile(_loss, fullgraph=True, backend=backend))
+    # No compile caches: a cached graph keyed without the custom op's fake kernel can outlive a
+    # change of the op's output shapes (seen: stats of 6 columns cached, the op now returns 12).
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(force_disable_caches=True):
+        compiled = run(torch.compile(_loss, fullgraph=True, backend=backend))
     for a, b in zip(eager, compiled):
         assert b is not None
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

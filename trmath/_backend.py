@@ -25,9 +25,10 @@ __all__ = [
 #: torch dtype -> the core's dtype code
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
-#: per-row statistics: [lse, H]; [lse_p, lse_q, a, b, m, m_lo] (see cpp/src/view.hpp)
+#: per-row statistics: [lse, H]; [lse_p, lse_q, a, b, m, m_lo, 6 TV side masses]
+#: (see cpp/src/view.hpp)
 SINGLE_STATS = 2
-PAIR_STATS = 6
+PAIR_STATS = 12
 
 SINGLE_OPS = {"logsumexp": 0, "entropy": 1, "token_logprobs": 2, "token_logprobs_entropy": 3}
 PAIR_OPS = {"kl": 0, "tv": 1, "js": 2}

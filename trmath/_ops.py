@@ -18,7 +18,7 @@ from . import _torch_backend as tb
 from ._validation import raise_for_status
 
 _PAIR_NAMES = ("p_logits", "q_logits")
-_PAIR_STATS = 6
+_PAIR_STATS = 12
 
 _CPP = None
 
@@ -162,7 +162,8 @@ def pair_fwd(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) 
     out, stats = _TB_PAIR[op][0](z.reshape(-1, V), w.reshape(-1, V), temperature)
     # Columns 4-5 (the C++ kernels' log-ratio centre) are unused by the torch backward.
     centre = ((stats[:, 0] - stats[:, 1]) * temperature).unsqueeze(-1)
-    stats = torch.cat([stats, centre, torch.zeros_like(centre)], dim=-1)
+    pad = torch.zeros(stats.shape[0], _PAIR_STATS - 5, dtype=stats.dtype, device=stats.device)
+    stats = torch.cat([stats, centre, pad], dim=-1)
     return out.reshape(lead), stats.reshape(*lead, _PAIR_STATS)
 
 

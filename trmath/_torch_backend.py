@@ -813,9 +813,11 @@ def _pair_backward(
             gz = gc * b.p * (b.eps - a) if need_z else None
             gw = gc * (b.q - b.p) if need_w else None
         elif op == "tv":
+            # s_j - sum_i p_i s_i from the side masses of this very classification: consistent
+            # with s_j (so ties and V = 1 give 0) and never formed as 1 - (P+ - P-).
             sgn = torch.sign(b.eps)
-            gz = 0.5 * gc * b.p * (sgn - a) if need_z else None
-            gw = -0.5 * gc * b.q * (sgn - bb) if need_w else None
+            gz = 0.5 * gc * b.p * _side_gap(sgn, b.p) if need_z else None
+            gw = -0.5 * gc * b.q * _side_gap(sgn, b.q) if need_w else None
         else:  # js
             _, dp, dq = _js_parts(b.eps, b.p, b.q)
             gz = 0.5 * gc * b.p * (dp - a) if need_z else None
@@ -825,6 +827,15 @@ def _pair_backward(
         if dw is not None and gw is not None:
             dw[rows] = _nan_rows(_zero_masked(gw, b.wmask), b.bad).to(w.dtype)
     return dz, dw
+
+
+def _side_gap(sgn: Tensor, p: Tensor) -> Tensor:
+    """``s_j - sum_i p_i s_i`` per entry: ``2P- + P0``, ``-(2P+ + P0)`` or ``P- - P+``."""
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    pp = torch.where(sgn > 0, p, zero).sum(-1, keepdim=True)
+    pm = torch.where(sgn < 0, p, zero).sum(-1, keepdim=True)
+    p0 = torch.where(sgn == 0, p, zero).sum(-1, keepdim=True)
+    return torch.where(sgn > 0, 2 * pm + p0, torch.where(sgn < 0, -(2 * pp + p0), pm - pp))
 
 
 @torch.no_grad()

@@ -318,7 +318,7 @@ struct PairAlgo {
     bool fallback = false;  // the fused first pass could not be combined: use global maxima
     double mag = 0;         // sum of |terms| of the combined Phi (cancellation check)
     double Mz = 0, Mw = 0, m = 0, mlo = 0;  // centre m + mlo (logit units)
-    double s[8] = {};
+    double s[12] = {};
   };
   const PairFwd& a;
   RowReader<In> rz, rw;
@@ -528,14 +528,14 @@ struct PairAlgo {
       return;
     }
     // Slot 7 gathers R = sum of p where q = 0 (only in centre/TV/JS passes).
-    double acc[8] = {};
+    double acc[12] = {};
     int flags = 0;
     const bool kl = s.stage == kFull && a.op == PairOp::kl;
     for (int64_t k = 0; k < nseg; ++k) {
-      for (int j = 0; j < 8; ++j) acc[j] += parts[k].v[j];
+      for (int j = 0; j < 12; ++j) acc[j] += parts[k].v[j];
       flags |= parts[k].flags;
     }
-    for (int j = 0; j < 8; ++j) s.s[j] = acc[j];
+    for (int j = 0; j < 12; ++j) s.s[j] = acc[j];
     if (kl) s.s[7] = 0.0;
     s.flags |= flags;
   }
@@ -544,6 +544,7 @@ struct PairAlgo {
     St& s = st[r];
     s.stage = kDone;
     double out = kNaN, lse_p = kNaN, lse_q = kNaN, sa = kNaN, sb = kNaN, clo = kNaN;
+    double sd[6] = {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
     if (!(s.flags & kErrorBits)) {
       const double Aw = s.s[0], Z1 = s.s[1] / Aw, R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
       lse_q = s.Mw * invT + std::log(Aw);
@@ -565,8 +566,21 @@ struct PairAlgo {
         case PairOp::tv:
           // Both terms are >= 0 up to the (bounded) misclassification error; clamp the rounding.
           out = std::min(std::max((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G, 1.0);
-          sa = (s.s[4] / Aw) / G + R / G;  // sum p sign(p - q); q = 0 < p counts +1
-          sb = s.s[5] / Aw;
+          {
+            // p- and q-masses on each side (q = 0 < p counts on the + side). The backward
+            // needs s_j - sum p s for s_j = +1, -1, 0, i.e. 2P- + P0, -(2P+ + P0), P- - P+:
+            // formed from the masses themselves, never as 1 - (P+ - P-) (which cancels).
+            double Pp = (s.s[4] / Aw + R) / G, Pm = s.s[5] / Aw / G, P0 = s.s[6] / Aw / G;
+            double Qp = s.s[3] / Aw, Qm = s.s[8] / Aw, Q0 = s.s[9] / Aw;
+            sa = Pp - Pm;
+            sb = Qp - Qm;
+            sd[0] = 2.0 * Pm + P0;
+            sd[1] = -(2.0 * Pp + P0);
+            sd[2] = Pm - Pp;
+            sd[3] = 2.0 * Qm + Q0;
+            sd[4] = -(2.0 * Qp + Q0);
+            sd[5] = Qm - Qp;
+          }
           break;
         case PairOp::js:
           sa = s.s[2] / Aw;
@@ -584,6 +598,7 @@ struct PairAlgo {
       t[3] = sb;
       t[4] = s.m;
       t[5] = clo;
+      for (int j = 0; j < 6; ++j) t[6 + j] = sd[j];
     }
     put<OutT>(a.out, r, out);
     return false;
@@ -690,15 +705,25 @@ void pair_bwd_impl(const PairBwd& a) {
         case PairOp::kl: {
           Mask small = vabs(eps) < one;
           V em1 = small ? q * L::expm1_series(eps) : p - q;  // p - q
-          gz = zl ? g * p * (eps - sa) : splat<V>(zero);
+          // eps - KL formed exactly (the centre moved by T KL), not as a float difference.
+          V epsk = L::logratio(zv, wv, t[4], t[5] + a.T * t[2], invT);
+          gz = zl ? g * p * epsk : splat<V>(zero);
           gw = (zl | wl) ? -g * em1 : splat<V>(zero);
           break;
         }
         case PairOp::tv: {
-          V s = eps > zero ? splat<V>(one) : (eps < zero ? splat<V>(-one) : splat<V>(zero));
-          s = (zl | wl) ? s : splat<V>(zero);
-          gz = g * half * p * (s - sa);
-          gw = -g * half * q * (s - sb);
+          // s_j - sum_i p_i s_i from the stored side masses (no cancellation).
+          Mask pos = eps > zero, neg = eps < zero;
+          // Statistics from the pure-torch forward carry no side masses (all zero; a C++
+          // forward never stores 2P- + P0 = 2P+ + P0 = 0): fall back to s_j - a, s_j - b.
+          const bool masses = t[6] != 0.0 || t[7] != 0.0;
+          const double d[6] = {masses ? t[6] : 1.0 - t[2], masses ? t[7] : -1.0 - t[2],
+                               masses ? t[8] : -t[2], masses ? t[9] : 1.0 - t[3],
+                               masses ? t[10] : -1.0 - t[3], masses ? t[11] : -t[3]};
+          V dp = pos ? splat<V>(S(d[0])) : (neg ? splat<V>(S(d[1])) : splat<V>(S(d[2])));
+          V dq = pos ? splat<V>(S(d[3])) : (neg ? splat<V>(S(d[4])) : splat<V>(S(d[5])));
+          gz = (zl | wl) ? g * half * p * dp : splat<V>(zero);
+          gw = (zl | wl) ? -g * half * q * dq : splat<V>(zero);
           break;
         }
         default: {

@@ -42,9 +42,10 @@ inline int64_t dtype_size(DType t) {
 
 // Arguments of the forward and backward entry points (one struct per family).
 // Per-row statistics saved for the backward: [lse, H] for single-row reductions;
-// [lse_p, lse_q, a, b, m, m_lo] for pairs (a, b per divergence; m + m_lo the log-ratio centre).
+// [lse_p, lse_q, a, b, m, m_lo, (TV only) 2P- + P0, -(2P+ + P0), P- - P+, the same for q]
+// for pairs (a, b per divergence; m + m_lo the log-ratio centre).
 constexpr int kSingleStats = 2;
-constexpr int kPairStats = 6;
+constexpr int kPairStats = 12;
 
 enum class SingleOp : int { lse = 0, entropy = 1, logprob = 2, logprob_entropy = 3 };
 enum class PairOp : int { kl = 0, tv = 1, js = 2 };

@@ -231,6 +231,7 @@ struct DoubleLanes {
     d4 s = z - w;
     d4 bb = s - z;
     d4 e = (z - (s - bb)) + (-w - bb);
+    e = vabs(s) < std::numeric_limits<double>::infinity() ? e : d4{};  // masked: x = +-inf, not NaN
     return ((s - m) + (e - mlo)) * invT;
   }
 };

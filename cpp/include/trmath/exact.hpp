@@ -28,7 +28,7 @@
 namespace trmath {
 
 struct Partial {
-  double v[8];
+  double v[12];
   int flags;
 };
 
@@ -172,7 +172,8 @@ struct PairParams {
 };
 
 // Slots of the partial:  0 A_w, 1 Z1 (q-units), then
-//   kKL: 2 Phi                       kTV: 2 T+, 3 Q+, 4 sum pt sign(x), 5 sum qt sign(x)
+//   kKL: 2 Phi            kTV: 2 T+, 3 Q+, 4 P+, 5 P-, 6 P0, 8 Q-, 9 Q0 (P: pt, Q: qt over
+//                         x > 0, x < 0, x = 0; kept apart so 1 - sum p sign is never formed)
 //   kJS: 2 KL(p||m)-part, 3 KL(q||m)-part
 //   7: R = sum of pt where q_i = 0 < p_i (all but kKL, where such a token makes KL = +inf)
 // flags: kQZeroP = some q_i = 0 < p_i.
@@ -184,7 +185,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
-  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 7 : 5;
+  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 10 : 5;
   const S ninf = -std::numeric_limits<S>::infinity();
   const V zero = splat<V>(S(0));
   const S g = S(P.g);
@@ -220,11 +221,14 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     } else if constexpr (kTerms == kTV) {
       Mask pos = x > zero;
       Mask neg = x < zero;
-      V sgn = pos ? splat<V>(S(1)) : (neg ? splat<V>(S(-1)) : zero);
-      acc.blk[2] += pos ? em1 : zero;  // T+ = sum_{x>0} q (e^x - 1)
-      acc.blk[3] += pos ? qt : zero;   // Q+
-      acc.blk[4] += sgn * pfull;       // sum p sign(x)   (p-units before normalisation)
-      acc.blk[5] += sgn * qt;          // sum q sign(x)
+      Mask tie = ~(pos | neg);
+      acc.blk[2] += pos ? em1 : zero;    // T+ = sum_{x>0} q (e^x - 1)
+      acc.blk[3] += pos ? qt : zero;     // Q+
+      acc.blk[4] += pos ? pfull : zero;  // P+ (p-units before normalisation)
+      acc.blk[5] += neg ? pfull : zero;  // P-
+      acc.blk[6] += tie ? pfull : zero;  // P0
+      acc.blk[7] += neg ? qt : zero;     // Q-
+      acc.blk[8] += tie ? qt : zero;     // Q0
     } else if constexpr (kTerms == kJS) {
       // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0.
       Mask js_small = vabs(x) < S(0.5);
@@ -254,9 +258,16 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     acc.step();
   }, pf, pg);
   acc.flush();
-  constexpr int Kmain = kTerms == kKL ? K : K - 1;
-  for (int k = 0; k < Kmain; ++k) out.v[k] = acc.sum(k);
-  if constexpr (kTerms != kKL) out.v[7] = acc.sum(K - 1);
+  if constexpr (kTerms == kTV) {
+    for (int k = 0; k < 7; ++k) out.v[k] = acc.sum(k);
+    out.v[8] = acc.sum(7);
+    out.v[9] = acc.sum(8);
+    out.v[7] = acc.sum(9);
+  } else {
+    constexpr int Kmain = kTerms == kKL ? K : K - 1;
+    for (int k = 0; k < Kmain; ++k) out.v[k] = acc.sum(k);
+    if constexpr (kTerms != kKL) out.v[7] = acc.sum(K - 1);
+  }
   for (int i = 0; i < L::W; ++i)
     if (infq[i]) out.flags |= kQZeroP;
 }
