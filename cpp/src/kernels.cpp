@@ -552,6 +552,10 @@ struct PairAlgo {
       // Centre (m, clo) of the log-ratio the backward uses: the exact one (x - log G) for KL
       // and JS; for TV the one the forward classified signs at, so both passes agree.
       clo = a.op == PairOp::tv ? s.mlo : s.mlo + a.T * std::log1p(Zt);
+      {  // the centre's own rounding residual (m = fl(Mz - Mw)), as the forward used it
+        double sm = s.Mz - s.Mw, bb = sm - s.Mz;
+        if (sm == s.m) clo += (s.Mz - (sm - bb)) + (-s.Mw - bb);
+      }
       switch (a.op) {
         case PairOp::kl:
           if (s.flags & kQZeroP) {

@@ -159,12 +159,15 @@ struct FloatLanes {
   static TRMATH_INLINE V narrow(DF a) { return a.hi + a.lo; }
 
   // x = (z - w - m - mlo) / T: z - w split exactly, then reduced about the centre.
-  static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT) {
+  static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT, double = 0.0) {
     f8 d = z - w;
     f8 bb = d - z;
     f8 e = finite_or_zero(d, (z - (d - bb)) + (-w - bb));
-    const float mh = float(m), ml = float((m - double(mh)) + mlo);
-    f8 x = (d - mh) + (e - ml);
+    // The centre as three floats (m = mh + ml exactly for a float-input centre, and the
+    // re-centring correction mlo apart): a correction of 1e-19 must survive next to ml ~ 1e-7,
+    // or the sign of p - q on a peaked row's top token is lost.
+    const float mh = float(m), ml = float(m - double(mh)), mlf = float(mlo);
+    f8 x = (d - mh) + ((e - ml) - mlf);
     return invT == 1.0 ? x : x * float(invT);
   }
 
@@ -227,12 +230,14 @@ struct DoubleLanes {
   // log-ratios of 1e-8 next to logits of size 10, where a rounded z - w would cost 1e-8
   // relative accuracy in KL.
   // The centre is a double-double (m + mlo) for the same reason.
-  static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT) {
+  // mres: the rounding residual of the centre m itself (m = fl(Mz - Mw)), kept apart from the
+  // re-centring correction mlo so that a correction of 1e-32 is not lost next to it.
+  static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT, double mres = 0.0) {
     d4 s = z - w;
     d4 bb = s - z;
     d4 e = (z - (s - bb)) + (-w - bb);
     e = vabs(s) < std::numeric_limits<double>::infinity() ? e : d4{};  // masked: x = +-inf, not NaN
-    return ((s - m) + (e - mlo)) * invT;
+    return (((s - m) + (e - mres)) - mlo) * invT;
   }
 };
 

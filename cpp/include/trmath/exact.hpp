@@ -189,6 +189,11 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   const S ninf = -std::numeric_limits<S>::infinity();
   const V zero = splat<V>(S(0));
   const S g = S(P.g);
+  // Exact residual of the centre when it is the difference of the maxima (always, here).
+  const double mres = [&] {
+    double sm = P.Mz - P.Mw, bb = sm - P.Mz;
+    return (sm == P.m) ? (P.Mz - (sm - bb)) + (-P.Mw - bb) : 0.0;
+  }();
   Accs<L, K> acc;
   Mask infq{};
   for_lanes2<L>(z, w, n, [&](V zv, V wv) TRMATH_LAMBDA_INLINE {
@@ -198,7 +203,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     Mask zneg = zv == ninf;
     Mask only_p = wneg & ~zneg;
     infq |= only_p;
-    V x = L::logratio(zv, wv, P.m, P.mlo, P.invT);
+    V x = L::logratio(zv, wv, P.m, P.mlo, P.invT, mres);
     x = wneg ? zero : x;                      // both masked -> no contribution
     Mask small = vabs(x) < S(1);
     // |x| < 1: one series E2 = expm1(x) - x gives expm1 = x + E2 and
