@@ -19,14 +19,29 @@ DOCS = ROOT / "docs"
 PUBLIC_MODULES = (
     "trmath",
     "trmath.exact",
+    "trmath.coarse",
+    "trmath.estimators",
+    "trmath.objectives",
+    "trmath.projections",
     "trmath.testing",
+    "trmath.testing.expectation",
+    "trmath.testing.oracles_coarse",
+    "trmath.testing.oracles_projection",
     "trmath.testing.oracles",
     "trmath.testing.strategies",
     "trmath.testing.assertions",
 )
 
 #: Modules that must carry runnable examples (numpydoc house style: every public function).
-MUST_HAVE_EXAMPLES = ("trmath.exact", "trmath.testing")
+MUST_HAVE_EXAMPLES = (
+    "trmath.exact",
+    "trmath.coarse",
+    "trmath.estimators",
+    "trmath.objectives",
+    "trmath.projections",
+    "trmath.testing",
+    "trmath.testing.expectation",
+)
 
 FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 

@@ -13,6 +13,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .exact import entropy, js, kl, logsumexp, token_logprobs, tv
+from . import coarse as _coarse
+from . import estimators as _estimators
+from . import objectives as _objectives
+from . import projections as _projections
+from .coarse import *  # noqa: F401,F403  (names listed in coarse.__all__)
+from .estimators import *  # noqa: F401,F403
+from .objectives import *  # noqa: F401,F403
+from .projections import *  # noqa: F401,F403
 
 
 def num_threads() -> int:
@@ -45,4 +53,8 @@ __all__ = [
     "set_num_threads",
     "token_logprobs",
     "tv",
+    *_coarse.__all__,
+    *_estimators.__all__,
+    *_objectives.__all__,
+    *_projections.__all__,
 ]

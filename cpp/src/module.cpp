@@ -5,9 +5,13 @@ namespace py = pybind11;
 
 namespace trmath {
 void register_exact(py::module_& m);
+void register_coarse(py::module_& m);
+void register_project(py::module_& m);
 }
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "trmath compiled core (private; use the trmath package)";
   trmath::register_exact(m);
+  trmath::register_coarse(m);
+  trmath::register_project(m);
 }

@@ -35,6 +35,12 @@ Examples
 >>> assert_close_to_reference(mine, ref, rtol=1e-12, atol=0.0, inputs=(z, w), name="kl")
 """
 
+from trmath.testing import expectation as _expectation
+from trmath.testing import oracles_coarse as _oracles_coarse
+from trmath.testing import oracles_projection as _oracles_projection
+from trmath.testing.expectation import *  # noqa: F401,F403  (names in expectation.__all__)
+from trmath.testing.oracles_coarse import *  # noqa: F401,F403
+from trmath.testing.oracles_projection import *  # noqa: F401,F403
 from trmath.testing.assertions import (
     TARGET_TOLERANCES,
     assert_close_to_reference,
@@ -125,4 +131,7 @@ __all__ = [
     "target_tolerance",
     "temperatures",
     "ulps",
+    *_expectation.__all__,
+    *_oracles_coarse.__all__,
+    *_oracles_projection.__all__,
 ]

@@ -1,0 +1,5 @@
+"""Placeholder: filled in by the oracles_projection work (must not ship empty)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
