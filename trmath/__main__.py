@@ -1,4 +1,7 @@
-"""Command line: ``trmath selfcheck`` (the default).
+"""Command line: ``trmath demo`` (end-to-end RL fine-tuning demo) and ``trmath selfcheck`` (the default).
+
+``trmath demo`` runs policy-gradient fine-tuning of a small causal LM with several trust-region
+objectives side by side (see :mod:`trmath.demo`).
 
 Verifies the installed kernels against 50-digit mpmath references on built-in adversarial
 rows (every function, every dtype) and prints a speed table against PyTorch, measured in this
@@ -127,7 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rows", type=int, default=64, help="rows for the speed table (default 64)")
         p.add_argument("--vocab", type=int, default=151936, help="vocabulary size (default 151936)")
         p.add_argument("--no-speed", action="store_true", help="skip the speed table")
+    dm = sub.add_parser("demo", help="end-to-end RL fine-tuning of a small causal LM, objectives side by side")
+    from .demo import add_arguments
+
+    add_arguments(dm)
     args = parser.parse_args(argv)
+    if args.cmd == "demo":
+        from .demo import config_from_args, run
+
+        try:
+            run(config_from_args(args))
+        except ImportError as e:
+            print(f"trmath demo needs the 'demo' extra: pip install 'trmath[demo]' ({e})", file=sys.stderr)
+            return 2
+        return 0
     return selfcheck(args)
 
 

@@ -38,6 +38,7 @@ Examples
 from trmath.testing import expectation as _expectation
 from trmath.testing import oracles_coarse as _oracles_coarse
 from trmath.testing import oracles_projection as _oracles_projection
+from trmath.testing.pitfalls import Pitfall, evaluate_pitfalls, format_pitfalls
 from trmath.testing.expectation import *  # noqa: F401,F403  (names in expectation.__all__)
 from trmath.testing.oracles_coarse import *  # noqa: F401,F403
 from trmath.testing.oracles_projection import *  # noqa: F401,F403
@@ -131,6 +132,9 @@ __all__ = [
     "target_tolerance",
     "temperatures",
     "ulps",
+    "Pitfall",
+    "format_pitfalls",
+    "evaluate_pitfalls",
     *_expectation.__all__,
     *_oracles_coarse.__all__,
     *_oracles_projection.__all__,

@@ -1,0 +1,155 @@
+"""The training adapter (trmath.adapter) and the end-to-end demo (trmath.demo)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trmath
+from trmath import adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# group advantages
+# ---------------------------------------------------------------------------------------------
+def test_group_advantages_matches_definition():
+    g = torch.Generator().manual_seed(1)
+    r = torch.rand(24, generator=g, dtype=torch.float64)
+    a = adapter.group_advantages(r, 4, eps=0.0)
+    for k in range(6):
+        grp = r[4 * k : 4 * k + 4]
+        ref = (grp - grp.mean()) / grp.std(unbiased=True)
+        torch.testing.assert_close(a[4 * k : 4 * k + 4], ref, rtol=1e-12, atol=0)
+    # without std normalisation: centred only, and each group sums to zero
+    c = adapter.group_advantages(r, 4, normalize_std=False)
+    torch.testing.assert_close(c.reshape(6, 4).sum(-1), torch.zeros(6, dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+def test_group_advantages_zero_variance_group_is_zero_not_nan():
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5])
+    a = adapter.group_advantages(r, 3)
+    assert torch.isfinite(a).all()
+    assert torch.equal(a[:3], torch.zeros(3))
+    assert a[3] < 0 < a[4]
+
+
+@pytest.mark.parametrize(
+    "bad, kw, match",
+    [
+        (torch.ones(5), {"group_size": 2}, "multiple of group_size"),
+        (torch.ones(2, 2), {"group_size": 2}, "rewards: expected shape"),
+        (torch.tensor([1.0, float("nan")]), {"group_size": 2}, "rewards: contains NaN"),
+        (torch.ones(4), {"group_size": 0}, "group_size"),
+    ],
+)
+def test_group_advantages_bad_input(bad, kw, match):
+    with pytest.raises(ValueError, match=match):
+        adapter.group_advantages(bad, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# compute_loss: the adapter only derives inputs; the loss must be the objective's own
+# ---------------------------------------------------------------------------------------------
+def _rollout_and_logits(B=3, T=4, V=64, top_k=5, keep=True, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(B, T, V, generator=g, dtype=dtype) * 2
+    tokens = torch.multinomial(torch.softmax(mu.double(), -1).reshape(-1, V), 1, generator=g).reshape(B, T)
+    adv = torch.randn(B, generator=g, dtype=torch.float64).to(torch.float32)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -1] = False
+    ro = adapter.Rollout.from_logits(mu, tokens, adv, mask, top_k=top_k, keep_logits=keep)
+    logits = (mu + 0.4 * torch.randn(B, T, V, generator=g, dtype=dtype)).requires_grad_()
+    return ro, logits
+
+
+@pytest.mark.parametrize("config", [
+    {"objective": "ppo", "eps_high": 0.28},
+    {"objective": "dppo", "divergence": "binary_tv", "delta": 0.15},
+    {"objective": "dppo", "divergence": "exact_kl", "delta": 0.05},
+    {"objective": "cispo"},
+])
+def test_compute_loss_equals_the_registered_objective(config):
+    cfg = dict(config)
+    name = cfg.pop("objective")
+    ro, logits = _rollout_and_logits()
+    loss, m = adapter.compute_loss(name, logits, ro, **cfg)
+    (g1,) = torch.autograd.grad(loss, logits)
+
+    logits2 = logits.detach().clone().requires_grad_()
+    lp = trmath.token_logprobs(logits2, ro.tokens)
+    extra = {}
+    if cfg.get("divergence", "").startswith("exact_"):
+        extra = {"logits": logits2, "rollout_logits": ro.logits}
+    loss2, m2 = trmath.policy_loss(name, lp, ro.logprobs, ro.advantages, ro.mask, **cfg, **extra)
+    (g2,) = torch.autograd.grad(loss2, logits2)
+    assert float(loss.detach()) == float(loss2.detach())
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_compute_loss_topk_uses_the_rollout_slots_and_keeps_empty_slots_empty():
+    ro, logits = _rollout_and_logits(top_k=3)
+    assert ro.topk_ids.shape[-1] == 4  # K + 1 slots: top-3 of mu plus the sampled token
+    empty = torch.isneginf(ro.topk_logprobs)
+    # The sampled token is always among the kept ids.
+    assert (ro.topk_ids == ro.tokens[..., None]).any(-1).all()
+    loss, m = adapter.compute_loss("dppo", logits, ro, divergence="topk_kl", delta=0.05)
+    # Reference: the top-K KL from the trained policy's log-probs at the same ids, empty slots -inf.
+    cur = trmath.gather_logprobs(logits.detach(), ro.topk_ids)
+    cur = torch.where(empty, torch.full_like(cur, -torch.inf), cur)
+    D = trmath.topk_kl(ro.topk_logprobs, cur)
+    ref_mean = D[ro.mask].double().mean()
+    torch.testing.assert_close(m["divergence_mean"].double(), ref_mean, rtol=1e-6, atol=0)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_compute_loss_needs_what_the_objective_needs():
+    ro, logits = _rollout_and_logits(top_k=0, keep=False)
+    with pytest.raises(ValueError, match="top-K"):
+        adapter.compute_loss("dppo", logits, ro, divergence="topk_tv", delta=0.1)
+    with pytest.raises(ValueError, match="full logits"):
+        adapter.compute_loss("dppo", logits, ro, divergence="exact_tv", delta=0.1)
+    with pytest.raises(ValueError, match="unknown"):
+        adapter.demo_algorithm("nope")
+
+
+def test_rollout_select_and_temperature_consistency():
+    ro, logits = _rollout_and_logits()
+    sub = ro.select(torch.tensor([2, 0]))
+    assert torch.equal(sub.tokens, ro.tokens[[2, 0]])
+    assert torch.equal(sub.topk_ids, ro.topk_ids[[2, 0]])
+    # Log-probs at temperature T are those of softmax(z / T).
+    T = 0.7
+    ro_t = adapter.Rollout.from_logits(ro.logits, ro.tokens, ro.advantages, temperature=T)
+    ref = torch.log_softmax(ro.logits.double() / T, -1).gather(-1, ro.tokens[..., None])[..., 0]
+    torch.testing.assert_close(ro_t.logprobs.double(), ref, rtol=2e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo (a smoke run on a smaller model; the full run is `trmath demo`)
+# ---------------------------------------------------------------------------------------------
+def test_demo_smoke_run_writes_results(tmp_path):
+    pytest.importorskip("transformers")
+    from trmath import demo
+
+    cfg = demo.DemoConfig(steps=2, algorithms=("grpo", "dppo_topk_kl"), out=str(tmp_path), sft_steps=2,
+                          prompts_per_step=4, group_size=2, minibatches=2, epochs=1, vocab=4096, quiet=True)
+    results = demo.run(cfg)
+    assert [r.algorithm for r in results] == ["grpo", "dppo_topk_kl"]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["steps"]) == 4
+    for s in data["summary"]:
+        assert 0.0 <= s["final_reward"] <= 1.0
+        assert s["mean_kl"] >= 0.0 and 0.0 <= s["mean_tv"] <= 1.0
+    assert (tmp_path / "results.csv").read_text().count("\n") == 5
+    table = demo.format_table(results)
+    assert "dppo_topk_kl" in table
+
+
+def test_demo_rejects_unknown_algorithm(tmp_path):
+    from trmath import demo
+
+    with pytest.raises(ValueError, match="algorithms: unknown"):
+        demo.run(demo.DemoConfig(algorithms=("nope",), out=str(tmp_path)))

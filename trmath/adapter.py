@@ -1,0 +1,256 @@
+r"""A thin training adapter: from a causal LM's outputs to a trmath objective.
+
+The adapter holds what a trainer keeps from its rollouts (:class:`Rollout`: the sampled response
+tokens, their log-probs under the rollout policy, optionally the rollout engine's top-K ids and
+log-probs or its full logits, advantages and the response mask) and turns the logits of the policy
+being trained into a loss with :func:`compute_loss`, for any objective registered in
+:mod:`trmath.objectives` (PPO-clip/GRPO, CISPO, GSPO, DPPO variants, ...) and for the TROLL KL
+projection.
+
+Scoring is temperature-consistent: log-probs are computed at the sampling temperature. No
+``[B, T, V]`` float32 copy of the logits is made beyond what the model produced: the per-token
+log-probs come from :func:`trmath.token_logprobs` (fused, reads bfloat16 logits in place), and
+the top-K log-probs from a gather minus :func:`trmath.logsumexp`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Rollout", "group_advantages", "response_logprobs", "compute_loss", "DemoAlgorithm",
+           "DEMO_ALGORITHMS", "demo_algorithm", "PROJECTION_OBJECTIVES"]
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6) -> Tensor:
+    r"""Group-relative advantages (GRPO): each reward minus its group's mean, optionally over the
+    group's standard deviation.
+
+    .. math::
+
+        A_{g,i} = \frac{R_{g,i} - \bar R_g}{s_g + \epsilon}, \qquad
+        s_g = \sqrt{\tfrac{1}{G-1} \textstyle\sum_i (R_{g,i} - \bar R_g)^2}
+
+    A group whose rewards are all equal has zero advantages (never ``0/0``).
+
+    Parameters
+    ----------
+    rewards : torch.Tensor, shape ``[n_groups * group_size]``
+        Consecutive ``group_size`` entries form one group (the responses to one prompt).
+    group_size : int
+        ``G >= 1``.
+    normalize_std : bool, optional
+        Divide by the group's standard deviation (default true).
+    eps : float, optional
+        Added to the standard deviation.
+
+    Returns
+    -------
+    torch.Tensor, shape ``[n_groups * group_size]``, float32 (float64 for float64 rewards).
+
+    Examples
+    --------
+    >>> import torch
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2)
+    tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
+    """
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards: expected a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards: expected shape [n_groups * group_size], got {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected an integer >= 1, got {group_size!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"rewards: {rewards.numel()} entries are not a multiple of group_size={group_size}")
+    if torch.isnan(rewards).any():
+        raise ValueError(f"rewards: contains NaN at index {int(torch.isnan(rewards).nonzero()[0])}")
+    r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    g = r.reshape(-1, group_size)
+    centred = g - g.mean(-1, keepdim=True)
+    if normalize_std and group_size > 1:
+        std = centred.pow(2).sum(-1, keepdim=True).div(group_size - 1).sqrt()
+        # A zero-variance group has centred == 0 exactly: 0 / (0 + eps) = 0.
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def response_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Log-probs ``[B, T]`` of the response tokens under logits ``[B, T, V]`` at ``temperature``.
+
+    Fused and differentiable (:func:`trmath.token_logprobs`); bfloat16 logits are read in place.
+
+    Examples
+    --------
+    >>> import torch
+    >>> logits = torch.zeros(1, 2, 4)
+    >>> response_logprobs(logits, torch.tensor([[0, 3]]))
+    tensor([[-1.3863, -1.3863]])
+    """
+    import trmath
+
+    return trmath.token_logprobs(logits, tokens, temperature=temperature)
+
+
+@dataclass
+class Rollout:
+    """What a trainer keeps from a rollout batch, ``B`` responses of ``T`` tokens.
+
+    Attributes
+    ----------
+    tokens : torch.Tensor ``[B, T]`` (int64)
+        The sampled response tokens.
+    logprobs : torch.Tensor ``[B, T]``
+        Their log-probs under the rollout (behaviour) policy, at the sampling temperature.
+    advantages : torch.Tensor ``[B, T]`` or ``[B]``
+    mask : torch.Tensor ``[B, T]`` (bool)
+        True for response tokens that count (False for padding).
+    topk_ids, topk_logprobs : torch.Tensor ``[B, T, K]`` or None
+        The rollout engine's top-K token ids (the sampled token included) and their rollout
+        log-probs, for the top-K divergences.
+    logits : torch.Tensor ``[B, T, V]`` or None
+        The rollout policy's full logits (before temperature scaling), for the exact divergences
+        and the projections.
+    """
+
+    tokens: Tensor
+    logprobs: Tensor
+    advantages: Tensor
+    mask: Tensor
+    topk_ids: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+    logits: Tensor | None = None
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, tokens: Tensor, advantages: Tensor, mask: Tensor | None = None, *,
+                    top_k: int = 0, keep_logits: bool = False, temperature: float = 1.0) -> "Rollout":
+        """Build a rollout record from the rollout policy's logits ``[B, T, V]`` (no gradient)."""
+        import trmath
+
+        with torch.no_grad():
+            logits = logits.detach()
+            lp = trmath.token_logprobs(logits, tokens, temperature=temperature)
+            if mask is None:
+                mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+            ids = tlp = None
+            if top_k:
+                ids, tlp, _ = trmath.topk_logprobs(logits, logits, top_k, tokens, temperature=temperature)
+        return cls(tokens, lp, advantages, mask.bool(), ids, tlp, logits if keep_logits else None)
+
+    def select(self, idx: Tensor) -> "Rollout":
+        """The rows ``idx`` of every field (a minibatch)."""
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return replace(self, tokens=self.tokens[idx], logprobs=self.logprobs[idx], advantages=self.advantages[idx],
+                       mask=self.mask[idx], topk_ids=pick(self.topk_ids), topk_logprobs=pick(self.topk_logprobs),
+                       logits=pick(self.logits))
+
+
+#: Objectives computed from a projection rather than a registered policy loss.
+PROJECTION_OBJECTIVES = ("troll",)
+
+
+def compute_loss(objective: str, logits: Tensor, rollout: Rollout, *, temperature: float = 1.0,
+                 **config: Any) -> tuple[Tensor, dict[str, Any]]:
+    """The loss and metrics of ``objective`` for the trained policy's logits ``[B, T, V]``.
+
+    Parameters
+    ----------
+    objective : str
+        A name registered in :data:`trmath.OBJECTIVES` (``"ppo"``, ``"cispo"``, ``"gspo"``,
+        ``"dppo"``, ...) or ``"troll"`` (the KL projection, :func:`trmath.troll_loss`).
+    logits : torch.Tensor ``[B, T, V]``
+        The trained policy's logits for the response positions (any float dtype; bfloat16 is read
+        in place), *before* temperature scaling.
+    rollout : Rollout
+        The rollout record (its log-probs were taken at the same ``temperature``).
+    temperature : float, optional
+        The sampling temperature.
+    **config
+        The objective's options (``eps_high=``, ``divergence=``, ``delta=``, ``aggregation=``, ...).
+
+    Returns
+    -------
+    loss : torch.Tensor (scalar), metrics : dict
+
+    Notes
+    -----
+    The extra inputs an objective needs are derived here: for ``divergence="topk_*"`` the trained
+    policy's log-probs of the rollout's top-K ids (a gather, no ``[B, T, V]`` copy; empty slots,
+    whose rollout log-prob is ``-inf``, stay empty), for ``"exact_*"`` and ``"troll"`` the
+    rollout's full logits.
+
+    Examples
+    --------
+    >>> import torch
+    >>> torch.manual_seed(0) and None
+    >>> mu_logits = torch.randn(2, 3, 50)
+    >>> tokens = torch.randint(0, 50, (2, 3))
+    >>> ro = Rollout.from_logits(mu_logits, tokens, advantages=torch.tensor([1.0, -1.0]), top_k=4)
+    >>> logits = (mu_logits + 0.3 * torch.randn(2, 3, 50)).requires_grad_()
+    >>> loss, m = compute_loss("dppo", logits, ro, divergence="topk_kl", delta=0.05)
+    >>> loss.backward()
+    >>> logits.grad.shape
+    torch.Size([2, 3, 50])
+    """
+    import trmath
+
+    lp = trmath.token_logprobs(logits, rollout.tokens, temperature=temperature)
+    if objective in PROJECTION_OBJECTIVES:
+        if rollout.logits is None:
+            raise ValueError(f"rollout: objective {objective!r} needs the rollout's full logits (keep_logits=True)")
+        scaled = logits / temperature if temperature != 1.0 else logits
+        return trmath.troll_loss(scaled, rollout.logits, rollout.tokens, rollout.advantages, rollout.mask, **config)
+    kw = dict(config)
+    div = kw.get("divergence")
+    if isinstance(div, str) and div.startswith("topk_"):
+        if rollout.topk_ids is None:
+            raise ValueError(f"rollout: divergence {div!r} needs the rollout's top-K (top_k > 0)")
+        cur = trmath.gather_logprobs(logits, rollout.topk_ids, temperature=temperature)
+        empty = torch.isneginf(rollout.topk_logprobs)
+        cur = torch.where(empty, torch.full_like(cur, -torch.inf), cur)
+        kw.setdefault("topk_logprobs", cur)
+        kw.setdefault("rollout_topk_logprobs", rollout.topk_logprobs)
+    elif isinstance(div, str) and div.startswith("exact_"):
+        if rollout.logits is None:
+            raise ValueError(f"rollout: divergence {div!r} needs the rollout's full logits (keep_logits=True)")
+        kw.setdefault("logits", logits)
+        kw.setdefault("rollout_logits", rollout.logits)
+        kw.setdefault("temperature", temperature)
+    return trmath.policy_loss(objective, lp, rollout.logprobs, rollout.advantages, rollout.mask, **kw)
+
+
+@dataclass(frozen=True)
+class DemoAlgorithm:
+    """An algorithm of the demo: an objective with its settings."""
+
+    name: str
+    objective: str
+    config: dict
+    needs_topk: bool = False
+    needs_full_logits: bool = False
+
+    def loss(self, logits: Tensor, rollout: Rollout, temperature: float = 1.0) -> tuple[Tensor, dict[str, Any]]:
+        return compute_loss(self.objective, logits, rollout, temperature=temperature, **self.config)
+
+
+#: The demo's algorithms (settings from the papers: clip 0.2; DPPO delta_TV = 0.15, delta_KL = 0.05,
+#: K = 20; the KL projection's radius 0.05).
+DEMO_ALGORITHMS = {
+    "grpo": DemoAlgorithm("grpo", "ppo", {"eps_low": 0.2, "eps_high": 0.2}),
+    "dppo_binary_tv": DemoAlgorithm("dppo_binary_tv", "dppo", {"divergence": "binary_tv", "delta": 0.15}),
+    "dppo_topk_kl": DemoAlgorithm("dppo_topk_kl", "dppo", {"divergence": "topk_kl", "delta": 0.05},
+                                  needs_topk=True),
+    "dppo_exact_kl": DemoAlgorithm("dppo_exact_kl", "dppo", {"divergence": "exact_kl", "delta": 0.05},
+                                   needs_full_logits=True),
+    "troll": DemoAlgorithm("troll", "troll", {"epsilon": 0.05}, needs_full_logits=True),
+}
+
+
+def demo_algorithm(name: str) -> DemoAlgorithm:
+    """The demo algorithm ``name`` (a key of :data:`DEMO_ALGORITHMS`)."""
+    try:
+        return DEMO_ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"algorithm: unknown {name!r}; valid: {', '.join(DEMO_ALGORITHMS)}") from None
