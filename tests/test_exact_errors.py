@@ -326,3 +326,20 @@ def test_tokens_on_another_device_meta():
 def test_different_devices_cuda(func):
     with pytest.raises(ValueError, match="p_logits and q_logits: tensors are on different devices"):
         getattr(trmath, func)(torch.zeros(2, 3), torch.zeros(2, 3, device="cuda"))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_empty_batches_give_empty_results_and_gradients(lead):
+    """Zero rows (an empty batch, a fully padded minibatch) are valid input: empty outputs and
+    empty gradients, on every entry point (a zero-size buffer may have a null address)."""
+    V = 7
+    z = torch.zeros(*lead, V, requires_grad=True)
+    w = torch.zeros(*lead, V, requires_grad=True)
+    t = torch.zeros(lead, dtype=torch.long)
+    lp, ent = trmath.token_logprobs(z, t, return_entropy=True)
+    outs = [trmath.logsumexp(z), trmath.entropy(z), trmath.token_logprobs(z, t), lp, ent]
+    outs += [f(z, w) for f in (trmath.kl, trmath.tv, trmath.js)]
+    for o in outs:
+        assert o.shape == lead
+    sum(o.sum() for o in outs).backward()
+    assert z.grad.shape == z.shape and w.grad.shape == w.shape

@@ -77,6 +77,8 @@ def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: fl
     out1 = torch.empty(lead, dtype=odt) if op == "token_logprobs_entropy" else None
     stats = torch.empty((*lead, 2), dtype=torch.float64)
     status = torch.empty(lead, dtype=torch.int32)
+    if status.numel() == 0:  # no rows (empty buffers may have a null address)
+        return out0, out1, stats, status
     tok_ptr = 0
     if tokens is not None:
         tokens = tokens.to(torch.int64).contiguous()
@@ -91,6 +93,8 @@ def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: fl
 def single_backward(g0, g1, z, tokens, stats, temperature: float, op: str) -> torch.Tensor:
     """Gradient of a single-row reduction with respect to the logits (dtype of ``z``)."""
     dz = _empty_like_input(z)
+    if dz.numel() == 0:
+        return dz
     g0 = g0.to(torch.float64).contiguous()
     g1c = g1.to(torch.float64).contiguous() if g1 is not None else None
     stats = stats.contiguous()

@@ -21,8 +21,8 @@ once per algorithm, from the same warm-started weights and the same seed:
 The task: the prompt is ``<bos> d1 d2 d3 d4 <sep>`` with four random digit tokens; the correct
 response is the digits in reverse order, and the reward is the fraction of response positions
 that are right (a verifiable reward in ``[0, 1]``). The warm start trains on noisy targets (each
-digit replaced by a random one with probability ``--sft-noise``), so that the model learns the
-format but not the task, and RL has something to improve.
+digit replaced by a random one with probability 0.5), so that the model learns the format and
+part of the task, and RL has something to improve.
 
 At the end it prints a table (final and best reward, mean KL and TV from the rollout policy to
 the trained policy over the full vocabulary, the masked or clipped fraction, time per step),
@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class DemoConfig:
     minibatches: int = 4
     epochs: int = 2
     lr: float = 2e-3
-    sft_steps: int = 150
+    sft_steps: int | None = None  # None: 150, or 5 per RL step for short (smoke) runs
     sft_noise: float = 0.5
     temperature: float = 1.0
     top_k: int = 20
@@ -382,6 +382,8 @@ def run(cfg: DemoConfig) -> list[RunResult]:
         n_par = sum(p.numel() for p in model.parameters())
         print(f"trmath {trmath.__version__} demo: causal LM with {n_par / 1e6:.1f}M parameters, vocabulary {V}, "
               f"device {cfg.device}, torch threads {torch.get_num_threads()}")
+    if cfg.sft_steps is None:
+        cfg = replace(cfg, sft_steps=150 if cfg.steps >= 20 else 5 * cfg.steps)
     sft = Progress(cfg.sft_steps, "warm start", cfg.quiet)
     warm_start(model, task, cfg, torch, sft)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
