@@ -1,0 +1,178 @@
+"""Bad input to the coarse divergences and their builders: every error names the argument and
+what is wrong; NaN never turns into a number; rounding-level positive log-probabilities and kept
+masses are clamped only within the documented tolerance (4 eps of the input dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import trmath
+
+F64 = torch.float64
+BIN = (trmath.binary_tv, trmath.binary_kl)
+TOPK = (trmath.topk_tv, trmath.topk_kl)
+ALL = BIN + TOPK
+
+
+def m(text: str) -> str:
+    return re.escape(text)
+
+
+def _args(fn, shape=(2, 3)):
+    return torch.full(shape, -2.0, dtype=F64), torch.full(shape, -2.5, dtype=F64)
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes, types, dtypes
+# ------------------------------------------------------------------------------------------------
+def test_topk_k_differs():
+    for fn in TOPK:
+        with pytest.raises(ValueError, match=m("p_logprobs and q_logprobs: numbers of kept tokens K differ (3 vs 4)")):
+            fn(torch.full((2, 3), -2.0), torch.full((2, 4), -2.0))
+
+
+def test_topk_batch_shapes_differ():
+    for fn in TOPK:
+        with pytest.raises(ValueError, match=m("batch shapes differ ((2,) vs (3,))")):
+            fn(torch.full((2, 3), -2.0), torch.full((3, 3), -2.0))
+        with pytest.raises(ValueError, match="batch shapes differ"):
+            fn(torch.full((3,), -2.0), torch.full((1, 3), -2.0))  # no silent broadcasting
+
+
+def test_topk_empty_and_scalar():
+    for fn in TOPK:
+        with pytest.raises(ValueError, match="p_logprobs: the kept-token axis"):
+            fn(torch.zeros(2, 0), torch.zeros(2, 0))
+        with pytest.raises(ValueError, match="p_logprobs: expected shape"):
+            fn(torch.tensor(-1.0), torch.tensor(-1.0))
+
+
+def test_binary_shapes_differ():
+    for fn in BIN:
+        with pytest.raises(ValueError, match=m("p_logprob and q_logprob: shapes differ ((3,) vs (2,))")):
+            fn(torch.full((3,), -1.0), torch.full((2,), -1.0))
+
+
+@pytest.mark.parametrize("bad", (torch.int64, torch.int32, torch.bool, torch.complex64))
+@pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
+def test_non_float_dtypes(fn, bad):
+    good = torch.full((2, 3), -1.0)
+    x = torch.zeros(2, 3, dtype=bad)
+    p = "p_logprobs" if fn in TOPK else "p_logprob"
+    q = "q_logprobs" if fn in TOPK else "q_logprob"
+    with pytest.raises(TypeError, match=f"{p}: expected a floating dtype"):
+        fn(x, good)
+    with pytest.raises(TypeError, match=f"{q}: expected a floating dtype"):
+        fn(good, x)
+
+
+@pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
+def test_wrong_types(fn):
+    with pytest.raises(TypeError, match="expected a torch.Tensor or numpy.ndarray, got list"):
+        fn([-1.0], torch.tensor([-1.0]))
+    with pytest.raises(TypeError, match="floating-point array"):
+        fn(np.zeros(3, dtype=np.int64), np.zeros(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# values: NaN, positive log-probs, kept mass > 1
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
+def test_nan_raises_and_never_becomes_a_number(fn):
+    lp, lq = _args(fn)
+    lq[1, 2] = math.nan
+    q = "q_logprobs" if fn in TOPK else "q_logprob"
+    with pytest.raises(ValueError, match=m(f"{q}: contains NaN at index (1, 2)")):
+        fn(lp, lq)
+    out = fn(lp, lq, validate=False)
+    if fn in TOPK:
+        assert torch.isnan(out[1]) and torch.isfinite(out[0])
+    else:
+        assert torch.isnan(out[1, 2]) and bool(torch.isfinite(out[0]).all())
+
+
+@pytest.mark.parametrize("dt", (torch.float16, torch.bfloat16, torch.float32, F64))
+@pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
+def test_positive_logprob_tolerance(fn, dt):
+    eps = torch.finfo(dt).eps
+    lp, lq = (t.to(dt) for t in _args(fn))
+    if fn in TOPK:
+        lp[0, 1:] = -math.inf  # row 0 keeps one token of probability (about) 1
+    # within the tolerance: clamped to 0 (probability 1)
+    lp[0, 0] = 3 * eps
+    ok = fn(lp, lq)
+    lp0 = lp.clone()
+    lp0[0, 0] = 0.0
+    assert torch.equal(ok, fn(lp0, lq))
+    # beyond: an error naming the argument, the index and the value
+    lp[0, 0] = 8 * eps
+    p = "p_logprobs" if fn in TOPK else "p_logprob"
+    with pytest.raises(ValueError, match=m(f"{p}: entry at index (0, 0) is") + ".*" + m("> 0; a log-probability must be <= 0")):
+        fn(lp, lq)
+    assert torch.isnan(fn(lp, lq, validate=False).reshape(2, -1)[0, 0])
+    with pytest.raises(ValueError, match="q_logprob.*> 0"):
+        fn(lq, torch.full_like(lq, math.inf))
+
+
+def test_kept_mass_above_one():
+    lp = torch.tensor([[math.log(0.6), math.log(0.5)]], dtype=F64)
+    lq = torch.tensor([[math.log(0.3), math.log(0.5)]], dtype=F64)
+    for fn in TOPK:
+        with pytest.raises(ValueError, match=m("p_logprobs: the kept probabilities of row 0 sum to exp(")
+                           + ".*" + m("> 1")):
+            fn(lp, lq)
+        with pytest.raises(ValueError, match="q_logprobs: the kept probabilities"):
+            fn(lq, lp)
+        assert torch.isnan(fn(lp, lq, validate=False)).all()
+    # within rounding (kept mass 1 + 1 ulp): a zero tail, not an error and not negative
+    one = torch.tensor([[math.log(0.25)] * 4], dtype=F64)
+    one[0, 0] = math.log(0.25) + 2**-52
+    assert float(trmath.topk_kl(one, one)) == 0.0
+    assert float(trmath.topk_tv(one, torch.tensor([[math.log(0.4), math.log(0.1), math.log(0.25), math.log(0.25)]],
+                                                  dtype=F64))) >= 0
+
+
+# ------------------------------------------------------------------------------------------------
+# builders
+# ------------------------------------------------------------------------------------------------
+def test_builder_errors():
+    z, w = torch.zeros(2, 5), torch.zeros(2, 5)
+    tok = torch.tensor([1, 4])
+    with pytest.raises(ValueError, match=m("k: must be in [1, V] = [1, 5], got 0")):
+        trmath.topk_logprobs(z, w, 0, tok)
+    with pytest.raises(ValueError, match=m("k: must be in [1, V] = [1, 5], got 6")):
+        trmath.topk_logprobs(z, w, 6, tok)
+    with pytest.raises(TypeError, match="k: expected an integer"):
+        trmath.topk_logprobs(z, w, 2.0, tok)
+    with pytest.raises(ValueError, match=m("tokens: entry at index 1 is 5, outside [0, 5)")):
+        trmath.topk_logprobs(z, w, 2, torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match=m("tokens: entry at index 0 is -1")):
+        trmath.topk_logprobs(z, w, 2, torch.tensor([-1, 0]))
+    with pytest.raises(TypeError, match="tokens: expected an integer dtype"):
+        trmath.topk_logprobs(z, w, 2, torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="tokens: expected shape"):
+        trmath.topk_logprobs(z, w, 2, torch.tensor([1, 0, 2]))
+    with pytest.raises(ValueError, match=m("slots: expected one of ('k_plus_1', 'exactly_k'), got 'k'")):
+        trmath.topk_logprobs(z, w, 2, tok, slots="k")
+    with pytest.raises(ValueError, match="p_logits and q_logits"):
+        trmath.topk_logprobs(z, torch.zeros(2, 6), 2, tok)
+    with pytest.raises(ValueError, match="temperature"):
+        trmath.topk_logprobs(z, w, 2, tok, temperature=0.0)
+    bad = z.clone()
+    bad[1, 3] = math.nan
+    with pytest.raises(ValueError, match=m("p_logits: row 1 contains NaN")):
+        trmath.topk_logprobs(bad, w, 2, tok)
+    with pytest.raises(ValueError, match=m("q_logits: row 1 contains NaN")):
+        trmath.topk_logprobs(z, bad, 2, tok)
+    with pytest.raises(ValueError, match=m("ids: entry at index (0, 1) is 7, outside [0, 5)")):
+        trmath.gather_logprobs(z, torch.tensor([[0, 7], [1, 1]]))
+    with pytest.raises(ValueError, match="ids: expected shape"):
+        trmath.gather_logprobs(z, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="logits: expected a floating dtype"):
+        trmath.gather_logprobs(torch.zeros(2, 5, dtype=torch.int64), torch.tensor([[0], [1]]))
