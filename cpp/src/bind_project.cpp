@@ -1,8 +1,128 @@
-// trmath: bindings of the trust-region projections. Placeholder until filled.
+// trmath: bindings of the KL-ball projection (TROLL). The exact-KL kernel runs first over the
+// batch (KL(pi_new || pi_old), normalisers, row status); the per-row root finding and the
+// implicit-gradient backward are in project_kernels.cpp (one copy per instruction set).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <cstring>
+#include <vector>
+
+#include "project_args.hpp"
 
 namespace py = pybind11;
 
 namespace trmath {
-void register_project(py::module_& m) { (void)m; }
+
+const KernelTable& kernels();
+namespace isa_generic {
+void project_kl_forward_rows(const ProjFwd& a, const double* kst);
+void project_kl_backward_rows(const ProjBwd& a);
+}  // namespace isa_generic
+#if defined(TRMATH_HAVE_AVX2)
+namespace isa_avx2 {
+void project_kl_forward_rows(const ProjFwd& a, const double* kst);
+void project_kl_backward_rows(const ProjBwd& a);
+}  // namespace isa_avx2
+#endif
+
+namespace {
+
+using Desc = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
+
+
+// The projection kernels of the instruction set the exact kernels use (chosen in dispatch.cpp).
+bool use_avx2() {
+#if defined(TRMATH_HAVE_AVX2)
+  return std::strcmp(kernels().isa, "avx2") == 0;
+#else
+  return false;
+#endif
+}
+
+View make_view(const Desc& d, const char* name) {
+  View v;
+  v.data = reinterpret_cast<const char*>(std::get<0>(d));
+  int code = std::get<1>(d);
+  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unsupported dtype code");
+  v.dtype = static_cast<DType>(code);
+  const auto& shape = std::get<2>(d);
+  const auto& strides = std::get<3>(d);
+  if (shape.empty() || shape.size() > size_t(kMaxDim) || shape.size() != strides.size())
+    throw std::invalid_argument(std::string(name) + ": rank must be 1.." + std::to_string(kMaxDim));
+  v.ndim = int(shape.size());
+  for (int i = 0; i < v.ndim; ++i) {
+    if (shape[i] < 0) throw std::invalid_argument(std::string(name) + ": negative extent");
+    v.shape[i] = shape[i];
+    v.strides[i] = strides[i];
+  }
+  if (v.V() < 1) throw std::invalid_argument(std::string(name) + ": empty vocabulary axis");
+  return v;
+}
+
+void check_same(const View& a, const View& b) {
+  if (a.ndim != b.ndim || a.dtype != b.dtype)
+    throw std::invalid_argument("new_logits and old_logits must have the same rank and dtype");
+  for (int i = 0; i < a.ndim; ++i)
+    if (a.shape[i] != b.shape[i]) throw std::invalid_argument("new_logits and old_logits differ in shape");
+}
+
+}  // namespace
+
+void register_project(py::module_& m) {
+  m.def("project_kl_forward", [](const Desc& z, const Desc& w, double eps, double T, uintptr_t out,
+                                 uintptr_t stats, uintptr_t status) {
+    ProjFwd a;
+    a.z = make_view(z, "new_logits");
+    a.w = make_view(w, "old_logits");
+    check_same(a.z, a.w);
+    if (!(eps > 0) || !std::isfinite(eps)) throw std::invalid_argument("epsilon must be finite and > 0");
+    if (!(T > 0) || !std::isfinite(T)) throw std::invalid_argument("temperature must be finite and > 0");
+    a.eps = eps;
+    a.T = T;
+    a.out = reinterpret_cast<void*>(out);
+    a.stats = reinterpret_cast<double*>(stats);
+    a.status = reinterpret_cast<int*>(status);
+    py::gil_scoped_release nogil;
+    const int64_t rows = a.z.rows();
+    std::vector<double> kout(size_t(std::max<int64_t>(rows, 1)));
+    std::vector<double> kst(size_t(std::max<int64_t>(rows, 1)) * kPairStats);
+    PairFwd p;
+    p.z = a.z;
+    p.w = a.w;
+    p.T = T;
+    p.op = PairOp::kl;
+    p.out = kout.data();
+    p.stats = kst.data();
+    p.status = a.status;
+    kernels().pair_fwd(p);
+    for (int64_t r = 0; r < rows; ++r) a.status[r] &= kErrorBits;
+#if defined(TRMATH_HAVE_AVX2)
+    if (use_avx2()) return isa_avx2::project_kl_forward_rows(a, kst.data());
+#endif
+    isa_generic::project_kl_forward_rows(a, kst.data());
+  });
+  m.def("project_kl_backward", [](const Desc& z, const Desc& w, double T, uintptr_t stats,
+                                  uintptr_t g, uintptr_t dz, uintptr_t dw) {
+    ProjBwd a;
+    a.z = make_view(z, "new_logits");
+    a.w = make_view(w, "old_logits");
+    check_same(a.z, a.w);
+    a.T = T;
+    a.stats = reinterpret_cast<const double*>(stats);
+    a.g = reinterpret_cast<const double*>(g);
+    a.dz = reinterpret_cast<void*>(dz);
+    a.dw = reinterpret_cast<void*>(dw);
+    py::gil_scoped_release nogil;
+#if defined(TRMATH_HAVE_AVX2)
+    if (use_avx2()) return isa_avx2::project_kl_backward_rows(a);
+#endif
+    isa_generic::project_kl_backward_rows(a);
+  });
+}
+
 }  // namespace trmath

@@ -1,0 +1,195 @@
+// trmath: per-row passes of the KL-ball projection (TROLL), header-only, no allocation.
+//
+// A row pair is new logits z and old logits w (any stored dtype, strided), at temperature T.
+// With float64 normalisers lse_p, lse_q the log-probabilities are a_i = z_i/T - lse_p,
+// b_i = w_i/T - lse_q, the log-ratio is d_i = (z_i - w_i)/T - (lse_p - lse_q) on the common
+// support S (both finite), and for t = 1/(1 + eta) the projection is
+//     log pi~_i = b_i + t d_i - Lambda(t),   Lambda(t) = log sum_S e^{b_i + t d_i}.
+// One pass at (t, c) accumulates, with u_i = t d_i - c and e_i = e^{b_i + u_i}:
+//     S = sum e_i, Su = sum e_i u_i, Sd = sum e_i (d_i - d0), Sd2 = sum e_i (d_i - d0)^2,
+// from which Lambda = c + log S, KL(pi~ || pi_old) = Su / S - log S, mu = d0 + Sd / S and
+// Var = Sd2 / S - (Sd / S)^2 (centred at the previous mean d0, so no cancellation of mu^2).
+// A constant error in lse_p shifts every d_i and cancels from log pi~, KL, d - mu and the
+// gradient; lse_q must be exact (it normalises pi_old, and KL moves by its error).
+// Everything is double; exponentials are the 4-lane double exp of elementary.hpp (<= 2 ulp).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "trmath/elementary.hpp"
+
+namespace trmath {
+
+namespace simd {
+
+TRMATH_INLINE void proj_store(float* p, double v) { *p = float(v); }
+TRMATH_INLINE void proj_store(double* p, double v) { *p = v; }
+TRMATH_INLINE void proj_store(bf16_t* p, double v) { store_from_float(p, float(v)); }
+TRMATH_INLINE void proj_store(f16_t* p, double v) { store_from_float(p, float(v)); }
+
+template <class In>
+TRMATH_INLINE d4 proj_load4(const In* p, int64_t stride) {
+  if (stride == 1) return Load4<In>::load(p);
+  d4 r;
+  for (int k = 0; k < 4; ++k) r[k] = to_double(p[k * stride]);
+  return r;
+}
+
+template <class In>
+TRMATH_INLINE d4 proj_load_tail(const In* p, int64_t stride, int64_t n) {
+  d4 r = splat<d4>(-std::numeric_limits<double>::infinity());
+  for (int64_t k = 0; k < n; ++k) r[k] = to_double(p[k * stride]);
+  return r;
+}
+
+// Calls f(i, z4, w4, nvalid) over a row in steps of 4 (the last step padded with -inf).
+template <class In, class F>
+TRMATH_INLINE void proj_row_loop(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V, F&& f) {
+  int64_t i = 0;
+  for (; i + 4 <= V; i += 4) f(i, proj_load4(z + i * sz, sz), proj_load4(w + i * sw, sw), int64_t(4));
+  if (i < V) f(i, proj_load_tail(z + i * sz, sz, V - i), proj_load_tail(w + i * sw, sw, V - i), V - i);
+}
+
+struct ProjNorm {
+  double Aw = 0, AwS = 0;  // sum e^{w/T - cw}, and the same over the common support S
+};
+
+// Exact float64 normaliser of the old policy about an approximate centre cw (the exact-KL
+// kernel's lse), and its mass on the common support.
+template <class In>
+inline ProjNorm proj_norm_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                               double invT, double cw) {
+  d4 aw = {}, aws = {};
+  const double ninf = -std::numeric_limits<double>::infinity();
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
+    d4 ew = exp_d(wv * invT - cw);
+    d4 ewm = wv > ninf ? ew : d4{};
+    aw += ewm;
+    aws += zv > ninf ? ewm : d4{};
+  });
+  return {hsum(aw), hsum(aws)};
+}
+
+struct ProjMoments {
+  double S = 0, Su = 0, Sd = 0, Sd2 = 0;
+};
+
+// One pass of the interpolation at t (see the header comment); cd = lse_p - lse_q.
+template <class In>
+inline ProjMoments proj_interp_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                                    double invT, double lse_q, double cd, double t, double c,
+                                    double d0) {
+  d4 S = {}, Su = {}, Sd = {}, Sd2 = {};
+  const double ninf = -std::numeric_limits<double>::infinity();
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
+    l4 ok = (zv > ninf) & (wv > ninf);
+    d4 d = ok ? (zv - wv) * invT - cd : d4{};
+    d4 b = ok ? wv * invT - lse_q : d4{};
+    d4 u = t * d - c;
+    d4 e = exp_d(b + u);
+    e = ok ? e : d4{};
+    d4 dc = d - d0;
+    S += e;
+    Su += e * u;
+    d4 edc = e * dc;
+    Sd += edc;
+    Sd2 += edc * dc;
+  });
+  return {hsum(S), hsum(Su), hsum(Sd), hsum(Sd2)};
+}
+
+// log pi~ (t < 1: the interpolation, lam = Lambda(t)) or log pi_new (t == 1, lse_p) into out.
+template <class In, class Out>
+inline void proj_write_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                            double invT, double lse_p, double lse_q, double t, double lam,
+                            bool inside, Out* out) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const double cd = lse_p - lse_q;
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, d4 zv, d4 wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    d4 r;
+    if (inside) {
+      r = zv * invT - lse_p;
+      r = zv > ninf ? r : splat<d4>(ninf);
+    } else {
+      l4 ok = (zv > ninf) & (wv > ninf);
+      d4 d = (zv - wv) * invT - cd;
+      r = (wv * invT - lse_q) + t * d - lam;
+      r = ok ? r : splat<d4>(ninf);
+    }
+    for (int64_t k = 0; k < n; ++k) proj_store(out + i + k, r[k]);
+  });
+}
+
+// Implicit gradient of the projection; see docs/theory/projections.rst.
+// Pass 1: sums of G over the support and of G (d - mu); for an active row also the moments of
+// pi~ at (t, lam): S = sum e^{b + t d - lam}, sum of e (d - mu) and of e (d - mu)^2.
+struct ProjGradSums {
+  double SG = 0, SGd = 0, S = 0, Sd = 0, Sd2 = 0;
+};
+
+template <class In>
+inline ProjGradSums proj_grad_sums(const In* z, int64_t sz, const In* w, int64_t sw,
+                                   const double* g, int64_t V, double invT, double cd,
+                                   double lse_q, double t, double lam, double mu, bool inside) {
+  d4 a = {}, b = {}, s0 = {}, s1 = {}, s2 = {};
+  const double ninf = -std::numeric_limits<double>::infinity();
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, d4 zv, d4 wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    d4 gv = {};
+    for (int64_t k = 0; k < n; ++k) gv[k] = g[i + k];
+    l4 ok = inside ? (zv > ninf) : ((zv > ninf) & (wv > ninf));
+    gv = ok ? gv : d4{};
+    d4 d = ok ? (zv - wv) * invT - cd : d4{};
+    d4 dc = ok ? d - mu : d4{};
+    a += gv;
+    b += gv * dc;
+    if (!inside) {
+      d4 e = exp_d((wv * invT - lse_q) + t * d - lam);
+      e = ok ? e : d4{};
+      s0 += e;
+      d4 edc = e * dc;
+      s1 += edc;
+      s2 += edc * dc;
+    }
+  });
+  return {hsum(a), hsum(b), hsum(s0), hsum(s1), hsum(s2)};
+}
+
+template <class In, class Out>
+inline void proj_grad_write(const In* z, int64_t sz, const In* w, int64_t sw, const double* g,
+                            int64_t V, double invT, double lse_p, double lse_q, double t,
+                            double lam, double mu, bool inside, double SG, double kappa,
+                            Out* dz, Out* dw) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const double cd = lse_p - lse_q;
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, d4 zv, d4 wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    d4 gv = {};
+    for (int64_t k = 0; k < n; ++k) gv[k] = g[i + k];
+    d4 gz, gw;
+    if (inside) {
+      l4 ok = zv > ninf;
+      d4 pa = exp_d(zv * invT - lse_p);
+      gz = ok ? (gv - pa * SG) * invT : d4{};
+      gw = d4{};
+    } else {
+      l4 ok = (zv > ninf) & (wv > ninf);
+      d4 d = ok ? (zv - wv) * invT - cd : d4{};
+      d4 b = wv * invT - lse_q;
+      d4 pt = exp_d(b + t * d - lam);
+      pt = ok ? pt : d4{};
+      d4 po = wv > ninf ? exp_d(b) : d4{};
+      d4 dc = ok ? d - mu : d4{};
+      d4 r = ok ? gv - pt * SG : d4{};
+      gz = (t * r - (kappa * t * t) * (pt * dc)) * invT;
+      gw = ((1.0 - t) * r - kappa * ((t * (1.0 - t)) * (pt * dc) - pt + po)) * invT;
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      if (dz) proj_store(dz + i + k, gz[k]);
+      if (dw) proj_store(dw + i + k, gw[k]);
+    }
+  });
+}
+
+}  // namespace simd
+}  // namespace trmath

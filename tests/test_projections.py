@@ -1,0 +1,596 @@
+"""Trust-region projections (SPEC.md section 4.2): KL ball (TROLL), TV ball, sparse variant.
+
+Accuracy is checked against the mpmath oracles of :mod:`trmath.testing.oracles_projection` on the
+exact values the inputs represent: the multiplier eta within 1e-6 relative of the 50-digit root,
+the constraint KL(pi~_eta || pi_old) = eps met to 1e-6 relative at the returned eta (TARGETS.md).
+Both backends (C++ on CPU, pure torch) are run through every property.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import trmath
+from trmath import _project_torch as pt
+from trmath import projections as P
+from trmath.testing import mp_kl, mp_project_kl, mp_project_tv, mp_projection_kl_at, row_pairs
+
+INF = math.inf
+BACKENDS = ("cpp", "torch")
+ETA_RTOL = 1e-6  # TARGETS.md: eta within 1e-6 relative of the mpmath root
+KL_RTOL = 1e-6  # TARGETS.md: constraint met to 1e-6 relative
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    old = P._FORCE_TORCH[0]
+    P._FORCE_TORCH[0] = request.param == "torch"
+    try:
+        yield request.param
+    finally:
+        P._FORCE_TORCH[0] = old
+
+
+def _rows(kind: str, V: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    z = g.normal(size=V) * 2.0
+    if kind == "random":
+        w = g.normal(size=V) * 2.0
+    elif kind == "near":  # KL(pi_new || pi_old) ~ 1e-6
+        w = z + 1e-3 * g.normal(size=V)
+    elif kind == "peaked":  # logit spread ~ 60
+        z = g.normal(size=V) * 20.0
+        w = z + 4.0 * g.normal(size=V)
+    elif kind == "masked":  # common mask, plus a token only pi_old has
+        w = g.normal(size=V) * 2.0
+        z[:3] = -INF
+        w[:2] = -INF
+    elif kind == "old_zero":  # pi_old = 0 where pi_new > 0: KL(pi_new||pi_old) = +inf
+        w = g.normal(size=V) * 2.0
+        w[4] = -INF
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return z, w
+
+
+CASES = [
+    ("random", 0.05, 1.0),
+    ("random", 0.3, 0.7),
+    ("random", 1e-6, 1.0),
+    ("near", 1e-8, 1.0),
+    ("peaked", 1e-4, 1.0),
+    ("masked", 0.05, 1.3),
+    ("old_zero", 0.05, 1.0),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# accuracy against mpmath
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("kind,eps,T", CASES)
+def test_kl_multiplier_and_constraint_against_mpmath(backend, kind, eps, T, dtype):
+    worst_eta = worst_kl = worst_lp = 0.0
+    for seed in range(2):
+        z, w = _rows(kind, 24, seed)
+        zt, wt = torch.tensor(z).to(dtype), torch.tensor(w).to(dtype)
+        lp, eta = trmath.project_kl(zt.unsqueeze(0), wt.unsqueeze(0), eps, temperature=T, return_eta=True)
+        eta_ref, lp_ref = mp_project_kl(zt, wt, eps, T)
+        assert eta_ref > 0, "every case here is active"
+        worst_eta = max(worst_eta, abs(float(eta[0]) / float(eta_ref) - 1.0))
+        # Feasibility and tightness at the returned multiplier, evaluated exactly.
+        kl_at, _ = mp_projection_kl_at(zt, wt, float(eta[0]), T)
+        worst_kl = max(worst_kl, abs(float(kl_at) / eps - 1.0))
+        fin = np.isfinite(lp_ref)
+        out = lp[0].double().numpy()
+        assert np.array_equal(np.isfinite(out), fin), "support of pi~ = common support"
+        worst_lp = max(worst_lp, float(np.max(np.abs(out[fin] - lp_ref[fin]) / np.maximum(1.0, np.abs(lp_ref[fin])))))
+    assert worst_eta <= ETA_RTOL, f"eta relative error {worst_eta:.3g}"
+    assert worst_kl <= KL_RTOL, f"|KL/eps - 1| = {worst_kl:.3g}"
+    # Output log-probs: float64 -- the eta error (<= 1e-12 relative) times |d log pi~/d eta| and
+    # a few ulps of |log pi~|; float32 outputs -- one rounding to float32 (2^-24 relative) plus
+    # that. Peaked rows (|log pi~| up to ~100) are covered by the relative scale.
+    tol = 1e-9 if dtype == torch.float64 else 2.0 ** -23
+    assert worst_lp <= tol, f"log pi~ error {worst_lp:.3g}"
+
+
+def test_kl_output_rows_meet_the_constraint_in_float64(backend):
+    z = torch.randn(16, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2
+    w = torch.randn(16, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2
+    for eps in (1e-4, 0.05, 0.5):
+        lp = trmath.project_kl(z, w, eps)
+        kl = trmath.kl(lp, w)  # exact float64 reduction of the returned rows
+        assert torch.all(torch.abs(kl / eps - 1.0) <= KL_RTOL), (kl / eps - 1).abs().max()
+        assert torch.allclose(lp.exp().sum(-1), torch.ones(16, dtype=torch.float64), atol=1e-13, rtol=0)
+
+
+def test_kl_identity_when_inside(backend):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(8, 50, dtype=torch.float64, generator=g)
+    w = z + 0.1 * torch.randn(8, 50, dtype=torch.float64, generator=g)
+    k1 = trmath.kl(z, w)
+    for eps in (float(k1.max()) * (1 + 1e-9), 10.0):
+        lp, eta = trmath.project_kl(z, w, eps, return_eta=True)
+        assert torch.all(eta == 0)
+        torch.testing.assert_close(lp, torch.log_softmax(z, -1), rtol=0, atol=1e-14)
+    for dtype in (torch.float32, torch.bfloat16):
+        zz, ww = z.to(dtype), w.to(dtype)
+        lp, eta = trmath.project_kl(zz, ww, 10.0, return_eta=True)
+        assert lp.dtype == torch.float32 and torch.all(eta == 0)
+        # float32 output of log_softmax: the rounding of lse (a few ulps of |lse|) plus one
+        # rounding of the result.
+        torch.testing.assert_close(lp.double(), torch.log_softmax(zz.double(), -1), rtol=2e-7, atol=1e-6)
+
+
+def test_kl_limits(backend):
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(4, 40, dtype=torch.float64, generator=g) * 2
+    w = torch.randn(4, 40, dtype=torch.float64, generator=g) * 2
+    k1 = trmath.kl(z, w)
+    a, b = torch.log_softmax(z, -1), torch.log_softmax(w, -1)
+    # eps -> KL(pi_new || pi_old) from below: eta -> 0 and pi~ -> pi_new, continuously.
+    lp, eta = trmath.project_kl(z[:1], w[:1], float(k1[0]) * (1 - 1e-7), return_eta=True)
+    assert 0 < float(eta[0]) < 1e-5
+    assert float((lp - a[:1]).abs().max()) < 1e-5
+    # eps -> 0: eta -> inf and pi~ -> pi_old, with ||log pi~ - log pi_old|| = O(sqrt(eps)).
+    prev = None
+    for eps in (1e-4, 1e-8, 1e-12):
+        lp, eta = trmath.project_kl(z, w, eps, return_eta=True)
+        dev = float((lp - b).abs().max())
+        assert dev < 50 * math.sqrt(eps)
+        if prev is not None:
+            assert torch.all(eta > prev)
+        prev = eta
+
+
+def test_kl_log_offset_is_constant(backend):
+    """log pi~ - (log pi_new + eta log pi_old) / (1 + eta) is the same on every supported token."""
+    z, w = (torch.tensor(x).unsqueeze(0) for x in _rows("masked", 64, 5))
+    lp, eta = trmath.project_kl(z, w, 0.02, return_eta=True)
+    a, b = torch.log_softmax(z, -1), torch.log_softmax(w, -1)
+    e = float(eta[0])
+    off = (lp - (a + e * b) / (1 + e))[torch.isfinite(lp)]
+    assert float(off.max() - off.min()) < 1e-13 * (1 + float(off.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------
+# optimality
+# ------------------------------------------------------------------------------------------------
+def _kl_rows(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of log-prob rows, float64, 0 log 0 = 0 (q may be 0 only where p is)."""
+    p = p_lp.exp()
+    return torch.where(p > 0, p * (p_lp - q_lp), torch.zeros_like(p)).sum(-1)
+
+
+def _feasible_competitors(b: torch.Tensor, eps: float, n: int, seed: int) -> torch.Tensor:
+    """Random distributions in the ball KL(q || pi_old) <= eps (log-probs, [n, V])."""
+    g = torch.Generator().manual_seed(seed)
+    V = b.shape[-1]
+    out = []
+    while len(out) < n:
+        r = torch.log_softmax(torch.randn(V, dtype=torch.float64, generator=g) * 3, -1)
+        # Mix a random direction into pi_old, shrinking it until it is inside the ball.
+        s = float(torch.rand((), generator=g, dtype=torch.float64))
+        for _ in range(60):
+            q = torch.logaddexp(math.log1p(-s) + b, math.log(s) + r)
+            if float(_kl_rows(q, b)) <= eps:
+                out.append(q)
+                break
+            s *= 0.7
+    return torch.stack(out)
+
+
+def test_kl_optimal_against_feasible_competitors_and_pythagorean(backend):
+    for seed in range(3):
+        z, w = (torch.tensor(x) for x in _rows("random", 12, 10 + seed))
+        eps = 0.05
+        lp = trmath.project_kl(z, w, eps)
+        a, b = torch.log_softmax(z, -1), torch.log_softmax(w, -1)
+        best = float(_kl_rows(lp, a))
+        qs = _feasible_competitors(b, eps, 200, seed)
+        obj = _kl_rows(qs, a.expand_as(qs))
+        assert float(obj.min()) >= best - 1e-12
+        # Pythagorean inequality of the I-projection onto a convex set:
+        # KL(q || pi_new) >= KL(q || pi~) + KL(pi~ || pi_new) for every q in the ball.
+        rhs = _kl_rows(qs, lp.expand_as(qs)) + best
+        assert torch.all(obj >= rhs - 1e-12), float((rhs - obj).max())
+
+
+def test_kl_matches_brute_force_on_the_simplex(backend):
+    """V = 3: the minimum of KL(q || pi_new) over a fine grid of the ball is the projection's."""
+    n = 600
+    i, j = torch.meshgrid(torch.arange(1, n, dtype=torch.float64), torch.arange(1, n, dtype=torch.float64), indexing="ij")
+    keep = (i + j) < n
+    q = torch.stack([i[keep], j[keep], n - i[keep] - j[keep]], -1) / n
+    lq = torch.log(q)
+    for z, w, eps in (([2.0, 0.0, -1.0], [0.0, 0.5, 0.0], 0.05), ([0.0, 3.0, 1.0], [1.0, 0.0, 0.0], 0.2)):
+        zt, wt = torch.tensor(z, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)
+        a, b = torch.log_softmax(zt, -1), torch.log_softmax(wt, -1)
+        lp = trmath.project_kl(zt, wt, eps)
+        feas = _kl_rows(lq, b.expand_as(lq)) <= eps
+        obj = _kl_rows(lq[feas], a.expand(int(feas.sum()), 3))
+        ours = float(_kl_rows(lp, a))
+        # No grid point of the ball does better, and the grid's best is within its resolution.
+        assert float(obj.min()) >= ours - 1e-12
+        k = int(obj.argmin())
+        assert float(obj.min()) - ours < 5e-3
+        assert float((lq[feas][k] - lp).abs().max()) < 5e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# gradients
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps,T", ((0.05, 1.0), (0.3, 0.6), (50.0, 1.0)))
+def test_kl_gradcheck_float64(backend, eps, T):
+    g = torch.Generator().manual_seed(6)
+    z = (torch.randn(3, 9, dtype=torch.float64, generator=g) * 2).requires_grad_()
+    w = (torch.randn(3, 9, dtype=torch.float64, generator=g) * 2)
+    w[1, 2] = -INF  # pi_old = 0 where pi_new > 0 (row 1 is always projected)
+    w.requires_grad_()
+    fin = torch.isfinite(trmath.project_kl(z, w, eps, temperature=T))
+    assert int((~fin).sum()) == 1  # pi~ = 0 where pi_old = 0: a constant -inf, left out
+    assert torch.autograd.gradcheck(lambda z, w: trmath.project_kl(z, w, eps, temperature=T)[fin], (z, w))
+
+
+def test_kl_gradcheck_masked_tokens(backend):
+    z, w = (torch.tensor(x).unsqueeze(0) for x in _rows("masked", 10, 7))
+    fin = torch.isfinite(z) & torch.isfinite(w)
+    lp0 = trmath.project_kl(z, w, 0.5)
+    assert torch.all(torch.isneginf(lp0[~fin]))
+
+    def f(zf, wf):  # perturb only finite logits; compare only finite outputs
+        zz = z.clone(); ww = w.clone()
+        zz[torch.isfinite(z)] = zf; ww[torch.isfinite(w)] = wf
+        return trmath.project_kl(zz, ww, 0.5)[fin]
+
+    zf = z[torch.isfinite(z)].clone().requires_grad_()
+    wf = w[torch.isfinite(w)].clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (zf, wf))
+
+
+def test_negative_control_constant_eta_gives_wrong_gradients():
+    """Differentiating the closed form with eta held fixed misses d eta / d logits."""
+    g = torch.Generator().manual_seed(8)
+    z = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 2).requires_grad_()
+    w = (torch.randn(2, 12, dtype=torch.float64, generator=g) * 2).requires_grad_()
+    c = torch.randn(2, 12, dtype=torch.float64, generator=g)
+    eps = 0.05
+    lp, eta = trmath.project_kl(z, w, eps, return_eta=True)
+    gz, gw = torch.autograd.grad((c * lp.exp()).sum(), (z, w))
+    a, b = torch.log_softmax(z, -1), torch.log_softmax(w, -1)
+    lp_c, _, _, _, _ = pt.row_stats(a, b, eta.detach())  # eta as a constant
+    torch.testing.assert_close(lp_c, lp, rtol=0, atol=1e-12)  # same value ...
+    gz_c, gw_c = torch.autograd.grad((c * lp_c.exp()).sum(), (z, w))
+    # ... but a different gradient, and only the implicit one matches finite differences.
+    assert float((gz_c - gz).abs().max()) > 1e-3 * float(gz.abs().max())
+    h = 1e-6
+    for k in range(3):
+        dz = torch.zeros_like(z); dz[0, k] = h
+        fd = (((c * trmath.project_kl(z + dz, w, eps).exp()).sum()
+               - (c * trmath.project_kl(z - dz, w, eps).exp()).sum()) / (2 * h)).item()
+        assert abs(fd - gz[0, k].item()) < 1e-7
+    bad = [k for k in range(12) if abs(gz_c[0, k].item() - gz[0, k].item()) > 1e-5]
+    assert bad, "holding eta constant should change the gradient of some logit"
+
+
+# ------------------------------------------------------------------------------------------------
+# C++ against torch
+# ------------------------------------------------------------------------------------------------
+def _both(fn):
+    old = P._FORCE_TORCH[0]
+    try:
+        P._FORCE_TORCH[0] = False
+        a = fn()
+        P._FORCE_TORCH[0] = True
+        b = fn()
+    finally:
+        P._FORCE_TORCH[0] = old
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16, torch.float16))
+def test_cpp_matches_torch_forward_and_backward(dtype):
+    g = torch.Generator().manual_seed(9)
+    z = (torch.randn(2, 3, 257, generator=g) * 3).to(dtype)
+    w = (z.float() + torch.randn(2, 3, 257, generator=g)).to(dtype)
+    w[0, 1, 7] = -INF
+    z[1, 2, :5] = -INF
+    w[1, 2, :4] = -INF
+    z[1, 0] = w[1, 0]  # identical rows: inside
+    G = torch.randn(2, 3, 257, dtype=torch.float64, generator=g)
+
+    def run():
+        zz = z.clone().requires_grad_(); ww = w.clone().requires_grad_()
+        lp, eta = trmath.project_kl(zz, ww, 0.05, temperature=0.9, return_eta=True)
+        (torch.where(torch.isfinite(lp), lp.double(), 0.0) * G).sum().backward()
+        return lp, eta, zz.grad, ww.grad
+
+    (lp1, e1, gz1, gw1), (lp2, e2, gz2, gw2) = _both(run)
+    assert lp1.dtype == lp2.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(torch.isinf(lp1), torch.isinf(lp2))
+    torch.testing.assert_close(e1, e2, rtol=1e-10, atol=0)
+    fin = torch.isfinite(lp2)
+    otol = 1e-12 if dtype == torch.float64 else 4e-7  # float32 output: a rounding of each
+    torch.testing.assert_close(lp1[fin].double(), lp2[fin].double(), rtol=otol, atol=otol)
+    gtol = 1e-9 if dtype == torch.float64 else 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6
+    # Gradients are rounded to the input dtype (bf16: 2^-8 relative).
+    torch.testing.assert_close(gz1.double(), gz2.double(), rtol=gtol, atol=gtol * float(gz2.abs().max()))
+    torch.testing.assert_close(gw1.double(), gw2.double(), rtol=gtol, atol=gtol * float(gw2.abs().max()))
+
+
+def test_cpp_strided_inputs_and_determinism():
+    g = torch.Generator().manual_seed(10)
+    base_z = torch.randn(6, 400, generator=g) * 2
+    base_w = torch.randn(6, 400, generator=g) * 2
+    zs, ws = base_z[:, ::2], base_w[:, ::2]  # strided vocabulary axis
+    lp_s = trmath.project_kl(zs, ws, 0.03)
+    lp_c = trmath.project_kl(zs.contiguous(), ws.contiguous(), 0.03)
+    assert torch.equal(lp_s, lp_c)
+    single = trmath.project_kl(zs[3:4].contiguous(), ws[3:4].contiguous(), 0.03)
+    assert torch.equal(single[0], lp_c[3])  # independent of the batch
+    n = trmath.num_threads()
+    try:
+        trmath.set_num_threads(1)
+        assert torch.equal(trmath.project_kl(zs, ws, 0.03), lp_c)
+    finally:
+        trmath.set_num_threads(n)
+
+
+def test_numpy_in_numpy_out():
+    z, w = _rows("random", 20, 11)
+    out = trmath.project_kl(z[None], w[None], 0.05)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == (1, 20)
+    out = trmath.project_tv(z.astype(np.float32), w.astype(np.float32), 0.1)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn,arg", ((trmath.project_kl, "epsilon"), (trmath.project_tv, "delta")))
+def test_bad_radius(fn, arg):
+    z = torch.zeros(2, 4)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"{arg}: must be finite and > 0"):
+            fn(z, z, bad)
+    with pytest.raises(TypeError, match=f"{arg}: expected a number"):
+        fn(z, z, "0.1")
+
+
+@pytest.mark.parametrize("fn", (trmath.project_kl, trmath.project_tv))
+def test_bad_rows_and_shapes(backend, fn):
+    z = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match=r"new_logits and old_logits: shapes differ"):
+        fn(z, torch.zeros(2, 5), 0.1)
+    bad = z.clone(); bad[1, 2] = math.nan
+    with pytest.raises(ValueError, match=r"new_logits: row 1 contains NaN"):
+        fn(bad, z, 0.1)
+    with pytest.raises(ValueError, match=r"old_logits: row 1 contains NaN"):
+        fn(z, bad, 0.1)
+    bad = z.clone(); bad[2] = -INF
+    with pytest.raises(ValueError, match=r"old_logits: row 2 is entirely -inf"):
+        fn(z, bad, 0.1)
+
+
+def test_kl_infeasible_and_unvalidated_nan(backend):
+    z = torch.zeros(2, 4, dtype=torch.float64)
+    w = torch.zeros(2, 4, dtype=torch.float64)
+    z[1, :3] = -INF  # pi_new has one token; pi_old puts 3/4 outside it: limit -log(1/4) > eps
+    with pytest.raises(ValueError, match=r"old_logits: row 1 puts mass .* outside the support"):
+        trmath.project_kl(z, w, 0.5)
+    lp = trmath.project_kl(z, w, 2.0)  # -log(1/4) = 1.386 < 2: feasible, one token left
+    assert torch.equal(lp[1], torch.tensor([-INF, -INF, -INF, 0.0], dtype=torch.float64))
+    bad = z.clone(); bad[0, 0] = math.nan
+    out = trmath.project_kl(bad, w, 0.5, validate=False)
+    assert torch.isnan(out[0]).all() and torch.isnan(out[1]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# TV ball
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+def test_tv_against_mpmath(dtype):
+    for kind in ("random", "masked", "peaked"):
+        z, w = _rows(kind, 30, 12)
+        zt, wt = torch.tensor(z).to(dtype), torch.tensor(w).to(dtype)
+        tv = float(trmath.tv(zt.double(), wt.double()))
+        for delta in (0.5 * tv, 0.01, 2 * tv):
+            lp, lam = trmath.project_tv(zt, wt, delta, return_lambda=True)
+            lam_ref, lp_ref = mp_project_tv(zt, wt, delta)
+            assert abs(float(lam) / float(lam_ref) - 1) <= 1e-12
+            fin = np.isfinite(lp_ref)
+            assert np.array_equal(np.isfinite(lp.double().numpy()), fin)
+            err = np.max(np.abs(lp.double().numpy()[fin] - lp_ref[fin]) / np.maximum(1, np.abs(lp_ref[fin])))
+            assert err <= (1e-13 if dtype == torch.float64 else 2.0 ** -24)
+            if dtype == torch.float64:  # TV(pi~, pi_old) = min(delta, TV), on the returned rows
+                got = float(trmath.tv(lp, wt))
+                assert abs(got / min(delta, tv) - 1) <= 1e-10
+
+
+def test_tv_identity_and_gradcheck():
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(3, 8, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(3, 8, dtype=torch.float64, generator=g).requires_grad_()
+    out = trmath.project_tv(z, w, 1.0)  # TV <= 1: always inside
+    torch.testing.assert_close(out, torch.log_softmax(z, -1), rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda z, w: trmath.project_tv(z, w, 0.05, temperature=0.8), (z, w))
+    assert torch.autograd.gradcheck(lambda z, w: trmath.project_tv(z, w, 1.0), (z, w))
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse variant
+# ------------------------------------------------------------------------------------------------
+def test_sparse_full_support_equals_dense(backend):
+    z, w = (torch.tensor(x).unsqueeze(0) for x in _rows("random", 16, 14))
+    idx, lpn, lpo = trmath.sparse_support(z, w, 16)
+    lp = trmath.project_kl_sparse(lpn, lpo, 0.05)
+    dense = trmath.project_kl(z, w, 0.05)
+    keep = torch.isfinite(lpn[0])  # first occurrence of each token
+    assert int(keep.sum()) == 16
+    assert float(lp[0, -1].exp()) < 1e-14  # empty tail
+    torch.testing.assert_close(lp[0, :-1][keep], dense[0, idx[0][keep]], rtol=0, atol=1e-12)
+
+
+def test_sparse_support_slots_and_tail():
+    z, w = _rows("random", 500, 15)
+    z, w = torch.tensor(z).unsqueeze(0), torch.tensor(w).unsqueeze(0)
+    tok = torch.tensor([int(torch.argmin(z))])
+    idx, lpn, lpo = trmath.sparse_support(z, w, 8, tok)
+    assert idx.shape == (1, 17) and int(idx[0, -1]) == int(tok)
+    ids = idx[0][torch.isfinite(lpn[0])].tolist()
+    assert len(ids) == len(set(ids))  # each token once
+    assert set(ids) == set(torch.topk(z[0], 8).indices.tolist()) | set(torch.topk(w[0], 8).indices.tolist()) | {int(tok)}
+    lp, eta = trmath.project_kl_sparse(lpn, lpo, 0.01, return_eta=True)
+    assert lp.shape == (1, 18) and float(eta[0]) > 0
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(1, dtype=torch.float64), rtol=0, atol=1e-13)
+    # the coarse constraint (S tokens + tail) is met against the exact coarse KL
+    tail_o = torch.log1p(-lpo[torch.isfinite(lpo)].exp().sum()).reshape(1)
+    coarse_old = torch.cat([lpo[0], tail_o])
+    assert abs(float(mp_kl(lp[0], coarse_old)) / 0.01 - 1) <= KL_RTOL
+
+
+def test_sparse_bound_can_be_exceeded_on_the_full_vocabulary():
+    """The caveat: a policy meeting the bound on the sparse set (support + tail) can exceed it
+    on the full vocabulary when its tail is not shaped like pi_old's."""
+    V, k, eps = 400, 8, 0.02
+    g = np.random.default_rng(16)
+    z = g.normal(size=V) * 1.5
+    w = g.normal(size=V) * 1.5
+    zt, wt = torch.tensor(z).unsqueeze(0), torch.tensor(w).unsqueeze(0)
+    idx, lpn, lpo = trmath.sparse_support(zt, wt, k)
+    lp = trmath.project_kl_sparse(lpn, lpo, eps)
+    keep = torch.isfinite(lpn[0])
+    sel = idx[0][keep]
+    a, b = torch.log_softmax(zt[0], -1), torch.log_softmax(wt[0], -1)
+    out = torch.isin(torch.arange(V), sel, invert=True)
+    # Lift: the support tokens as projected; the tail mass spread like pi_new's tail.
+    full = torch.empty(V, dtype=torch.float64)
+    full[sel] = lp[0, :-1][keep]
+    full[out] = lp[0, -1] + a[out] - torch.logsumexp(a[out], 0)
+    assert abs(float(torch.logsumexp(full, 0))) < 1e-12
+    coarse = float(mp_kl(lp[0], torch.cat([lpo[0], torch.log1p(-lpo[0][keep].exp().sum()).reshape(1)])))
+    full_kl = float(mp_kl(full, b))
+    assert abs(coarse / eps - 1) <= KL_RTOL
+    assert full_kl > 1.5 * eps, (coarse, full_kl)
+    # With the tail shaped like pi_old's, the full-vocabulary KL equals the coarse one.
+    full[out] = lp[0, -1] + b[out] - torch.logsumexp(b[out], 0)
+    assert abs(float(mp_kl(full, b)) / eps - 1) <= 1e-6
+
+
+def test_sparse_rejects_overfull_rows():
+    lp = torch.log(torch.tensor([[0.7, 0.6]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"new_logprobs: row 0 has probabilities summing to more than 1"):
+        trmath.project_kl_sparse(lp, lp - 1.0, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# TROLL's loss
+# ------------------------------------------------------------------------------------------------
+def test_troll_loss_value_gradient_and_mask():
+    g = torch.Generator().manual_seed(17)
+    logits = (torch.randn(2, 5, 16, dtype=torch.float64, generator=g) * 2).requires_grad_()
+    old = torch.randn(2, 5, 16, dtype=torch.float64, generator=g) * 2
+    tok = torch.randint(0, 16, (2, 5), generator=g)
+    adv = torch.randn(2, 5, dtype=torch.float64, generator=g)
+    lp = torch.log_softmax(logits, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    lpo = torch.log_softmax(old, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    mask = torch.ones(2, 5, dtype=torch.bool); mask[1, 3:] = False
+    eps, alpha = 0.05, 0.5
+    kw = dict(logits=logits, rollout_logits=old, tokens=tok, epsilon=eps, alpha=alpha)
+    loss, met = trmath.troll_loss(lp, lpo, adv, mask, **kw)
+    # reference from the pieces
+    lpt = trmath.project_kl(logits, old, eps)
+    lpa = lpt.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    reg = trmath.kl(logits, lpt.detach())
+    per = -adv * torch.exp(lpa - lpo) + alpha * reg
+    ref = per[mask].sum() / mask.sum()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    gl, = torch.autograd.grad(loss, logits)
+    gr, = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(gl, gr, rtol=1e-10, atol=1e-14)
+    assert torch.all(gl[1, 3:] == 0)
+    assert 0 <= float(met["projected_frac"]) <= 1 and float(met["kl_new_old"]) > 0
+    # per-token matrix and a global normaliser (gradient accumulation)
+    mat, _ = trmath.troll_loss(lp, lpo, adv, mask, aggregation=None, **kw)
+    assert torch.all(mat[1, 3:] == 0)
+    tot, _ = trmath.troll_loss(lp, lpo, adv, mask, normalizer=20, **kw)
+    torch.testing.assert_close(tot, per[mask].sum() / 20, rtol=1e-12, atol=0)
+    # fully masked: zero loss, zero gradient, finite metrics (no NaN); padding may hold NaN
+    lpo_pad = lpo.clone(); lpo_pad[:] = math.nan
+    loss0, met0 = trmath.troll_loss(lp, lpo_pad, adv, torch.zeros(2, 5), **kw)
+    g0, = torch.autograd.grad(loss0, logits)
+    assert float(loss0.detach()) == 0.0 and torch.all(g0 == 0)
+    assert all(math.isfinite(float(v)) for v in met0.values())
+
+
+def test_kl_old_zero_restricted_limit(backend):
+    """KL(pi_new || pi_old) = +inf but pi_new restricted to the common support is in the ball:
+    the solution is that restriction (eta = 0+), as the oracle finds."""
+    z, w = _rows("old_zero", 24, 18)
+    zt, wt = torch.tensor(z), torch.tensor(w)
+    eta_ref, lp_ref = mp_project_kl(zt, wt, 5.0)
+    assert eta_ref == 0 and np.isneginf(lp_ref[4])
+    zr, wr = zt.unsqueeze(0).requires_grad_(), wt.unsqueeze(0).requires_grad_()
+    lp, eta = trmath.project_kl(zr, wr, 5.0, return_eta=True)
+    assert float(eta[0]) == 0.0
+    fin = np.isfinite(lp_ref)
+    assert np.max(np.abs(lp[0].detach().numpy()[fin] - lp_ref[fin])) < 1e-13
+    assert torch.autograd.gradcheck(lambda a, b: trmath.project_kl(a, b, 5.0)[0, torch.from_numpy(fin)], (zr, wr))
+
+
+# ------------------------------------------------------------------------------------------------
+# properties on generated rows (Hypothesis)
+# ------------------------------------------------------------------------------------------------
+@given(pair=row_pairs(1, 48), eps=st.sampled_from([1e-4, 1e-2, 0.1, 1.0]),
+       shift=st.floats(-50, 50))
+def test_kl_properties_on_generated_rows(pair, eps, shift):
+    z, w = (torch.from_numpy(x).unsqueeze(0) for x in pair)
+    a, b = torch.log_softmax(z, -1), torch.log_softmax(w, -1)
+    s = torch.isfinite(a) & torch.isfinite(b)
+    lim = -float(torch.logsumexp(torch.where(s, b, -INF), -1))  # g(eta -> inf)
+    if not lim < eps:
+        with pytest.raises(ValueError, match="outside the support"):
+            trmath.project_kl(z, w, eps)
+        return
+    (lp, eta), (lp_t, eta_t) = _both(lambda: trmath.project_kl(z, w, eps, return_eta=True))
+    # backends agree
+    assert torch.equal(torch.isinf(lp), torch.isinf(lp_t))
+    assert (float(eta) == 0) == (float(eta_t) == 0)
+    if float(eta) > 0:
+        assert abs(float(eta) / float(eta_t) - 1) < 1e-8
+    fin = torch.isfinite(lp)
+    torch.testing.assert_close(lp[fin], lp_t[fin], rtol=1e-10, atol=1e-10)
+    # feasibility, and tightness when active (absolute floor: the float64 rounding of log Z)
+    kl = float(trmath.kl(lp, w))
+    assert kl <= eps * (1 + KL_RTOL) + 1e-15
+    if float(eta) > 0:
+        assert abs(kl - eps) <= KL_RTOL * eps + 1e-15
+    elif math.isfinite(float(trmath.kl(z, w))):
+        torch.testing.assert_close(lp, a, rtol=0, atol=1e-13)  # identity when inside
+    # pi_old restricted to the support is feasible: the projection is at least as close to pi_new
+    b_s = torch.where(s, b, -INF) - torch.logsumexp(torch.where(s, b, -INF), -1)
+    if float(_kl_rows(b_s, b)) <= eps:
+        assert float(_kl_rows(lp, a)) <= float(_kl_rows(b_s, a)) + 1e-12
+    # shift invariance of both rows
+    lp2 = trmath.project_kl(z + shift, w - 0.5 * shift, eps)
+    torch.testing.assert_close(lp2[fin], lp[fin], rtol=0, atol=1e-12 * (1 + abs(shift)))
+
+
+def test_sparse_support_logprobs_are_exact_and_differentiable():
+    g = torch.Generator().manual_seed(19)
+    z = (torch.randn(3, 300, generator=g) * 3).requires_grad_()
+    w = torch.randn(3, 300, generator=g) * 3
+    idx, lpn, lpo = trmath.sparse_support(z, w, 5, temperature=0.8)
+    ref = torch.log_softmax(z.double() / 0.8, -1).gather(-1, idx)
+    keep = torch.isfinite(lpn)
+    torch.testing.assert_close(lpn[keep].double(), ref[keep], rtol=2e-7, atol=0)
+    c = torch.randn(lpn.shape, dtype=torch.float64, generator=g)
+    gz, = torch.autograd.grad((c * torch.where(keep, lpn.double(), 0.0)).sum(), z)
+    gr, = torch.autograd.grad((c * torch.where(keep, ref, 0.0)).sum(), z)
+    torch.testing.assert_close(gz, gr, rtol=1e-5, atol=1e-7)
