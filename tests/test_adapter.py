@@ -88,6 +88,20 @@ def test_compute_loss_equals_the_registered_objective(config):
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
+def test_compute_loss_troll_is_the_projection_loss():
+    ro, logits = _rollout_and_logits()
+    loss, m = adapter.compute_loss("troll", logits, ro, epsilon=0.05, alpha=0.5)
+    (g1,) = torch.autograd.grad(loss, logits)
+    logits2 = logits.detach().clone().requires_grad_()
+    lp = trmath.token_logprobs(logits2, ro.tokens)
+    loss2, _ = trmath.troll_loss(lp, ro.logprobs, ro.advantages, ro.mask, logits=logits2,
+                                 rollout_logits=ro.logits, tokens=ro.tokens, epsilon=0.05, alpha=0.5)
+    (g2,) = torch.autograd.grad(loss2, logits2)
+    assert float(loss.detach()) == float(loss2.detach())
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    assert torch.isfinite(g1).all() and g1.abs().sum() > 0
+
+
 def test_compute_loss_topk_uses_the_rollout_slots_and_keeps_empty_slots_empty():
     ro, logits = _rollout_and_logits(top_k=3)
     assert ro.topk_ids.shape[-1] == 4  # K + 1 slots: top-3 of mu plus the sampled token

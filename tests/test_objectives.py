@@ -26,6 +26,10 @@ from trmath import objectives as obj
 RTOL = 1e-12
 SUM = dict(aggregation="seq-mean-token-sum", normalizer=1)
 
+#: Objectives computed from per-token log-probs alone (the generic tests below). "troll" also needs
+#: both policies' full logits; it is tested in tests/test_projections.py and tests/test_adapter.py.
+LOGPROB_OBJECTIVES = sorted(n for n, o in obj.OBJECTIVES.items() if not o.needs)
+
 
 def make_batch(B=5, T=9, seed=0, spread=0.4, dtype=torch.float64, empty_row=True):
     """Random rollout log-probs, a trainer policy ``spread`` away, advantages, a padded mask."""
@@ -296,7 +300,7 @@ def test_on_policy_gradients_agree():
     """At r = 1 (pi = mu) every objective's gradient is the policy gradient -A grad log pi."""
     lp, _, A, M = make_batch(seed=5)
     want = np.where(M.numpy(), -np64(A), 0.0)
-    for name in trmath.OBJECTIVES:
+    for name in LOGPROB_OBJECTIVES:
         kw = dict(divergence=torch.zeros_like(lp), delta=0.1) if name == "dppo" else {}
         if name == "gspo":
             continue  # per-sequence: checked below with seq-mean-token-sum
@@ -337,7 +341,7 @@ def test_aggregation_by_hand(mode):
 
 
 @pytest.mark.parametrize("mode", obj.AGGREGATIONS)
-@pytest.mark.parametrize("name", sorted(obj.OBJECTIVES))
+@pytest.mark.parametrize("name", LOGPROB_OBJECTIVES)
 def test_gradient_accumulation(mode, name):
     """Two half-batches with the global normaliser == the whole batch: value and gradient."""
     lp, mu, A, M = make_batch(B=6, seed=11)
@@ -358,7 +362,7 @@ def test_gradient_accumulation(mode, name):
 
 
 @pytest.mark.parametrize("mode", obj.AGGREGATIONS)
-@pytest.mark.parametrize("name", sorted(obj.OBJECTIVES))
+@pytest.mark.parametrize("name", LOGPROB_OBJECTIVES)
 def test_fully_masked_batch_is_zero_not_nan(mode, name):
     lp, mu, A, _ = make_batch(seed=2)
     M = torch.zeros(lp.shape, dtype=torch.bool)
@@ -373,7 +377,7 @@ def test_fully_masked_batch_is_zero_not_nan(mode, name):
 # ------------------------------------------------------------------------------------------------
 # padding holding inf / NaN is selected out
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(obj.OBJECTIVES))
+@pytest.mark.parametrize("name", LOGPROB_OBJECTIVES)
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf"), 1e30])
 def test_padding_cannot_leak(name, fill):
     lp, mu, A, M = make_batch(seed=6)
@@ -482,7 +486,7 @@ def test_mismatch_diagnostics_against_mpmath():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dt,out", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                     (torch.float32, torch.float32), (torch.float64, torch.float64)])
-@pytest.mark.parametrize("name", sorted(obj.OBJECTIVES))
+@pytest.mark.parametrize("name", LOGPROB_OBJECTIVES)
 def test_result_dtype(dt, out, name):
     lp, mu, A, M = make_batch(seed=1, dtype=dt)
     kw = dict(divergence=torch.zeros(lp.shape), delta=0.1) if name == "dppo" else {}
@@ -565,7 +569,7 @@ def test_dppo_topk(divergence):
 # registry
 # ------------------------------------------------------------------------------------------------
 def test_registry():
-    assert set(obj.OBJECTIVES) == {"ppo", "dual_clip", "cispo", "gspo", "sapo", "dppo"}
+    assert set(obj.OBJECTIVES) == {"ppo", "dual_clip", "cispo", "gspo", "sapo", "dppo", "troll"}
     for name, info in obj.OBJECTIVES.items():
         assert info.name == name and callable(info.fn) and info.fn.__doc__
         assert info.ratio in ("token", "sequence") and info.anchor in ("old", "rollout")
@@ -586,13 +590,13 @@ def test_registry():
                 trmath.dppo_mask(lp, mu, A, divergence=d, **{n: torch.zeros(5, 9, 4) for n in info["needs"]
                                                               if n != name})
     assert trmath.get_objective("gspo").level == "sequence"
-    with pytest.raises(ValueError, match="unknown name 'grpo'.*cispo, dppo, dual_clip, gspo, ppo, sapo"):
+    with pytest.raises(ValueError, match="unknown name 'grpo'.*cispo, dppo, dual_clip, gspo, ppo, sapo, troll"):
         trmath.get_objective("grpo")
     with pytest.raises(ValueError, match="valid names"):
         trmath.policy_loss("nope", torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1))
 
 
-@pytest.mark.parametrize("name", sorted(obj.OBJECTIVES))
+@pytest.mark.parametrize("name", LOGPROB_OBJECTIVES)
 def test_policy_loss_dispatches(name):
     lp, mu, A, M = make_batch(seed=13)
     kw = dict(divergence=torch.zeros_like(lp), delta=0.1) if name == "dppo" else {}

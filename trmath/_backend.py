@@ -133,3 +133,38 @@ def pair_backward(g, z, w, stats, temperature: float, op: str, need_z: bool, nee
         dz.data_ptr() if dz is not None else 0, dw.data_ptr() if dw is not None else 0,
     )
     return dz, dw
+
+
+PROJECT_STATS = 8  # per-row statistics of the KL projection (see cpp/src/project_args.hpp)
+
+
+def has_projection() -> bool:
+    """Whether the compiled core has the KL-projection kernels."""
+    return hasattr(_core, "project_kl_forward")
+
+
+def project_kl_forward(z: torch.Tensor, w: torch.Tensor, epsilon: float, temperature: float):
+    """KL projection of each row of ``z`` onto the ball around ``w``; returns
+    ``(log-probs [..., V], stats [..., PROJECT_STATS], status [...])``."""
+    lead = z.shape[:-1]
+    out = torch.empty(z.shape, dtype=out_dtype(z.dtype))
+    stats = torch.empty((*lead, PROJECT_STATS), dtype=torch.float64)
+    status = torch.zeros(lead, dtype=torch.int32)
+    if status.numel() == 0:
+        return out, stats, status
+    _core.project_kl_forward(_desc(z), _desc(w), float(epsilon), float(temperature), out.data_ptr(),
+                             stats.data_ptr(), status.data_ptr())
+    return out, stats, status
+
+
+def project_kl_backward(g, z, w, stats, temperature: float, need_z: bool, need_w: bool):
+    """Gradients of the KL projection with respect to both logits (``None`` where not needed)."""
+    dz = _empty_like_input(z) if need_z else None
+    dw = _empty_like_input(w) if need_w else None
+    if (dz if dz is not None else dw) is None or z.numel() == 0:
+        return dz, dw
+    g = g.to(torch.float64).contiguous()
+    _core.project_kl_backward(_desc(z), _desc(w), float(temperature), stats.contiguous().data_ptr(),
+                              g.data_ptr(), dz.data_ptr() if dz is not None else 0,
+                              dw.data_ptr() if dw is not None else 0)
+    return dz, dw

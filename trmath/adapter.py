@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Rollout", "group_advantages", "response_logprobs", "compute_loss", "DemoAlgorithm",
-           "DEMO_ALGORITHMS", "demo_algorithm", "PROJECTION_OBJECTIVES"]
+           "DEMO_ALGORITHMS", "demo_algorithm"]
 
 
 def group_advantages(rewards: Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6) -> Tensor:
@@ -147,10 +147,6 @@ class Rollout:
                        logits=pick(self.logits))
 
 
-#: Objectives computed from a projection rather than a registered policy loss.
-PROJECTION_OBJECTIVES = ("troll",)
-
-
 def compute_loss(objective: str, logits: Tensor, rollout: Rollout, *, temperature: float = 1.0,
                  **config: Any) -> tuple[Tensor, dict[str, Any]]:
     """The loss and metrics of ``objective`` for the trained policy's logits ``[B, T, V]``.
@@ -159,7 +155,7 @@ def compute_loss(objective: str, logits: Tensor, rollout: Rollout, *, temperatur
     ----------
     objective : str
         A name registered in :data:`trmath.OBJECTIVES` (``"ppo"``, ``"cispo"``, ``"gspo"``,
-        ``"dppo"``, ...) or ``"troll"`` (the KL projection, :func:`trmath.troll_loss`).
+        ``"dppo"``, ``"troll"`` -- the KL projection, :func:`trmath.troll_loss` --, ...).
     logits : torch.Tensor ``[B, T, V]``
         The trained policy's logits for the response positions (any float dtype; bfloat16 is read
         in place), *before* temperature scaling.
@@ -176,10 +172,10 @@ def compute_loss(objective: str, logits: Tensor, rollout: Rollout, *, temperatur
 
     Notes
     -----
-    The extra inputs an objective needs are derived here: for ``divergence="topk_*"`` the trained
-    policy's log-probs of the rollout's top-K ids (a gather, no ``[B, T, V]`` copy; empty slots,
-    whose rollout log-prob is ``-inf``, stay empty), for ``"exact_*"`` and ``"troll"`` the
-    rollout's full logits.
+    The extra inputs an objective needs (``ObjectiveInfo.required_inputs``) are derived here: for
+    ``divergence="topk_*"`` the trained policy's log-probs of the rollout's top-K ids (a gather,
+    no ``[B, T, V]`` copy; empty slots, whose rollout log-prob is ``-inf``, stay empty), for
+    ``"exact_*"`` and ``"troll"`` both policies' full logits.
 
     Examples
     --------
@@ -196,28 +192,26 @@ def compute_loss(objective: str, logits: Tensor, rollout: Rollout, *, temperatur
     """
     import trmath
 
+    needs = trmath.get_objective(objective).required_inputs(**config)
     lp = trmath.token_logprobs(logits, rollout.tokens, temperature=temperature)
-    if objective in PROJECTION_OBJECTIVES:
-        if rollout.logits is None:
-            raise ValueError(f"rollout: objective {objective!r} needs the rollout's full logits (keep_logits=True)")
-        scaled = logits / temperature if temperature != 1.0 else logits
-        return trmath.troll_loss(scaled, rollout.logits, rollout.tokens, rollout.advantages, rollout.mask, **config)
     kw = dict(config)
-    div = kw.get("divergence")
-    if isinstance(div, str) and div.startswith("topk_"):
+    if "topk_logprobs" in needs:
         if rollout.topk_ids is None:
-            raise ValueError(f"rollout: divergence {div!r} needs the rollout's top-K (top_k > 0)")
+            raise ValueError(f"rollout: {objective!r} with these options needs the rollout's top-K (top_k > 0)")
         cur = trmath.gather_logprobs(logits, rollout.topk_ids, temperature=temperature)
         empty = torch.isneginf(rollout.topk_logprobs)
         cur = torch.where(empty, torch.full_like(cur, -torch.inf), cur)
         kw.setdefault("topk_logprobs", cur)
         kw.setdefault("rollout_topk_logprobs", rollout.topk_logprobs)
-    elif isinstance(div, str) and div.startswith("exact_"):
+    if "rollout_logits" in needs:
         if rollout.logits is None:
-            raise ValueError(f"rollout: divergence {div!r} needs the rollout's full logits (keep_logits=True)")
+            raise ValueError(f"rollout: {objective!r} with these options needs the rollout's full logits "
+                             "(keep_logits=True)")
         kw.setdefault("logits", logits)
         kw.setdefault("rollout_logits", rollout.logits)
         kw.setdefault("temperature", temperature)
+    if "tokens" in needs:
+        kw.setdefault("tokens", rollout.tokens)
     return trmath.policy_loss(objective, lp, rollout.logprobs, rollout.advantages, rollout.mask, **kw)
 
 

@@ -1232,6 +1232,14 @@ def dppo_loss(
     return _finish(loss, keep, b, metrics, **_finish_kw(kw))
 
 
+def _troll_loss(logprob, rollout_logprob, advantages, mask=None, **options):
+    """The registry's entry for :func:`trmath.troll_loss` (imported on use: the projections
+    module builds on this one)."""
+    from .projections import troll_loss
+
+    return troll_loss(logprob, rollout_logprob, advantages, mask, **options)
+
+
 # ------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------
@@ -1341,6 +1349,14 @@ OBJECTIVES: Mapping[str, ObjectiveInfo] = {
             (),
             {"divergence": "binary_tv", "delta": None, "cap": math.inf},
             "DPPO (divergence proximal policy optimisation), 2025"),
+        ObjectiveInfo(
+            "troll", _troll_loss, "policy projected onto the KL ball around the rollout policy (TROLL)",
+            "-A * pi~(a)/mu(a) + alpha * KL(pi || sg pi~), pi~ = project_kl(pi, mu, epsilon)",
+            "through the projection (implicit d eta / d logits) + alpha * grad KL(pi || sg pi~)",
+            "token", "rollout", "token",
+            "the ratio is taken on the projected policy; no token loses its gradient",
+            ("logits", "rollout_logits", "tokens"), {"epsilon": 0.05, "alpha": 1.0},
+            "TROLL: trust region optimisation with a differentiable KL projection, 2025"),
     )
 }
 

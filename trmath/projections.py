@@ -134,7 +134,7 @@ def _cpp_available(z: torch.Tensor) -> bool:
         from . import _backend
     except ImportError:  # pragma: no cover - the extension is always built with the package
         return False
-    return hasattr(_backend._core, "project_kl_forward")
+    return _backend.has_projection()
 
 
 class _KLProjectCpp(torch.autograd.Function):
@@ -144,13 +144,7 @@ class _KLProjectCpp(torch.autograd.Function):
     def forward(ctx, z, w, eps, T):
         from . import _backend
 
-        lead = z.shape[:-1]
-        out = torch.empty(z.shape, dtype=_out_dtype(z.dtype))
-        stats = torch.empty((*lead, 8), dtype=torch.float64)
-        status = torch.empty(lead, dtype=torch.int32)
-        _backend._core.project_kl_forward(
-            _backend._desc(z), _backend._desc(w), float(eps), float(T), out.data_ptr(),
-            stats.data_ptr(), status.data_ptr())
+        out, stats, status = _backend.project_kl_forward(z, w, eps, T)
         ctx.save_for_backward(z, w, stats)
         ctx.T = T
         ctx.mark_non_differentiable(stats, status)
@@ -161,13 +155,8 @@ class _KLProjectCpp(torch.autograd.Function):
         from . import _backend
 
         z, w, stats = ctx.saved_tensors
-        nz, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dz = torch.empty(z.shape, dtype=z.dtype) if nz else None
-        dw = torch.empty(w.shape, dtype=w.dtype) if nw else None
-        g = g.to(torch.float64).contiguous()
-        _backend._core.project_kl_backward(
-            _backend._desc(z), _backend._desc(w), float(ctx.T), stats.data_ptr(),
-            g.data_ptr(), dz.data_ptr() if nz else 0, dw.data_ptr() if nw else 0)
+        dz, dw = _backend.project_kl_backward(g, z, w, stats, ctx.T, ctx.needs_input_grad[0],
+                                              ctx.needs_input_grad[1])
         return dz, dw, None, None
 
 
