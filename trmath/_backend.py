@@ -168,3 +168,12 @@ def project_kl_backward(g, z, w, stats, temperature: float, need_z: bool, need_w
                               g.data_ptr(), dz.data_ptr() if dz is not None else 0,
                               dw.data_ptr() if dw is not None else 0)
     return dz, dw
+
+
+def topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[..., k]`` (int64) of the ``k`` largest logits of each row, sorted by value
+    (descending) then index: ties go to the lower index, so the result is deterministic."""
+    ids = torch.empty((*z.shape[:-1], k), dtype=torch.int64)
+    if ids.numel():
+        _core.topk_rows(_desc(z), int(k), ids.data_ptr())
+    return ids

@@ -455,6 +455,18 @@ def gather_logprobs(logits: Any, ids: Any, *, temperature: float = 1.0, validate
     return back(_row_logprobs(z, ids.to(torch.int64), T, "logits", validate).to(odt))
 
 
+def _topk_ids(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` ids of each row: the C++ streaming search for CPU tensors (one pass, no
+    ``[N, V]`` temporary, ties to the lower index), :func:`torch.topk` on other devices."""
+    from . import _ops
+
+    if _ops.use_cpp(z):
+        from . import _backend
+
+        return _backend.topk_rows(z, k)
+    return torch.topk(z, k, dim=-1, largest=True, sorted=True).indices
+
+
 def topk_logprobs(
     p_logits: Any,
     q_logits: Any,
@@ -479,8 +491,10 @@ def topk_logprobs(
       replaces the ``k``-th (the least probable kept) id.
 
     Without ``tokens`` both modes return the top-``k`` (``K' = k``). Log-probabilities are
-    computed as in :func:`gather_logprobs` (no ``[N, V]`` temporary; the top-``k`` search is
-    ``torch.topk``, ties broken by its deterministic order).
+    computed as in :func:`gather_logprobs` (no ``[N, V]`` temporary). On the CPU the top-``k``
+    search is a streaming C++ kernel (one pass over each row, multi-threaded, ties broken by the
+    lower token id, so the result is a deterministic function of the row); on other devices it is
+    :func:`torch.topk`, whose order among *equal* logits may differ.
 
     Parameters
     ----------
@@ -528,7 +542,7 @@ def topk_logprobs(
         tok = check_tokens(tokens, z, "tokens").to(torch.int64)
         _check_ids_range(tok, V, "tokens")
     # validate both rows (and get log p(argmax)) before the search
-    top = torch.topk(z.detach(), k, dim=-1, largest=True, sorted=True).indices
+    top = _topk_ids(z.detach(), k)
     empty = None
     if tok is None:
         ids = top

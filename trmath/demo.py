@@ -191,7 +191,7 @@ def warm_start(model, task: Task, cfg: DemoConfig, torch, progress: Progress | N
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         if progress:
             progress.update(f"loss {loss_v:.3f}")
     return loss_v

@@ -1384,7 +1384,7 @@ def get_objective(name: str) -> ObjectiveInfo:
     >>> trmath.get_objective("cispo").gradient
     '-clip(r) * A * grad log pi'
     >>> sorted(trmath.OBJECTIVES)
-    ['cispo', 'dppo', 'dual_clip', 'gspo', 'ppo', 'sapo']
+    ['cispo', 'dppo', 'dual_clip', 'gspo', 'ppo', 'sapo', 'troll']
     """
     if not isinstance(name, str) or name not in OBJECTIVES:
         raise ValueError(f"objective: unknown name {name!r}; valid names: {', '.join(sorted(OBJECTIVES))}")
@@ -1405,7 +1405,7 @@ def policy_loss(
     ----------
     name : str
         A key of :data:`OBJECTIVES` (``ppo``, ``dual_clip``, ``cispo``, ``gspo``, ``sapo``,
-        ``dppo``).
+        ``dppo``, ``troll``).
     logprob, rollout_logprob, advantages, mask
         As :func:`ppo_loss`.
     **config
