@@ -494,7 +494,7 @@ def topk_logprobs(
     computed as in :func:`gather_logprobs` (no ``[N, V]`` temporary). On the CPU the top-``k``
     search is a streaming C++ kernel (one pass over each row, multi-threaded, ties broken by the
     lower token id, so the result is a deterministic function of the row); on other devices it is
-    :func:`torch.topk`, whose order among *equal* logits may differ.
+    ``torch.topk``, whose order among *equal* logits may differ.
 
     Parameters
     ----------

@@ -217,7 +217,7 @@ class StepRecord:
 
 @dataclass
 class RunResult:
-    """The step records of one algorithm, and their :meth:`summary`."""
+    """The step records of one algorithm, and their ``summary()``."""
 
     algorithm: str
     records: list[StepRecord] = field(default_factory=list)
