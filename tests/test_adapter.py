@@ -167,3 +167,67 @@ def test_demo_rejects_unknown_algorithm(tmp_path):
 
     with pytest.raises(ValueError, match="algorithms: unknown"):
         demo.run(demo.DemoConfig(algorithms=("nope",), out=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# from hidden states and the LM head: the same loss, without holding [B, T, V] logits
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    {"objective": "ppo"},
+    {"objective": "dppo", "divergence": "topk_kl", "delta": 0.05},
+    {"objective": "dppo", "divergence": "binary_kl", "delta": 0.05, "cap": 5.0},
+])
+def test_hidden_path_equals_logits_path(config):
+    cfg = dict(config)
+    name = cfg.pop("objective")
+    g = torch.Generator().manual_seed(4)
+    B, T, H, V = 3, 5, 8, 300
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    mu_logits = (h @ W.T + b) + 0.2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    tokens = torch.multinomial(torch.softmax(mu_logits, -1).reshape(-1, V), 1, generator=g).reshape(B, T)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[2, 3:] = False
+    ro = adapter.Rollout.from_logits(mu_logits, tokens, torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64), mask,
+                                     top_k=6, temperature=0.9)
+    Wa, ha, ba = (x.clone().requires_grad_() for x in (W, h, b))
+    la, ma = adapter.compute_loss(name, torch.nn.functional.linear(ha, Wa, ba), ro, temperature=0.9, **cfg)
+    la.backward()
+    Wb, hb, bb = (x.clone().requires_grad_() for x in (W, h, b))
+    lb, mb = adapter.compute_loss_from_hidden(name, hb, Wb, ro, bias=bb, temperature=0.9, chunk_tokens=4, **cfg)
+    lb.backward()
+    torch.testing.assert_close(lb, la, rtol=1e-12, atol=0)
+    for x, y in ((Wb, Wa), (hb, ha), (bb, ba)):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_hidden_path_never_saves_full_logits():
+    """Every tensor autograd saves is at most one chunk of logits, not [B, T, V]."""
+    g = torch.Generator().manual_seed(6)
+    B, T, H, V, chunk = 4, 16, 8, 2000, 8
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    W = torch.randn(V, H, generator=g, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, _ = adapter.hidden_logprobs(h, W, tokens, chunk_tokens=chunk)
+    assert max(sizes) < B * T * V // 4
+    assert max(sizes) <= max(chunk * V, W.numel())
+    lp.sum().backward()
+    ref = torch.log_softmax(h.detach() @ W.detach().T, -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(lp.detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_path_refuses_full_logit_objectives():
+    h, W = torch.randn(1, 2, 4), torch.randn(10, 4)
+    ro = adapter.Rollout.from_logits(h @ W.T, torch.tensor([[1, 2]]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="needs full logits"):
+        adapter.compute_loss_from_hidden("dppo", h, W, ro, divergence="exact_tv", delta=0.1)
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        adapter.hidden_logprobs(h, torch.randn(10, 5), torch.tensor([[1, 2]]))

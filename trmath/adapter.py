@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Rollout", "group_advantages", "response_logprobs", "compute_loss", "DemoAlgorithm",
+__all__ = ["Rollout", "group_advantages", "response_logprobs", "compute_loss", "compute_loss_from_hidden",
+           "hidden_logprobs", "DemoAlgorithm",
            "DEMO_ALGORITHMS", "demo_algorithm"]
 
 
@@ -212,6 +213,132 @@ def compute_loss(objective: str, logits: Tensor, rollout: Rollout, *, temperatur
         kw.setdefault("temperature", temperature)
     if "tokens" in needs:
         kw.setdefault("tokens", rollout.tokens)
+    return trmath.policy_loss(objective, lp, rollout.logprobs, rollout.advantages, rollout.mask, **kw)
+
+
+def _chunk_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, ids: Tensor | None,
+                  temperature: float) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs (and top-K log-probs) of one chunk of positions, from its hidden states."""
+    import trmath
+
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    lp = trmath.token_logprobs(logits, tokens, temperature=temperature)
+    tk = trmath.gather_logprobs(logits, ids, temperature=temperature) if ids is not None else None
+    return lp, tk
+
+
+def hidden_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Tensor | None = None,
+                    topk_ids: Tensor | None = None, temperature: float = 1.0,
+                    chunk_tokens: int = 1024) -> tuple[Tensor, Tensor | None]:
+    r"""Token log-probs from hidden states and the LM head, never holding the full logits.
+
+    .. math::
+
+        \log \pi(a_t) = \bigl(z_{t,a_t} - \operatorname{lse}(z_t)\bigr)/T\ \text{(at temperature } T),
+        \qquad z_t = W h_t + b
+
+    The positions are processed in chunks of ``chunk_tokens``; each chunk's logits ``[chunk, V]``
+    are recomputed in the backward pass (activation checkpointing), so the peak memory of the
+    logits is one chunk, not ``[B, T, V]``. Gradients flow to ``hidden``, ``weight`` and ``bias``.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor ``[B, T, H]``
+        The final hidden states of the response positions.
+    weight : torch.Tensor ``[V, H]``
+        The LM head (``model.lm_head.weight``); ``bias`` ``[V]`` optional.
+    tokens : torch.Tensor ``[B, T]`` (int64)
+    topk_ids : torch.Tensor ``[B, T, K]`` or None
+        Token ids whose log-probs are also returned (e.g. the rollout's top-K).
+    temperature : float, optional
+    chunk_tokens : int, optional
+        Positions per chunk (memory ``chunk_tokens * V`` logits at a time).
+
+    Returns
+    -------
+    logprobs : torch.Tensor ``[B, T]``, topk_logprobs : torch.Tensor ``[B, T, K]`` or None
+
+    Examples
+    --------
+    >>> import torch
+    >>> h, W = torch.randn(2, 5, 8), torch.randn(100, 8)
+    >>> tok = torch.randint(0, 100, (2, 5))
+    >>> lp, _ = hidden_logprobs(h, W, tok, chunk_tokens=3)
+    >>> ref = torch.log_softmax(h @ W.T, -1).gather(-1, tok[..., None])[..., 0]
+    >>> bool(torch.allclose(lp, ref, atol=1e-5))
+    True
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden: expected shape [..., T, H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if tuple(tokens.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"tokens: expected shape {tuple(hidden.shape[:-1])}, got {tuple(tokens.shape)}")
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens: expected an integer >= 1, got {chunk_tokens!r}")
+    lead = tuple(hidden.shape[:-1])
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = tokens.reshape(-1)
+    ids = None
+    if topk_ids is not None:
+        if tuple(topk_ids.shape[:-1]) != lead:
+            raise ValueError(f"topk_ids: expected shape [{', '.join(map(str, lead))}, K], got {tuple(topk_ids.shape)}")
+        ids = topk_ids.reshape(-1, topk_ids.shape[-1])
+    lps, tks = [], []
+    for s in range(0, h.shape[0], chunk_tokens):
+        sl = slice(s, s + chunk_tokens)
+        ci = ids[sl] if ids is not None else None
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            lp, tk = checkpoint(_chunk_scores, h[sl], weight, bias, t[sl], ci, temperature, use_reentrant=False)
+        else:
+            lp, tk = _chunk_scores(h[sl], weight, bias, t[sl], ci, temperature)
+        lps.append(lp)
+        tks.append(tk)
+    lp = torch.cat(lps).reshape(lead)
+    tk = torch.cat(tks).reshape(*lead, ids.shape[-1]) if ids is not None else None
+    return lp, tk
+
+
+def compute_loss_from_hidden(objective: str, hidden: Tensor, weight: Tensor, rollout: Rollout, *,
+                             bias: Tensor | None = None, temperature: float = 1.0, chunk_tokens: int = 1024,
+                             **config: Any) -> tuple[Tensor, dict[str, Any]]:
+    """As :func:`compute_loss`, from the final hidden states and the LM head instead of the logits.
+
+    The full logits ``[B, T, V]`` are never held (see :func:`hidden_logprobs`): only objectives
+    that need per-token and top-K log-probs can be computed this way (every registered one except
+    ``exact_*`` divergences and ``"troll"``, which need both policies' full logits).
+
+    Examples
+    --------
+    >>> import torch
+    >>> torch.manual_seed(0) and None
+    >>> h, W = torch.randn(2, 3, 8), torch.randn(50, 8)
+    >>> tokens = torch.randint(0, 50, (2, 3))
+    >>> ro = Rollout.from_logits(h @ W.T, tokens, advantages=torch.tensor([1.0, -1.0]), top_k=4)
+    >>> W = W.requires_grad_()
+    >>> loss, m = compute_loss_from_hidden("dppo", h, W, ro, divergence="topk_kl", delta=0.05, chunk_tokens=2)
+    >>> loss.backward()
+    >>> W.grad.shape
+    torch.Size([50, 8])
+    """
+    import trmath
+
+    needs = trmath.get_objective(objective).required_inputs(**config)
+    if "rollout_logits" in needs:
+        raise ValueError(f"objective: {objective!r} with these options needs full logits; use compute_loss")
+    want_topk = "topk_logprobs" in needs
+    if want_topk and rollout.topk_ids is None:
+        raise ValueError(f"rollout: {objective!r} with these options needs the rollout's top-K (top_k > 0)")
+    lp, cur = hidden_logprobs(hidden, weight, rollout.tokens, bias=bias, temperature=temperature,
+                              topk_ids=rollout.topk_ids if want_topk else None, chunk_tokens=chunk_tokens)
+    kw = dict(config)
+    if want_topk:
+        empty = torch.isneginf(rollout.topk_logprobs)
+        cur = torch.where(empty, torch.full_like(cur, -torch.inf), cur)
+        kw.setdefault("topk_logprobs", cur)
+        kw.setdefault("rollout_topk_logprobs", rollout.topk_logprobs)
     return trmath.policy_loss(objective, lp, rollout.logprobs, rollout.advantages, rollout.mask, **kw)
 
 
