@@ -6,6 +6,7 @@ Nothing here imports trmath; the benchmark scripts do.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import ctypes.util
@@ -333,3 +334,355 @@ def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness checks and the suite runner shared by run.py and the bench_<suite>.py modules
+# (bench_exact.py has its own, older machinery and does not use what follows)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """Verdict of one correctness check: ``ok``, the worst error and where it occurred.
+
+    ``worst`` is the largest fraction of the tolerance used, ``max |got - ref| / (rtol |ref| +
+    atol)`` over the elements (``inf`` for a NaN or a misplaced infinity): ``worst <= 1`` exactly
+    when every element passes, whatever mix of checks was combined.
+    """
+
+    ok: bool
+    worst: float
+    where: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _as_tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def check_close(got: Any, ref: Any, rtol: float, atol: float = 0.0, what: str = "output") -> Check:
+    """Compare ``got`` with a float64 reference elementwise: ``|got - ref| <= rtol |ref| + atol``.
+
+    ``got`` and ``ref`` are tensors or equally long tuples of tensors (or numbers). Shapes must
+    match. Non-finite reference entries (``+-inf``) must be matched exactly; a NaN in ``got`` or
+    a non-finite ``got`` where the reference is finite always fails. Returns a :class:`Check`.
+    """
+    import math
+
+    import torch
+
+    if not (rtol >= 0 and atol >= 0) or (rtol == 0 and atol == 0):
+        raise ValueError(f"check_close: need rtol, atol >= 0, not both 0; got {rtol}, {atol}")
+    gs, rs = _as_tuple(got), _as_tuple(ref)
+    if len(gs) != len(rs):
+        return Check(False, math.inf, f"{what}: {len(gs)} outputs, reference has {len(rs)}")
+    worst, where, ok = 0.0, "", True
+    for k, (g, r) in enumerate(zip(gs, rs)):
+        name = what if len(gs) == 1 else f"{what}[{k}]"
+        g = torch.as_tensor(g).detach().to("cpu", torch.float64)
+        r = torch.as_tensor(r).detach().to("cpu", torch.float64)
+        if g.shape != r.shape:
+            return Check(False, math.inf,
+                         f"{name}: shape {tuple(g.shape)}, reference {tuple(r.shape)}")
+        g, r = g.reshape(-1), r.reshape(-1)
+        fin = torch.isfinite(r)
+        err = (g - r).abs()
+        # entries where the reference is +-inf: got must be the same infinity (err is NaN there)
+        bad = torch.where(fin, ~(err <= rtol * r.abs() + atol), g != r)
+        inf_miss = torch.where(g == r, torch.zeros_like(err), torch.full_like(err, math.inf))
+        scaled = torch.where(fin, err / (rtol * r.abs() + atol).clamp_min(1e-300), inf_miss)
+        scaled = scaled.nan_to_num(nan=math.inf, posinf=math.inf)
+        if scaled.numel():
+            i = int(scaled.argmax())
+            if float(scaled[i]) > worst or (not where and float(scaled[i]) >= worst):
+                worst = float(scaled[i])
+                where = f"{name} element {i}: got {float(g[i]):.9g}, reference {float(r[i]):.9g}"
+        nbad = int(bad.sum())
+        if nbad:
+            ok = False
+            where += (f"; {nbad} of {bad.numel()} elements of {name} outside "
+                      f"rtol {rtol:g} atol {atol:g}")
+    return Check(ok, worst, where)
+
+
+def expm1mx(x: Any) -> Any:
+    """``expm1(x) - x`` of a float64 tensor without cancellation: the Taylor series
+    ``x^2/2 + x^3/6 + ... + x^6/720`` for ``|x| < 1e-3`` (the next term is below
+    ``2e-19 x^2``), the direct form elsewhere (``expm1(x)`` errs by ``eps |x|``, relative to
+    ``~ x^2 / 2`` that is ``2 eps / |x| <= 5e-13``). For the float64 references."""
+    import torch
+
+    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x / 720))))
+    return torch.where(x.abs() < 1e-3, series, torch.expm1(x) - x)
+
+
+def check_all(*checks: Check) -> Check:
+    """Combine checks: ok if all are; the worst error and the first failure's location."""
+    ok = all(c.ok for c in checks)
+    worst = max((c.worst for c in checks), default=0.0)
+    bad = [c.where for c in checks if not c.ok]
+    where = "; ".join(bad) if bad else max(checks, key=lambda c: c.worst).where if checks else ""
+    return Check(ok, worst, where)
+
+
+@dataclass
+class Config:
+    """What a suite is asked to do: ``mode`` (``tiny`` for the test suite, ``quick`` for CI,
+    ``full`` for the report), whether to add ``torch.compile`` baselines, seed, reps cap."""
+
+    mode: str = "quick"
+    compile: bool = False
+    seed: int = 0
+    reps: int | None = None
+
+
+class Suite:
+    """Runs the comparisons of one benchmark suite and collects rows, bars and failures.
+
+    :meth:`compare` is the one entry: every method is called once and its result checked
+    against the float64 reference (a method whose check fails is recorded as a failure and not
+    timed), then the checked methods are timed side by side (:func:`run_interleaved`), and the
+    speed-up of each over the baseline is the median over rounds of the paired ratio.
+    """
+
+    fields = ("suite", "case", "pass", "shape", "method", "baseline", "median_s", "min_s", "max_s",
+              "reps", "speedup", "speedup_min", "speedup_max", "check", "err_over_tol",
+              "tolerance", "extra_mem_bytes", "note")
+    bar_fields = ("suite", "case", "what", "ratio", "min", "max", "bar", "status")
+
+    def __init__(self, name: str, cfg: Config, probe: MemProbe | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.name, self.cfg = name, cfg
+        self.rows: list[dict[str, Any]] = []
+        self.bars: list[dict[str, Any]] = []
+        self.problems: list[str] = []   # everything worth reading (compile failures, skips, ...)
+        self.failures: list[str] = []   # correctness failures and crashes: the run fails
+        self.skipped: list[str] = []
+        self.probe = probe
+        self._log = log or (lambda m: print(m, flush=True))
+        self.max_reps = cfg.reps or {"tiny": 3, "quick": 5, "full": 9}[cfg.mode]
+        self.min_reps = min(3, self.max_reps)
+        self.budget_s = {"tiny": 0.02, "quick": 0.1, "full": 4.0}[cfg.mode]
+        # a slow method (seconds per call) gets fewer rounds, down to 1, so that one method
+        # never takes more than about this long to time
+        self.max_method_s = {"tiny": 0.5, "quick": 3.0, "full": 60.0}[cfg.mode]
+        self._compile_ready = False
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        self._log(f"[{self.name}] {msg}")
+
+    def problem(self, msg: str) -> None:
+        self.problems.append(msg)
+        self.log(f"!! {msg}")
+
+    def fail(self, msg: str) -> None:
+        self.failures.append(msg)
+        self.problem(msg)
+
+    def skip(self, msg: str) -> None:
+        self.skipped.append(msg)
+        self.problem(f"skipped: {msg}")
+
+    def guard(self, case: str, fn: Callable[[], Any]) -> None:
+        """Run one case; a crash is a failure of the run (the case verified nothing)."""
+        import traceback
+
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported, the other cases go on
+            traceback.print_exc()
+            self.fail(f"{case} crashed: {type(e).__name__}: {e}")
+
+    def compiled(self, fn: Callable[..., Any], what: str) -> Callable[..., Any] | None:
+        """``torch.compile(fn)`` when the configuration asks for compiled baselines, else None.
+        Compilation happens on the first call (inside :meth:`compare`, whose crash guard turns a
+        compile error into a skipped method, see there)."""
+        if not self.cfg.compile:
+            return None
+        import torch
+
+        if not self._compile_ready:
+            try:
+                import torch._dynamo as dynamo
+
+                for k in ("cache_size_limit", "recompile_limit"):
+                    if hasattr(dynamo.config, k):
+                        setattr(dynamo.config, k, 4096)
+            except Exception as e:  # noqa: BLE001
+                self.problem(f"torch._dynamo unavailable ({e}); no compiled baselines")
+                self.cfg.compile = False
+                return None
+            self._compile_ready = True
+        return torch.compile(fn, dynamic=False)
+
+    def reps_for(self, one_s: float) -> int:
+        one_s = max(one_s, 1e-9)
+        reps = max(self.min_reps, min(self.max_reps, int(self.budget_s / one_s)))
+        if reps * one_s > self.max_method_s:
+            reps = max(1, int(self.max_method_s / one_s))
+        return reps
+
+    # -- the comparison ---------------------------------------------------------------------------
+    def compare(self, case: str, pas: str, shape: str,
+                methods: dict[str, tuple[Callable[[], Any], Callable[[Any], Check], str]],
+                baseline: str, memory: bool = False, note: str = "") -> dict[str, list[float]]:
+        """Check, then time, ``methods``: ``name -> (call, check, tolerance text)``.
+
+        ``call()`` returns the result that ``check(result)`` verifies. A method whose name
+        starts with ``compiled`` and whose first call raises is recorded as a problem (torch.compile
+        is not the code under test); any other exception or a failed check is a failure.
+        Returns the per-round times of the methods that were timed.
+        """
+        import time as _t
+
+        import torch
+
+        timed: dict[str, Callable[[], Any]] = {}
+        reps: dict[str, int] = {}
+        status: dict[str, tuple[str, float | None, str]] = {}
+        key = f"{case} {pas} {shape}"
+        for name, (fn, check, tol) in methods.items():
+            try:
+                t0 = _t.perf_counter()
+                out = fn()
+                first = _t.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001
+                first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                msg = f"{key}: {name} raised {type(e).__name__}: {first_line}"
+                if name.startswith("compiled"):
+                    self.problem(msg + "; not timed")
+                    status[name] = ("not timed: compile/run error", None, tol)
+                else:
+                    self.fail(msg)
+                    status[name] = ("CRASHED", None, tol)
+                continue
+            c = check(out)
+            del out
+            if not c.ok:
+                self.fail(f"{key}: {name} disagrees with the float64 reference: {c.where}; not timed")
+                status[name] = ("CHECK FAILED", c.worst, tol)
+                continue
+            status[name] = ("ok", c.worst, tol)
+            one = first
+            if first < 1.0 or "compiled" in name:
+                # one more call: warm (compiled graphs, caches) and size the reps on it; a call
+                # of seconds has nothing to warm, and its checked call sizes the reps
+                t0 = _t.perf_counter()
+                out = fn()
+                one = _t.perf_counter() - t0
+                del out
+            timed[name] = fn
+            reps[name] = self.reps_for(one)
+        times = run_interleaved(timed, reps, warmup=0) if timed else {}
+        mem: dict[str, int] = {}
+        if memory and self.probe is not None and self.probe.available:
+            with torch.no_grad() if pas == "fwd" else contextlib.nullcontext():
+                for name, fn in timed.items():
+                    delta, out = self.probe.measure(fn)
+                    mem[name] = max(0, delta - nbytes(out))
+                    del out
+        base = times.get(baseline)
+        for name in methods:
+            st, err, tol = status[name]
+            ts = times.get(name, [])
+            sp = paired_ratio(base, ts) if base and ts else (float("nan"),) * 3
+            self.rows.append({
+                "suite": self.name, "case": case, "pass": pas, "shape": shape, "method": name,
+                "baseline": baseline, "median_s": median(ts) if ts else None,
+                "min_s": min(ts) if ts else None, "max_s": max(ts) if ts else None,
+                "reps": len(ts), "speedup": sp[0], "speedup_min": sp[1], "speedup_max": sp[2],
+                "check": st, "err_over_tol": err, "tolerance": tol,
+                "extra_mem_bytes": mem.get(name), "note": note,
+            })
+        return times
+
+    def bar(self, case: str, what: str, times: dict[str, list[float]], num: str, den: str,
+            bar: str = "", ok: Callable[[float], bool] | None = None) -> None:
+        """Record the paired ratio ``num / den`` (times), with a PASS/MISS against ``bar``."""
+        if times.get(num) and times.get(den):
+            r, lo, hi = paired_ratio(times[num], times[den])
+        else:
+            r = lo = hi = float("nan")
+        status = "" if ok is None or r != r else ("PASS" if ok(r) else "MISS")
+        if r != r and ok is not None:
+            status = "not measured"
+        self.bars.append({"suite": self.name, "case": case, "what": what, "ratio": r, "min": lo,
+                          "max": hi, "bar": bar, "status": status})
+
+    # -- output -----------------------------------------------------------------------------------
+    def table(self) -> str:
+        rows = []
+        for r in self.rows:
+            mem = r["extra_mem_bytes"]
+            rows.append([
+                r["case"], r["pass"], r["shape"],
+                r["method"] + (" *" if r["method"] == r["baseline"] else ""),
+                fmt_time(r["median_s"]) if r["median_s"] is not None else "-",
+                fmt_ratio(r["speedup"], r["speedup_min"], r["speedup_max"]),
+                "-" if r["err_over_tol"] is None else f"{r['err_over_tol']:.2g}",
+                r["tolerance"], r["check"],
+                "-" if mem is None else f"{mem / 2**20:.2f} MiB",
+            ])
+        out = [table(f"## {self.name}  (speed-up = baseline time / method time, paired rounds, "
+                     f"[min-max]; * = the baseline)",
+                     ["case", "pass", "shape", "method", "median", "speed-up", "err/tol", "tolerance",
+                      "check", "extra mem"], rows)]
+        if self.bars:
+            out.append("")
+            out.append(table(f"## {self.name}: bars", ["case", "ratio", "measured", "bar", "status"],
+                             [[b["case"], b["what"], fmt_ratio(b["ratio"], b["min"], b["max"]),
+                               b["bar"], b["status"]] for b in self.bars]))
+        return "\n".join(out)
+
+    def write(self, outdir: Path) -> list[str]:
+        """``timings.csv``, ``bars.csv`` and ``speedup.png`` (if matplotlib is there) in outdir."""
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_csv(outdir / "timings.csv", self.rows, self.fields)
+        write_csv(outdir / "bars.csv", self.bars, self.bar_fields)
+        made = ["timings.csv", "bars.csv"]
+        try:
+            if plot_speedups(self.rows, outdir / "speedup.png", self.name):
+                made.append("speedup.png")
+        except Exception as e:  # noqa: BLE001 - the CSVs are written; a plot failure is reported
+            self.problem(f"plot failed: {type(e).__name__}: {e}")
+        return made
+
+
+def plot_speedups(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Horizontal bars (log scale) of each non-baseline method's speed-up over its baseline.
+    Returns False (and draws nothing) when matplotlib is missing or nothing was timed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    pts = [r for r in rows if r["method"] != r["baseline"] and r["speedup"] == r["speedup"]
+           and r["speedup"] is not None]
+    if not pts:
+        return False
+    labels = [f"{r['case']} {r['pass']}: {r['method']} vs {r['baseline']}" for r in pts]
+    vals = [r["speedup"] for r in pts]
+    lo = [max(0.0, r["speedup"] - r["speedup_min"]) for r in pts]
+    hi = [max(0.0, r["speedup_max"] - r["speedup"]) for r in pts]
+    h = 0.8 + 0.28 * len(pts)
+    fig, ax = plt.subplots(figsize=(9, h))
+    y = list(range(len(pts)))
+    ax.barh(y, vals, xerr=[lo, hi], color=["tab:blue" if v >= 1 else "tab:red" for v in vals])
+    ax.axvline(1.0, color="gray", lw=0.9, ls="--")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over the baseline (baseline time / method time; > 1 is faster)")
+    ax.set_title(f"{title}: speed-ups (median of paired rounds, min-max)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
