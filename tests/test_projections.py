@@ -559,6 +559,10 @@ def test_kl_properties_on_generated_rows(pair, eps, shift):
             trmath.project_kl(z, w, eps)
         return
     (lp, eta), (lp_t, eta_t) = _both(lambda: trmath.project_kl(z, w, eps, return_eta=True))
+    # Absolute rounding of log-probs formed as logit/T - log Z: a few ulps of the logit scale
+    # (1.8e-12 per ulp for logits ~1e4), whatever |log pi~| is.
+    scale = float(torch.cat([z[torch.isfinite(z)], w[torch.isfinite(w)]]).abs().max())
+    ulps = 2.0 ** -52 * scale
     # backends agree
     assert torch.equal(torch.isinf(lp), torch.isinf(lp_t))
     assert (float(eta) == 0) == (float(eta_t) == 0)
@@ -572,14 +576,15 @@ def test_kl_properties_on_generated_rows(pair, eps, shift):
     if float(eta) > 0:
         assert abs(kl - eps) <= KL_RTOL * eps + 1e-15
     elif math.isfinite(float(trmath.kl(z, w))):
-        torch.testing.assert_close(lp, a, rtol=0, atol=1e-13)  # identity when inside
+        torch.testing.assert_close(lp, a, rtol=0, atol=1e-13 + 4 * ulps)  # identity when inside
     # pi_old restricted to the support is feasible: the projection is at least as close to pi_new
     b_s = torch.where(s, b, -INF) - torch.logsumexp(torch.where(s, b, -INF), -1)
     if float(_kl_rows(b_s, b)) <= eps:
         assert float(_kl_rows(lp, a)) <= float(_kl_rows(b_s, a)) + 1e-12
-    # shift invariance of both rows
+    # shift invariance of both rows; z + shift and w - shift/2 are themselves rounded (by up to
+    # half an ulp of the logit scale), and both outputs carry a few ulps of it
     lp2 = trmath.project_kl(z + shift, w - 0.5 * shift, eps)
-    torch.testing.assert_close(lp2[fin], lp[fin], rtol=0, atol=1e-12 * (1 + abs(shift)))
+    torch.testing.assert_close(lp2[fin], lp[fin], rtol=0, atol=1e-12 * (1 + abs(shift)) + 8 * ulps)
 
 
 def test_sparse_support_logprobs_are_exact_and_differentiable():
@@ -594,3 +599,87 @@ def test_sparse_support_logprobs_are_exact_and_differentiable():
     gz, = torch.autograd.grad((c * torch.where(keep, lpn.double(), 0.0)).sum(), z)
     gr, = torch.autograd.grad((c * torch.where(keep, ref, 0.0)).sum(), z)
     torch.testing.assert_close(gz, gr, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# regression: peaked rows whose logit spread is 1e2..1e4 (found by Hypothesis)
+# ------------------------------------------------------------------------------------------------
+# pi_new and pi_old are near point masses (mass e^-spread elsewhere); the log-ratio d spans
+# ~2 spread, so KL(pi~ || pi_old) is a difference of terms of size ~spread when it is evaluated
+# naively, and g(eta) falls from ~spread to below 1e-300 within a narrow band of eta.
+_FOUND_Z = [-4.01061738e-01, 9.99976035e+03, 2.79576510e-01, -9.54676902e-01, -7.98951796e-01]
+_FOUND_W = [-4.01061738e-01, -7.98951796e-01, 2.79576510e-01, -9.54676902e-01, 9.99976035e+03]
+
+
+def _peaked_pair(spread: float, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    z = g.normal(size=6)
+    w = z.copy() if kind == "swapped" else g.normal(size=6)
+    if kind == "swapped":  # the peaks at different tokens, the rest of the rows equal
+        z[1] += spread
+        w[4] += spread
+    elif kind == "shared":  # one shared peak; pi_old moves most of its mass to a second one
+        z[1] += spread
+        w[1] += spread
+        w[3] += spread + 2.0
+    elif kind == "two_peaks":  # pi_new split between two tokens, pi_old peaked at a third
+        z[1] += spread
+        z[2] += spread - 1.0
+        w[5] += spread
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return z, w
+
+
+def _check_against_oracle(z: np.ndarray, w: np.ndarray, eps: float, dtype: torch.dtype) -> None:
+    zt, wt = torch.tensor(z).to(dtype), torch.tensor(w).to(dtype)
+    eta_ref, lp_ref = mp_project_kl(zt, wt, eps)
+    fin = np.isfinite(lp_ref)
+    for name, (lp, eta) in zip(BACKENDS, _both(lambda: trmath.project_kl(zt.unsqueeze(0), wt.unsqueeze(0), eps,
+                                                                           return_eta=True))):
+        where = f"{name}, eps={eps:g}, {dtype}"
+        out = lp[0].double().numpy()
+        assert not np.isnan(out).any() and math.isfinite(float(eta[0])), where
+        assert np.array_equal(np.isfinite(out), fin), where
+        # float64: the eta error times |d log pi~ / d eta| plus the rounding of
+        # b + t d - Lambda at the scale of the logits (a few ulps of 1e4 ~ 1e-12);
+        # float32 outputs: one rounding to float32 on top.
+        tol = 1e-9 if dtype == torch.float64 else 2.0 ** -23
+        err = float(np.max(np.abs(out[fin] - lp_ref[fin]) / np.maximum(1.0, np.abs(lp_ref[fin]))))
+        assert err <= tol, f"{where}: log pi~ error {err:.3g}"
+        if eta_ref == 0:
+            assert float(eta[0]) == 0.0, where
+            continue
+        assert abs(float(eta[0]) / float(eta_ref) - 1.0) <= ETA_RTOL, f"{where}: eta {float(eta[0])!r} vs {eta_ref}"
+        kl_at, _ = mp_projection_kl_at(zt, wt, float(eta[0]))
+        assert abs(float(kl_at) / eps - 1.0) <= KL_RTOL, f"{where}: KL/eps - 1 = {float(kl_at) / eps - 1:.3g}"
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+def test_kl_found_peaked_row_against_mpmath(dtype):
+    z, w = np.array(_FOUND_Z), np.array(_FOUND_W)
+    for eps in (1e-8, 1e-4, 1e-2, 1.0):
+        _check_against_oracle(z, w, eps, dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("kind", ("swapped", "shared", "two_peaks"))
+@pytest.mark.parametrize("spread", (1e2, 1e3, 1e4))
+def test_kl_peaked_rows_against_mpmath(spread, kind, dtype):
+    z, w = _peaked_pair(spread, kind, seed=int(math.log10(spread)))
+    for eps in (1e-8, 1e-4, 0.3):
+        _check_against_oracle(z, w, eps, dtype)
+
+
+def test_kl_peaked_rows_in_a_batch_match_single_rows():
+    """The C++ rows are independent: a batch of peaked and ordinary rows gives each row's result."""
+    pairs = [_peaked_pair(s, k, 0) for s in (1e2, 1e4) for k in ("swapped", "shared", "two_peaks")]
+    # the found row, padded with a token masked in both rows (which contributes nothing)
+    pairs += [_rows("random", 6, 1), (np.array(_FOUND_Z + [-INF]), np.array(_FOUND_W + [-INF]))]
+    z = torch.tensor(np.stack([p[0] for p in pairs]))
+    w = torch.tensor(np.stack([p[1] for p in pairs]))
+    lp, eta = trmath.project_kl(z, w, 1e-4, return_eta=True)
+    assert not torch.isnan(lp).any()
+    for i in range(len(pairs)):
+        lpi, etai = trmath.project_kl(z[i:i + 1], w[i:i + 1], 1e-4, return_eta=True)
+        assert torch.equal(lp[i:i + 1], lpi) and torch.equal(eta[i:i + 1], etai)

@@ -22,14 +22,28 @@ with :math:`\mu = E_{\tilde\pi}[d]`, :math:`\sigma^2 = \mathrm{Var}_{\tilde\pi}[
 limits: :math:`g \approx \sigma_{old}^2/(2\eta^2)` for large :math:`\eta`), safeguarded by a
 bracket and bisection.
 
-Error.  :math:`g` is evaluated as :math:`\sum_i \tilde\pi_i (t d_i - \Lambda)`. Each
-:math:`\tilde\pi_i` and :math:`\Lambda` carry float64 roundings of a few ulps, which move
-:math:`g` by an *absolute* amount of a few :math:`10^{-16}` (mostly through :math:`\Lambda`,
-since :math:`\sum_i\tilde\pi_i = 1`): the relative error of :math:`g` is about
-:math:`10^{-16}/\varepsilon` -- below :math:`10^{-6}` for :math:`\varepsilon \gtrsim 10^{-9}`.
-The root is found to :math:`|g - \varepsilon| \le 10^{-12}\varepsilon + 10^{-15}` or to the
-resolution of float64 in :math:`u`. The multiplier's relative error is that of :math:`g` times the condition number
-:math:`g/(\eta\,|g'|)`, about :math:`1/2` for large :math:`\eta` and unbounded as
+Error.  :math:`g` is evaluated as a sum of non-negative terms,
+
+.. math::
+
+    g = \sum_{i\in S} \pi_{old,i}\,\varphi(r_i) + \pi_{old}(\bar S), \qquad
+    r_i = \log\tilde\pi_i - \log\pi_{old,i}, \qquad \varphi(r) = r e^r - e^r + 1 \ge 0,
+
+(:math:`\varphi` by ``expm1`` for :math:`r \le 1`, as :math:`\tilde\pi_i (r_i - 1) + \pi_{old,i}`
+above), which equals :math:`\sum_i\tilde\pi_i r_i` because both rows sum to one. The form is
+insensitive to first order to a common error :math:`\delta` in the normalisers (it changes
+:math:`g` by :math:`\delta g`, not by :math:`\delta`), and an error :math:`\eta_i` in one
+:math:`r_i` moves it by :math:`\tilde\pi_i r_i \eta_i`. With rows of logit spread :math:`L`,
+:math:`\log\tilde\pi_i = b_i + t d_i - \Lambda` is rounded at the scale of :math:`L`
+(:math:`\eta_i \approx 2^{-52}L`), so the absolute error of :math:`g` is about
+:math:`2^{-52}L\,E_{\tilde\pi}|r| \lesssim 2^{-52}L\sqrt{2g}`: relative
+:math:`2^{-52}L\sqrt{2/g}`, about :math:`3\cdot 10^{-8}` for :math:`L = 10^4`, :math:`g = 10^{-8}`.
+(The direct sum :math:`\sum_i\tilde\pi_i(t d_i - \Lambda)` would carry the absolute error
+:math:`2^{-52}L`, i.e. :math:`10^{-4}` relative in that case.)
+The root is found to :math:`|g - \varepsilon| \le 10^{-12}\varepsilon` or to the resolution of
+float64 in :math:`u`, followed by a last Newton step (error :math:`O(h^2)`). The multiplier's
+relative error is that of :math:`g` times the condition number :math:`g/(\eta\,|g'|)`, about
+:math:`1/2` for large :math:`\eta` and unbounded as
 :math:`\varepsilon \to \mathrm{KL}(\pi_{new}\|\pi_{old})` (:math:`\eta \to 0`).
 """
 
@@ -42,8 +56,8 @@ from torch import Tensor
 
 _CHUNK_ELEMS = 1 << 22
 _MAX_ITER = 100
-_RTOL = 1e-12  # stop when |g - eps| <= _RTOL eps + _ATOL; _ATOL: a few times the absolute
-_ATOL = 1e-15  # rounding floor of g (that of log Z in float64)
+_RTOL = 1e-12  # stop when |g - eps| <= _RTOL eps + _ATOL (g in the phi-form has no absolute
+_ATOL = 0.0  # rounding floor; see _solve for the other stopping rules)
 
 __all__ = [
     "kl_forward",
@@ -77,7 +91,16 @@ def row_stats(a: Tensor, b: Tensor, eta: Tensor) -> tuple[Tensor, Tensor, Tensor
     lam = torch.logsumexp(y, dim=-1, keepdim=True)
     lp = y - lam
     p = torch.exp(lp)
-    kl = (p * torch.where(s, u - lam, torch.zeros((), dtype=a.dtype, device=a.device))).sum(-1)
+    # KL(pi~ || pi_old) as a sum of non-negative terms (see the module docstring):
+    # sum_S pi_old phi(r) + pi_old(outside S), r = log pi~ - log pi_old, phi(r) = r e^r - e^r + 1.
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    r = torch.where(s, lp - b, zero)
+    q = torch.where(s, torch.exp(b), zero)
+    small = r <= 1.0
+    rs = torch.where(small, r, zero)
+    phi_q = torch.where(small, q * (rs * torch.exp(rs) - torch.expm1(rs)), p * (r - 1.0) + q)
+    out = torch.where(torch.isfinite(b) & ~s, torch.exp(b), zero)
+    kl = torch.where(s, phi_q, zero).sum(-1) + out.sum(-1)
     mu = (p * d).sum(-1, keepdim=True)
     var = (p * (d - mu) ** 2).sum(-1)
     return lp, kl, mu.squeeze(-1), var, s
@@ -119,16 +142,25 @@ def _solve(a: Tensor, b: Tensor, eps: float, k1: Tensor) -> Tensor:
     for _ in range(_MAX_ITER):
         _, g, _, var, _ = row_stats(aa, bb, torch.exp(u))
         h = torch.log(g) - log_eps
-        conv = (torch.abs(g - eps) <= _RTOL * eps + _ATOL) | ((hi - lo) <= 4e-16 * torch.clamp(torch.abs(u), min=1.0))
+        e = torch.exp(u)
+        t = 1.0 / (1.0 + e)
+        dh = -e * t**3 * var / g  # dh/du < 0
+        step = torch.where(dh < 0, -h / dh, torch.zeros_like(h))
+        # Stop at the tolerance, at the float64 resolution of the bracket, or when the Newton
+        # step is below the resolution of u (g is then at its rounding level: it has no absolute
+        # floor, but its relative error can exceed _RTOL for peaked rows and tiny eps).
+        ures = 4e-16 * torch.clamp(torch.abs(u), min=1.0)
+        conv = ((torch.abs(g - eps) <= _RTOL * eps + _ATOL) | ((hi - lo) <= ures)
+                | (torch.isfinite(step) & (dh < 0) & (torch.abs(step) <= ures)))
+        # A last Newton step where |h| <= 1e-8: error O(h^2), so that eta carries the rounding
+        # error of g rather than the tolerance.
+        polish = conv & ~done & (dh < 0) & torch.isfinite(step) & (torch.abs(h) <= 1e-8)
+        u = torch.where(polish, u + step, u)
         done = done | conv
         if bool(done.all()):
             break
         lo = torch.where(~done & (h > 0), u, lo)
         hi = torch.where(~done & (h <= 0), u, hi)
-        e = torch.exp(u)
-        t = 1.0 / (1.0 + e)
-        dh = -e * t**3 * var / g  # dh/du < 0
-        step = torch.where(dh < 0, -h / dh, torch.zeros_like(h))
         step = step.clamp(-30.0, 30.0)
         cand = u + step
         bis = torch.where(torch.isfinite(lo) & torch.isfinite(hi), 0.5 * (lo + hi), cand)

@@ -7,10 +7,12 @@
 //     log pi~_i = b_i + t d_i - Lambda(t),   Lambda(t) = log sum_S e^{b_i + t d_i}.
 // One pass at (t, c) accumulates, with u_i = t d_i - c and e_i = e^{b_i + u_i}:
 //     S = sum e_i, Su = sum e_i u_i, Sd = sum e_i (d_i - d0), Sd2 = sum e_i (d_i - d0)^2,
-// from which Lambda = c + log S, KL(pi~ || pi_old) = Su / S - log S, mu = d0 + Sd / S and
-// Var = Sd2 / S - (Sd / S)^2 (centred at the previous mean d0, so no cancellation of mu^2).
+// from which Lambda = c + log S, KL(pi~ || pi_old) = Su / S - log S + log Q (Q = sum e^{b_i},
+// the normaliser of the b_i as rounded), mu = d0 + Sd / S and Var = Sd2 / S - (Sd / S)^2
+// (centred at d0 near the mean, so no cancellation of mu^2). This KL has an absolute rounding
+// floor of a few 1e-16; proj_phi_pass evaluates it without one, for the root's acceptance.
 // A constant error in lse_p shifts every d_i and cancels from log pi~, KL, d - mu and the
-// gradient; lse_q must be exact (it normalises pi_old, and KL moves by its error).
+// gradient; an error in lse_q is absorbed by log Q.
 // Everything is double; exponentials are the 4-lane double exp of elementary.hpp (<= 2 ulp).
 #pragma once
 
@@ -54,6 +56,7 @@ TRMATH_INLINE void proj_row_loop(const In* z, int64_t sz, const In* w, int64_t s
 
 struct ProjNorm {
   double Aw = 0, AwS = 0;  // sum e^{w/T - cw}, and the same over the common support S
+  double Aout = 0;         // the same over the tokens outside S (a sum of non-negative terms)
 };
 
 // Exact float64 normaliser of the old policy about an approximate centre cw (the exact-KL
@@ -61,15 +64,16 @@ struct ProjNorm {
 template <class In>
 inline ProjNorm proj_norm_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
                                double invT, double cw) {
-  d4 aw = {}, aws = {};
+  d4 aw = {}, aws = {}, aout = {};
   const double ninf = -std::numeric_limits<double>::infinity();
   proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
     d4 ew = exp_d(wv * invT - cw);
     d4 ewm = wv > ninf ? ew : d4{};
     aw += ewm;
     aws += zv > ninf ? ewm : d4{};
+    aout += zv > ninf ? d4{} : ewm;
   });
-  return {hsum(aw), hsum(aws)};
+  return {hsum(aw), hsum(aws), hsum(aout)};
 }
 
 struct ProjMoments {
@@ -98,6 +102,80 @@ inline ProjMoments proj_interp_pass(const In* z, int64_t sz, const In* w, int64_
     Sd2 += edc * dc;
   });
   return {hsum(S), hsum(Su), hsum(Sd), hsum(Sd2)};
+}
+
+// The exact (cancellation-free) form of the constraint. With r_i = t d_i - lam_r over the common
+// support S, q_i = e^{b_i}, p_i = e^{b_i + r_i}, phi(r) = r e^r - e^r + 1 >= 0:
+//     Phi = sum_S q_i phi(r_i) (>= 0 termwise),  Sig = sum_S q_i expm1(r_i) = sum_S (p_i - q_i).
+// For lam_r = Lambda(t) - log Q exactly (Q = sum_i q_i), r_i = log(pi~_i / pi_old_i) and
+// KL(pi~ || pi_old) = (Phi + sum_{i not in S} q_i) / Q. For any lam_r (e.g. a Taylor
+// prediction), with P = sum_S p_i = A_S + Sig and Lambda = lam_r + log Q + delta,
+// delta = log(P / Q) = log1p((Sig - A_out) / Q), the identity phi(r - delta) = e^{-delta} phi(r)
+// - delta e^{r - delta} + 1 - e^{-delta} gives
+//     KL = (Phi + Sig) / P - log1p((Sig - A_out) / Q),
+// where the two delta terms cancel to O(delta^2) with an absolute error of ulp(delta): there is
+// no absolute rounding floor (unlike Su/S - log S), and an error eta_i in one r_i moves KL by
+// pi~_i r_i eta_i only. Series for |r| < 1: one series E2 = expm1(r) - r (18 terms, converged
+// to double precision there) gives expm1 = r + E2 and phi = r expm1(r) - E2 (at most 2 bits lost
+// at r = -1); elsewhere phi = p (r - 1) + q and p - q from the second exponential.
+struct ProjPhi {
+  double Phi = 0, Sig = 0;
+};
+
+template <class In>
+inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                             double invT, double lse_q, double cd, double t, double lam_r) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  d4 aphi = {}, asig = {};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
+    l4 ok = (zv > ninf) & (wv > ninf);
+    d4 d = ok ? (zv - wv) * invT - cd : d4{};
+    d4 b = ok ? wv * invT - lse_q : splat<d4>(ninf);
+    d4 r = ok ? t * d - lam_r : d4{};
+    d4 qt = exp_d(b);
+    l4 small = vabs(r) < 1.0;
+    d4 e2 = r * r * horner(r, coef::em2_d);
+    d4 em1 = r + e2;
+    d4 phi = qt * (r * em1 - e2);
+    d4 sig = qt * em1;
+    if (any_lane(~small & ok)) {
+      d4 pt = exp_d(b + r);
+      phi = small ? phi : pt * (r - 1.0) + qt;
+      sig = small ? sig : pt - qt;
+    }
+    aphi += ok ? phi : d4{};
+    asig += ok ? sig : d4{};
+  });
+  return {hsum(aphi), hsum(asig)};
+}
+
+// The largest y_i = b_i + t d_i over the common support and the d_i where it is attained (the
+// first such i in lane order). exp(y_i - ymax) <= 1 with at least one term equal to 1, so a pass
+// with c = ymax - (the b part) has 1 <= S <= V: no overflow, no underflow. No exponential.
+struct ProjMax {
+  double y = -std::numeric_limits<double>::infinity(), d = 0;
+};
+
+template <class In>
+inline ProjMax proj_max_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                             double invT, double lse_q, double cd, double t) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  d4 my = splat<d4>(ninf), md = {};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
+    l4 ok = (zv > ninf) & (wv > ninf);
+    d4 d = ok ? (zv - wv) * invT - cd : d4{};
+    d4 y = ok ? (wv * invT - lse_q) + t * d : splat<d4>(ninf);
+    l4 gt = y > my;
+    my = gt ? y : my;
+    md = gt ? d : md;
+  });
+  ProjMax r;
+  for (int k = 0; k < 4; ++k)
+    if (my[k] > r.y) {
+      r.y = my[k];
+      r.d = md[k];
+    }
+  return r;
 }
 
 // log pi~ (t < 1: the interpolation, lam = Lambda(t)) or log pi_new (t == 1, lse_p) into out.
