@@ -160,7 +160,9 @@ def build_model(cfg: DemoConfig, torch):
 def response_logits(model, prompts, responses):
     """The model's logits ``[B, R, V]`` scoring each response token (before temperature)."""
     full = __import__("torch").cat([prompts, responses], dim=1)
-    return model(full).logits[:, prompts.shape[1] - 1 : -1, :]
+    # Only the positions that score a response token go through the LM head.
+    n = responses.shape[1] + 1
+    return model(full, logits_to_keep=n).logits[:, :-1, :]
 
 
 def sample(model, prompts, n_tokens: int, temperature: float, gen, torch):
@@ -168,7 +170,7 @@ def sample(model, prompts, n_tokens: int, temperature: float, gen, torch):
     seq = prompts
     with torch.no_grad():
         for _ in range(n_tokens):
-            logits = model(seq).logits[:, -1, :].float() / temperature
+            logits = model(seq, logits_to_keep=1).logits[:, -1, :].float() / temperature
             probs = torch.softmax(logits, -1)
             nxt = torch.multinomial(probs, 1, generator=gen)
             seq = torch.cat([seq, nxt], dim=1)
