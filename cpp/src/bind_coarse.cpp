@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "trmath/vec.hpp"
+#include "desc.hpp"
 #include "view.hpp"
 
 namespace py = pybind11;
@@ -33,27 +34,6 @@ using simd::bf16_t;
 using simd::f16_t;
 using simd::bf16_to_float;
 using simd::f16_to_float;
-using Desc = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
-
-View view_of(const Desc& d, const char* name) {
-  View v;
-  v.data = reinterpret_cast<const char*>(std::get<0>(d));
-  const int code = std::get<1>(d);
-  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unsupported dtype code");
-  v.dtype = static_cast<DType>(code);
-  const auto& shape = std::get<2>(d);
-  const auto& strides = std::get<3>(d);
-  if (shape.empty() || shape.size() > size_t(kMaxDim) || shape.size() != strides.size())
-    throw std::invalid_argument(std::string(name) + ": rank must be 1.." + std::to_string(kMaxDim));
-  v.ndim = int(shape.size());
-  for (int i = 0; i < v.ndim; ++i) {
-    if (shape[i] < 0) throw std::invalid_argument(std::string(name) + ": negative extent");
-    v.shape[i] = shape[i];
-    v.strides[i] = strides[i];
-  }
-  if (v.V() < 1) throw std::invalid_argument(std::string(name) + ": empty vocabulary axis");
-  return v;
-}
 
 template <class In> inline double to_double(In x);
 template <> inline double to_double<float>(float x) { return x; }
@@ -141,7 +121,7 @@ void register_coarse(py::module_& m) {
   m.def(
       "topk_rows",
       [](const Desc& zd, int64_t k, uintptr_t ids) {
-        const View z = view_of(zd, "p_logits");
+        const View z = make_view(zd, "p_logits");
         if (k < 1 || k > z.V()) throw std::invalid_argument("k: must be in [1, V]");
         if (z.rows() == 0) return;
         int64_t* out = reinterpret_cast<int64_t*>(ids);

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "desc.hpp"
 #include "project_args.hpp"
 
 namespace py = pybind11;
@@ -32,9 +33,6 @@ void project_kl_backward_rows(const ProjBwd& a);
 
 namespace {
 
-using Desc = std::tuple<uintptr_t, int, std::vector<int64_t>, std::vector<int64_t>>;
-
-
 // The projection kernels of the instruction set the exact kernels use (chosen in dispatch.cpp).
 bool use_avx2() {
 #if defined(TRMATH_HAVE_AVX2)
@@ -42,26 +40,6 @@ bool use_avx2() {
 #else
   return false;
 #endif
-}
-
-View make_view(const Desc& d, const char* name) {
-  View v;
-  v.data = reinterpret_cast<const char*>(std::get<0>(d));
-  int code = std::get<1>(d);
-  if (code < 0 || code > 3) throw std::invalid_argument(std::string(name) + ": unsupported dtype code");
-  v.dtype = static_cast<DType>(code);
-  const auto& shape = std::get<2>(d);
-  const auto& strides = std::get<3>(d);
-  if (shape.empty() || shape.size() > size_t(kMaxDim) || shape.size() != strides.size())
-    throw std::invalid_argument(std::string(name) + ": rank must be 1.." + std::to_string(kMaxDim));
-  v.ndim = int(shape.size());
-  for (int i = 0; i < v.ndim; ++i) {
-    if (shape[i] < 0) throw std::invalid_argument(std::string(name) + ": negative extent");
-    v.shape[i] = shape[i];
-    v.strides[i] = strides[i];
-  }
-  if (v.V() < 1) throw std::invalid_argument(std::string(name) + ": empty vocabulary axis");
-  return v;
 }
 
 void check_same(const View& a, const View& b) {
