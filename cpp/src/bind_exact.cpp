@@ -26,13 +26,6 @@ namespace {
 
 template <class T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
-void check_same(const View& a, const View& b) {
-  if (a.ndim != b.ndim || a.dtype != b.dtype)
-    throw std::invalid_argument("p_logits and q_logits must have the same rank and dtype");
-  for (int i = 0; i < a.ndim; ++i)
-    if (a.shape[i] != b.shape[i]) throw std::invalid_argument("p_logits and q_logits differ in shape");
-}
-
 }  // namespace
 
 void register_exact(py::module_& m) {
@@ -79,7 +72,7 @@ void register_exact(py::module_& m) {
     PairFwd a;
     a.z = make_view(z, "p_logits");
     a.w = make_view(w, "q_logits");
-    check_same(a.z, a.w);
+    check_same(a.z, a.w, "p_logits", "q_logits");
     a.T = T;
     a.op = static_cast<PairOp>(op);
     a.out = ptr<void>(out);
@@ -107,7 +100,7 @@ void register_exact(py::module_& m) {
     PairBwd a;
     a.z = make_view(z, "p_logits");
     a.w = make_view(w, "q_logits");
-    check_same(a.z, a.w);
+    check_same(a.z, a.w, "p_logits", "q_logits");
     a.T = T;
     a.op = static_cast<PairOp>(op);
     a.stats = ptr<const double>(stats);

@@ -42,13 +42,6 @@ bool use_avx2() {
 #endif
 }
 
-void check_same(const View& a, const View& b) {
-  if (a.ndim != b.ndim || a.dtype != b.dtype)
-    throw std::invalid_argument("new_logits and old_logits must have the same rank and dtype");
-  for (int i = 0; i < a.ndim; ++i)
-    if (a.shape[i] != b.shape[i]) throw std::invalid_argument("new_logits and old_logits differ in shape");
-}
-
 }  // namespace
 
 void register_project(py::module_& m) {
@@ -57,7 +50,7 @@ void register_project(py::module_& m) {
     ProjFwd a;
     a.z = make_view(z, "new_logits");
     a.w = make_view(w, "old_logits");
-    check_same(a.z, a.w);
+    check_same(a.z, a.w, "new_logits", "old_logits");
     if (!(eps > 0) || !std::isfinite(eps)) throw std::invalid_argument("epsilon must be finite and > 0");
     if (!(T > 0) || !std::isfinite(T)) throw std::invalid_argument("temperature must be finite and > 0");
     a.eps = eps;
@@ -89,7 +82,7 @@ void register_project(py::module_& m) {
     ProjBwd a;
     a.z = make_view(z, "new_logits");
     a.w = make_view(w, "old_logits");
-    check_same(a.z, a.w);
+    check_same(a.z, a.w, "new_logits", "old_logits");
     a.T = T;
     a.stats = reinterpret_cast<const double*>(stats);
     a.g = reinterpret_cast<const double*>(g);

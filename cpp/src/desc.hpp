@@ -35,4 +35,12 @@ inline View make_view(const Desc& d, const char* name) {
   return v;
 }
 
+// Two views that must describe arrays of one shape and dtype (the two policies of a pair).
+inline void check_same(const View& a, const View& b, const char* aname, const char* bname) {
+  const std::string both = std::string(aname) + " and " + bname;
+  if (a.ndim != b.ndim || a.dtype != b.dtype) throw std::invalid_argument(both + " must have the same rank and dtype");
+  for (int i = 0; i < a.ndim; ++i)
+    if (a.shape[i] != b.shape[i]) throw std::invalid_argument(both + " differ in shape");
+}
+
 }  // namespace trmath
