@@ -12,10 +12,14 @@ one process and round-robin (see ``_common.run_interleaved``):
 * **trmath** -- the fused C++ kernels.
 
 Every timed result is first checked against the same textbook formula evaluated in float64 on the
-same inputs; a method whose check fails is not timed and the failure is reported. It also
-measures the peak extra resident memory of each method (``_common.MemProbe``), a scaling table
-of ``trmath.kl`` (time per element against ``V`` and ``N``), a threads table, and writes CSV, a
-machine record and PNG plots to ``--out``.
+same inputs; a method whose check fails is not timed and the failure is reported. The exit
+status (the return value of :func:`main`) is 1 if any check failed, a case crashed or results
+depended on the thread count, 0 otherwise; the failures are also listed under ``failures`` in
+``machine.json``.
+
+It also measures the peak extra resident memory of each method (``_common.MemProbe``), a scaling
+table of ``trmath.kl`` (time per element against ``V`` and ``N``), a threads table, and writes
+CSV, a machine record and PNG plots to ``--out``.
 
 Run ``python benchmarks/bench_exact.py --help``; ``benchmarks/README.md`` explains the output.
 """
@@ -290,7 +294,8 @@ class Bench:
         self.quick = args.quick
         self.rows: list[dict[str, Any]] = []  # timings.csv
         self.ratio_rows: list[dict[str, Any]] = []  # ratios.csv
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # everything worth reading (compile failures, ...)
+        self.failures: list[str] = []  # failed checks and crashes: main() returns 1
         self.results: dict[tuple, dict[str, Any]] = {}
         self.scaling: list[dict[str, Any]] = []
         self.threads: list[dict[str, Any]] = []
@@ -309,6 +314,11 @@ class Bench:
     def problem(self, msg: str) -> None:
         self.problems.append(msg)
         self.log(f"  !! {msg}")
+
+    def fail(self, msg: str) -> None:
+        """A failed correctness check or a crash: listed with the problems, and fails the run."""
+        self.failures.append(msg)
+        self.problem(msg)
 
     def first_call(self, fn: Callable[[], Any], measure_memory: bool):
         """``(result, seconds, peak extra bytes or None)`` of the first (checked) call."""
@@ -386,13 +396,13 @@ class Bench:
             try:
                 self.run_forward(op, dname, z, w, t)
             except Exception as e:  # noqa: BLE001
-                self.problem(f"forward {op} {dname} N={N} V={V} crashed: {type(e).__name__}: {e}")
+                self.fail(f"forward {op} {dname} N={N} V={V} crashed: {type(e).__name__}: {e}")
                 traceback.print_exc()
         for op in bwd_ops:
             try:
                 self.run_backward(op, dname, z, w, t)
             except Exception as e:  # noqa: BLE001
-                self.problem(f"backward {op} {dname} N={N} V={V} crashed: {type(e).__name__}: {e}")
+                self.fail(f"backward {op} {dname} N={N} V={V} crashed: {type(e).__name__}: {e}")
                 traceback.print_exc()
         del z, w, t
         gc.collect(1)
@@ -435,7 +445,7 @@ class Bench:
                 res["err"][name] = err
                 if not ok:
                     res["status"][name] = f"CHECK FAILED (rtol {FWD_RTOL[name]:g}): {where}"
-                    self.problem(f"{key}: {name} disagrees with float64: {where}; not timed")
+                    self.fail(f"{key}: {name} disagrees with float64: {where}; not timed")
                     res["mem"].pop(name, None)
                     continue
                 res["status"][name] = "ok"
@@ -512,7 +522,7 @@ class Bench:
             res["err"][name] = err
             if not ok:
                 res["status"][name] = f"CHECK FAILED (rtol {rtol:g}, atol {atol:g} max|g_row|): {where}"
-                self.problem(f"{key}: {name} gradient disagrees with float64: {where}; not timed")
+                self.fail(f"{key}: {name} gradient disagrees with float64: {where}; not timed")
                 res["mem"].pop(name, None)
                 continue
             res["status"][name] = "ok"
@@ -644,7 +654,8 @@ class Bench:
             ok, err, where = check_values(out, ref, FWD_RTOL["trmath"])
             row = {"sweep": sweep, "N": N, "V": V, "err": err, "ok": ok}
             if not ok:
-                self.problem(f"scaling kl N={N} V={V}: trmath disagrees with float64: {where}; not timed")
+                self.fail(f"scaling kl N={N} V={V}: trmath disagrees with float64: {where}; "
+                          "not timed")
             else:
                 tt = C.time_adaptive(lambda: trmath.kl(z, w), reps, min_s)
                 tr = C.time_adaptive(lambda: (z.sum(), w.sum()), reps, min_s)
@@ -684,7 +695,7 @@ class Bench:
                     trmath.set_num_threads(n0)
                 same = all(torch.equal(outs[counts[0]], outs[n]) for n in counts)
                 if not same:
-                    self.problem(f"threads {op} {dname}: results differ between thread counts "
+                    self.fail(f"threads {op} {dname}: results differ between thread counts "
                                  "(determinism target: bitwise identical)")
                 for n in counts:
                     self.add_time_row("threads", op, "fwd", "trmath", dname, N, V, ts[n], "ok",
@@ -1008,6 +1019,7 @@ def main(argv=None) -> int:
     machine["loadavg_end"] = C._loadavg()
     machine["runtime_s"] = round(time.perf_counter() - t_start, 1)
     machine["problems"] = b.problems
+    machine["failures"] = b.failures
     fields = ["section", "op", "pass", "method", "dtype", "N", "V", "threads", "metric", "unit",
               "median", "min", "max", "reps", "check", "max_rel_err", "note"]
     C.write_csv(out / "timings.csv", b.rows, fields)
@@ -1030,6 +1042,12 @@ def main(argv=None) -> int:
           + (", " + ", ".join(made) if made else ""))
     print(f"load average start {machine['loadavg_start']}, end {machine['loadavg_end']}; "
           f"runtime {machine['runtime_s']} s")
+    if b.failures:
+        print(f"\n## {len(b.failures)} correctness failure(s):")
+        for f in b.failures:
+            print(f"  - {f}")
+        return 1
+    print("\n## correctness: every timed result agreed with its float64 reference")
     return 0
 
 

@@ -44,33 +44,35 @@ import _common as C  # noqa: E402
 
 SUITES = ("exact", "coarse", "estimators", "objectives", "projections")
 
-# bench_exact.py reports everything in one list of problems; these are the correctness ones
-# (a check against float64 failed, a case crashed, or results depend on the thread count).
-_EXACT_FAILURE_MARKS = ("disagrees with float64", "crashed", "results differ between thread counts")
-
 
 class ExactSuite:
-    """The exact suite's outcome, read back from the files ``bench_exact.main`` writes."""
+    """The exact suite's outcome: ``bench_exact.main``'s exit status ``rc`` (0: every check
+    passed) or the exception it raised, and the files it wrote in ``outdir``.
+
+    The verdict is ``rc`` alone; ``machine.json`` only details it (its ``failures`` list names the
+    checks that failed, its ``problems`` list everything else worth reading). Missing files are
+    failures too: a run that wrote nothing verified nothing.
+    """
 
     name = "exact"
 
-    def __init__(self, outdir: Path, rc: int):
+    def __init__(self, outdir: Path, rc: int | BaseException):
         self.outdir = outdir
         self.failures: list[str] = []
         self.problems: list[str] = []
         self.skipped: list[str] = []
         self.bars: list[dict[str, Any]] = []
-        if rc != 0:
-            self.failures.append(f"bench_exact.main returned {rc}")
         try:
             machine = json.loads((outdir / "machine.json").read_text())
         except (OSError, ValueError) as e:
             self.failures.append(f"no machine.json from the exact suite: {e}")
             machine = {}
-        for p in machine.get("problems", []):
-            self.problems.append(p)
-            if any(m in p for m in _EXACT_FAILURE_MARKS):
-                self.failures.append(p)
+        self.problems += machine.get("problems", [])
+        if isinstance(rc, BaseException):
+            self.failures.append(f"bench_exact.main raised {type(rc).__name__}: {rc}")
+        elif rc != 0:
+            self.failures += machine.get("failures") or [
+                f"bench_exact.main returned {rc} (no failures recorded in machine.json)"]
         try:
             with open(outdir / "ratios.csv", newline="") as f:
                 for r in csv.DictReader(f):
@@ -105,14 +107,15 @@ def run_exact(cfg: C.Config, out: Path) -> ExactSuite:
     if not cfg.compile:
         argv.append("--no-compile")
     print(f"[exact] bench_exact.py {' '.join(argv)}", flush=True)
+    rc: int | BaseException
     try:
         rc = bench_exact.main(argv)
     except Exception as e:  # noqa: BLE001 - recorded as a failure of the run
         import traceback
 
         traceback.print_exc()
-        rc = f"{type(e).__name__}: {e}"
-    return ExactSuite(out / "exact", 0 if rc == 0 else rc)
+        rc = e
+    return ExactSuite(out / "exact", rc)
 
 
 def run_suite(name: str, cfg: C.Config, out: Path, probe: C.MemProbe):

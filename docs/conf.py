@@ -9,8 +9,9 @@ The build imports the installed ``trmath`` (compiled kernels included) and ``trm
 
 * ``docs/_generated/accuracy.rst`` by ``docs/_gen_accuracy.py`` (mpmath references, ~20 s),
   only when the file is missing or ``TRMATH_DOCS_REGEN=1`` is set;
-* ``docs/_generated/performance.rst`` by ``docs/_gen_performance.py`` from ``bench-out/*.csv``
-  (cheap; always regenerated).
+* ``docs/_generated/performance.rst`` by ``docs/_gen_performance.py`` from what
+  ``benchmarks/run.py`` wrote into ``bench-out/`` (one section per suite; cheap; always
+  regenerated).
 """
 
 from __future__ import annotations

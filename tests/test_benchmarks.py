@@ -4,8 +4,9 @@
   subprocess, exits 0 and writes its CSVs, machine record and summary;
 * the checks the benchmarks rely on can fail: :func:`_common.check_close` and the projection
   check reject wrong results, :class:`_common.Suite` records a wrong or crashing method as a
-  failure and does not time it, a failure makes ``run.main`` return 1, and the exact suite's
-  correctness problems are read back as failures;
+  failure and does not time it, a failure makes ``run.main`` return 1; ``bench_exact.main``
+  returns 1 when one of its checks fails (a wrong result, a crash, results that depend on the
+  thread count), and ``run.py`` takes the exact suite's verdict from that status;
 * the float64 references that gate the timings are themselves right, against mpmath at 50 digits
   where they avoid a cancellation (``expm1(l) - l``, the binary KL tail).
 """
@@ -170,18 +171,93 @@ def test_run_main_exits_1_on_a_failed_check(tmp_path, monkeypatch):
     assert "1 FAILED" in summary and "trmath disagrees" in summary
 
 
-def test_exact_suite_problems_are_read_back(tmp_path):
+def _wrong_kl(z, w):
+    import trmath
+
+    return trmath.kl(z, w) * 1.01  # 1 % off: far outside the 1e-4 gate
+
+
+def _crashing_kl(z, w):
+    raise RuntimeError("kernel exploded")
+
+
+def _thread_dependent_kl(z, w):
+    import trmath
+
+    # within the forward gate (1e-7 absolute on values ~4e-2), but not bitwise reproducible
+    return trmath.kl(z, w) + 1e-7 * trmath.num_threads()
+
+
+#: the exact suite on one tiny shape, kl only, float32, no torch.compile
+_EXACT_TINY = ["--quick", "--vocab", "2048", "--rows", "8", "--no-scaling", "--reps", "3",
+               "--no-compile", "--ops", "kl", "--dtypes", "float32"]
+
+
+@pytest.mark.parametrize("broken, extra", [
+    (_wrong_kl, ["--no-threads"]),                     # forward and backward checks fail
+    (_crashing_kl, ["--no-threads", "--bwd-ops", ""]),  # the forward case crashes
+    (_thread_dependent_kl, ["--bwd-ops", ""]),          # the determinism check fails
+], ids=["wrong", "crash", "threads"])
+def test_bench_exact_exits_1_on_a_failed_check(tmp_path, monkeypatch, broken, extra):
+    import bench_exact
+
+    monkeypatch.setattr(C.MemProbe, "create", classmethod(lambda cls: cls(reason="not in tests")))
+    monkeypatch.setitem(bench_exact.TRMATH, "kl", broken)
+    rc = bench_exact.main(_EXACT_TINY + extra + ["--out", str(tmp_path)])
+    assert rc == 1
+    machine = json.loads((tmp_path / "machine.json").read_text())
+    assert machine["failures"], machine
+    assert set(machine["failures"]) <= set(machine["problems"])
+    with open(tmp_path / "timings.csv", newline="") as f:
+        timed = {r["method"] for r in csv.DictReader(f) if r["section"] == "forward"}
+    # a wrong or crashing method is not timed (a crash ends its case); a wrong method does not
+    # stop the baselines from being timed
+    assert ("trmath" in timed) == (broken is _thread_dependent_kl)
+    assert ("eager" in timed) == (broken is not _crashing_kl)
+
+
+def test_bench_exact_exits_0_when_every_check_passes(tmp_path, monkeypatch):
+    import bench_exact
+
+    monkeypatch.setattr(C.MemProbe, "create", classmethod(lambda cls: cls(reason="not in tests")))
+    rc = bench_exact.main(_EXACT_TINY + ["--no-threads", "--bwd-ops", "", "--out", str(tmp_path)])
+    assert rc == 0
+    assert json.loads((tmp_path / "machine.json").read_text())["failures"] == []
+
+
+def test_run_main_exits_1_when_the_exact_suite_fails(tmp_path, monkeypatch):
+    import bench_exact
     import run
 
-    (tmp_path / "machine.json").write_text(json.dumps({"problems": [
-        "kl fwd float32 N=8 V=2048: trmath disagrees with float64: row 3; not timed",
-        "torch.compile failed for kl fwd: BackendCompilerFailed",
-    ]}))
+    monkeypatch.setattr(C.MemProbe, "create", classmethod(lambda cls: cls(reason="not in tests")))
+    monkeypatch.setitem(bench_exact.TRMATH, "kl", _wrong_kl)
+    rc = run.main(["--tiny", "--suites", "exact", "--out", str(tmp_path)])
+    assert rc == 1
+    failures = json.loads((tmp_path / "exact" / "machine.json").read_text())["failures"]
+    assert failures
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"{len(failures)} FAILED" in summary
+    assert all(f in summary for f in failures)
+
+
+def test_exact_suite_verdict_is_the_exit_status(tmp_path):
+    import run
+
+    (tmp_path / "machine.json").write_text(json.dumps({
+        "problems": ["check A failed", "torch.compile failed for B"],
+        "failures": ["check A failed"],
+    }))
     (tmp_path / "ratios.csv").write_text("op,pass,dtype,N,V,ratio,median,min,max,bar,status\n")
     (tmp_path / "report.txt").write_text("table\n")
-    r = run.ExactSuite(tmp_path, 0)
-    assert len(r.failures) == 1 and "disagrees" in r.failures[0]
-    assert len(r.problems) == 2
+    failed = run.ExactSuite(tmp_path, 1)
+    assert failed.failures == ["check A failed"]
+    assert failed.problems == ["check A failed", "torch.compile failed for B"]
+    # the status decides; the record only details it
+    assert run.ExactSuite(tmp_path, 0).failures == []
+    raised = run.ExactSuite(tmp_path, RuntimeError("boom"))
+    assert len(raised.failures) == 1 and "RuntimeError" in raised.failures[0]
+    (tmp_path / "machine.json").write_text(json.dumps({"problems": []}))
+    assert len(run.ExactSuite(tmp_path, 1).failures) == 1  # a status without details still fails
     assert run.ExactSuite(tmp_path / "missing", 0).failures  # no files: a failure, not a pass
 
 

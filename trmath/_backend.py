@@ -177,3 +177,98 @@ def topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
     if ids.numel():
         _core.topk_rows(_desc(z), int(k), ids.data_ptr())
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (present when the extension was built with -DTRMATH_CUDA=ON)
+# ---------------------------------------------------------------------------------------------
+def has_cuda() -> bool:
+    """Whether the compiled core holds the CUDA kernels (it was built with ``TRMATH_CUDA=ON``)."""
+    return hasattr(_core, "cuda_single_forward")
+
+
+def cuda_device_name() -> str:
+    """Name and compute capability of the current CUDA device as the core sees it ("" if none)."""
+    return _core.cuda_device_name() if has_cuda() else ""
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def cuda_single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str):
+    """:func:`single_forward` for CUDA tensors; everything stays on ``z``'s device and stream."""
+    lead = z.shape[:-1]
+    odt = out_dtype(z.dtype)
+    dev = z.device
+    out0 = torch.empty(lead, dtype=odt, device=dev)
+    out1 = torch.empty(lead, dtype=odt, device=dev) if op == "token_logprobs_entropy" else None
+    stats = torch.empty((*lead, 2), dtype=torch.float64, device=dev)
+    status = torch.empty(lead, dtype=torch.int32, device=dev)
+    if status.numel() == 0:
+        return out0, out1, stats, status
+    tok_ptr = 0
+    if tokens is not None:
+        tokens = tokens.to(device=dev, dtype=torch.int64).contiguous()
+        tok_ptr = tokens.data_ptr()
+    with torch.cuda.device(dev):
+        _core.cuda_single_forward(
+            _desc(z), tok_ptr, float(temperature), SINGLE_OPS[op], out0.data_ptr(),
+            out1.data_ptr() if out1 is not None else 0, stats.data_ptr(), status.data_ptr(), _stream(z),
+        )
+    return out0, out1, stats, status
+
+
+def cuda_single_backward(g0, g1, z, tokens, stats, temperature: float, op: str) -> torch.Tensor:
+    """:func:`single_backward` for CUDA tensors."""
+    dev = z.device
+    dz = torch.empty(z.shape, dtype=z.dtype, device=dev)
+    if dz.numel() == 0:
+        return dz
+    g0 = g0.to(device=dev, dtype=torch.float64).contiguous()
+    g1c = g1.to(device=dev, dtype=torch.float64).contiguous() if g1 is not None else None
+    stats = stats.contiguous()
+    tok_ptr = 0
+    if tokens is not None:
+        tokens = tokens.to(device=dev, dtype=torch.int64).contiguous()
+        tok_ptr = tokens.data_ptr()
+    with torch.cuda.device(dev):
+        _core.cuda_single_backward(
+            _desc(z), tok_ptr, float(temperature), SINGLE_OPS[op], stats.data_ptr(), g0.data_ptr(),
+            g1c.data_ptr() if g1c is not None else 0, dz.data_ptr(), _stream(z),
+        )
+    return dz
+
+
+def cuda_pair_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str):
+    """:func:`pair_forward` for CUDA tensors."""
+    lead = z.shape[:-1]
+    dev = z.device
+    out = torch.empty(lead, dtype=out_dtype(z.dtype), device=dev)
+    stats = torch.empty((*lead, PAIR_STATS), dtype=torch.float64, device=dev)
+    status = torch.empty(lead, dtype=torch.int32, device=dev)
+    if status.numel() == 0:
+        return out, stats, status
+    with torch.cuda.device(dev):
+        _core.cuda_pair_forward(
+            _desc(z), _desc(w), float(temperature), PAIR_OPS[op], out.data_ptr(), stats.data_ptr(),
+            status.data_ptr(), _stream(z),
+        )
+    return out, stats, status
+
+
+def cuda_pair_backward(g, z, w, stats, temperature: float, op: str, need_z: bool, need_w: bool):
+    """:func:`pair_backward` for CUDA tensors."""
+    dev = z.device
+    dz = torch.empty(z.shape, dtype=z.dtype, device=dev) if need_z else None
+    dw = torch.empty(w.shape, dtype=w.dtype, device=dev) if need_w else None
+    if z.numel() == 0 or (dz is None and dw is None):
+        return dz, dw
+    g = g.to(device=dev, dtype=torch.float64).contiguous()
+    stats = stats.contiguous()
+    with torch.cuda.device(dev):
+        _core.cuda_pair_backward(
+            _desc(z), _desc(w), float(temperature), PAIR_OPS[op], stats.data_ptr(), g.data_ptr(),
+            dz.data_ptr() if dz is not None else 0, dw.data_ptr() if dw is not None else 0, _stream(z),
+        )
+    return dz, dw

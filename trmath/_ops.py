@@ -1,7 +1,8 @@
 """torch custom operators of the exact reductions, with autograd and fake (meta) kernels.
 
 The operators dispatch on device: CPU tensors go to the C++ kernels (:mod:`trmath._backend`),
-every other device to the pure-torch backend (:mod:`trmath._torch_backend`). Both fill the same
+CUDA tensors to the CUDA kernels when the extension was built with them, every other device
+(and CUDA without the kernels) to the pure-torch backend (:mod:`trmath._torch_backend`). Both fill the same
 per-row statistics, which the backward operators consume, so a forward on one backend and a
 backward on the other agree. Being custom operators, they are opaque to ``torch.compile``,
 which traces them through their fake kernels without graph breaks.
@@ -40,6 +41,18 @@ def use_cpp(t: Tensor) -> bool:
     return t.device.type == "cpu" and not _FORCE_TORCH[0]
 
 
+_HAS_CUDA = []
+
+
+def use_cuda(t: Tensor) -> bool:
+    """Whether ``t`` goes to the compiled CUDA kernels."""
+    if t.device.type != "cuda" or _FORCE_TORCH[0]:
+        return False
+    if not _HAS_CUDA:
+        _HAS_CUDA.append(_cpp().has_cuda())
+    return _HAS_CUDA[0]
+
+
 # Test hook: route CPU tensors to the torch backend (parity tests).
 _FORCE_TORCH = [False]
 
@@ -65,6 +78,13 @@ def single_fwd(z: Tensor, tokens: Optional[Tensor], temperature: float, op: str,
             raise_for_status(status, lead, ("logits",), tokens, z.shape[-1])
         if out1 is None:
             out1 = torch.zeros(0, dtype=out0.dtype)
+        return out0, out1, stats
+    if use_cuda(z):
+        out0, out1, stats, status = _cpp().cuda_single_forward(z, tokens, temperature, op)
+        if validate:
+            raise_for_status(status.cpu(), lead, ("logits",), tokens.cpu() if tokens is not None else None, z.shape[-1])
+        if out1 is None:
+            out1 = z.new_zeros(0, dtype=out0.dtype)
         return out0, out1, stats
     V = z.shape[-1]
     z2 = z.reshape(-1, V)
@@ -99,6 +119,8 @@ def _(z, tokens, temperature, op, validate):
 def single_bwd(g0: Tensor, g1: Optional[Tensor], z: Tensor, tokens: Optional[Tensor], stats: Tensor, temperature: float, op: str) -> Tensor:
     if use_cpp(z):
         return _cpp().single_backward(g0, g1, z, tokens, stats, temperature, op)
+    if use_cuda(z):
+        return _cpp().cuda_single_backward(g0, g1, z, tokens, stats, temperature, op)
     V = z.shape[-1]
     z2 = z.reshape(-1, V)
     st = stats.reshape(-1, 2)
@@ -155,6 +177,11 @@ def pair_fwd(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) 
         if validate:
             raise_for_status(status, lead, _PAIR_NAMES)
         return out, stats
+    if use_cuda(z):
+        out, stats, status = _cpp().cuda_pair_forward(z, w, temperature, op)
+        if validate:
+            raise_for_status(status.cpu(), lead, _PAIR_NAMES)
+        return out, stats
     if validate:
         status = _torch_status(z, 1) | _torch_status(w, 8)
         raise_for_status(status.cpu(), lead, _PAIR_NAMES)
@@ -177,6 +204,8 @@ def _(z, w, temperature, op, validate):
 def pair_bwd(g: Tensor, z: Tensor, w: Tensor, stats: Tensor, temperature: float, op: str, need_z: bool, need_w: bool) -> tuple[Tensor, Tensor]:
     if use_cpp(z):
         dz, dw = _cpp().pair_backward(g, z, w, stats, temperature, op, need_z, need_w)
+    elif use_cuda(z):
+        dz, dw = _cpp().cuda_pair_backward(g, z, w, stats, temperature, op, need_z, need_w)
     else:
         V = z.shape[-1]
         dz, dw = _TB_PAIR[op][1](g.reshape(-1), z.reshape(-1, V), w.reshape(-1, V), stats.reshape(-1, _PAIR_STATS)[:, :4].contiguous(), temperature, need_z, need_w)

@@ -7,6 +7,9 @@ namespace trmath {
 void register_exact(py::module_& m);
 void register_coarse(py::module_& m);
 void register_project(py::module_& m);
+#if defined(TRMATH_WITH_CUDA)
+void register_cuda(py::module_& m);
+#endif
 }
 
 PYBIND11_MODULE(_core, m) {
@@ -14,4 +17,7 @@ PYBIND11_MODULE(_core, m) {
   trmath::register_exact(m);
   trmath::register_coarse(m);
   trmath::register_project(m);
+#if defined(TRMATH_WITH_CUDA)
+  trmath::register_cuda(m);
+#endif
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build the extension with the CUDA kernels and run the GPU tests and the GPU benchmark.
+# For a machine with an NVIDIA GPU, nvcc, CMake, ninja, pybind11 and torch (CUDA build); not part
+# of .ci/run, which has no GPU (it only compiles the CUDA sources). Usage:
+#   bash .ci/gpu.sh [OUTDIR]     (architectures: TRMATH_CUDA_ARCHS, default "90-real")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench-out/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+$py -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
+bld=build-gpu
+cmake -S . -B "$bld" -G Ninja -DTRMATH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${TRMATH_CUDA_ARCHS:-90-real}" \
+  -Dpybind11_DIR="$($py -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $py)" > "$out/cmake.log"
+start=$(date +%s)
+ninja -C "$bld" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+cp "$bld"/_core*.so trmath/
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+$py -c "import trmath, trmath._backend as b; print('kernels:', b.has_cuda(), b.cuda_device_name())"
+set +e
+$py -m pytest tests/test_cuda.py -q --maxfail=30 -n 8 -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -25
+rc_t=${PIPESTATUS[0]}
+$py benchmarks/bench_cuda.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -60
+rc_b=${PIPESTATUS[0]}
+echo "tests rc=$rc_t bench rc=$rc_b"
+exit $(( rc_t || rc_b ))

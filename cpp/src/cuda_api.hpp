@@ -1,0 +1,22 @@
+// trmath: host entry points of the CUDA kernels (cpp/src/cuda_exact.cu). Views hold device
+// addresses; `stream` is the caller's cudaStream_t (0: the legacy default stream). Kernels are
+// queued on that stream and nothing waits for them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "view.hpp"
+
+namespace trmath {
+namespace cuda {
+
+void single_forward(const SingleFwd& a, uintptr_t stream);
+void single_backward(const SingleBwd& a, uintptr_t stream);
+void pair_forward(const PairFwd& a, uintptr_t stream);
+void pair_backward(const PairBwd& a, uintptr_t stream);
+// Name and compute capability of the current device ("" without a usable device).
+std::string device_name();
+
+}  // namespace cuda
+}  // namespace trmath

@@ -1,0 +1,1277 @@
+// trmath: CUDA kernels of the exact reductions (logsumexp, entropy, token log-probs, KL, TV,
+// JS), forward and backward.
+//
+// One thread block owns one row, so a row's result never depends on the batch, its position or
+// the launch: the reduction tree inside a block is fixed. The formulas are the CPU kernels'
+// (cpp/include/trmath/exact.hpp, cpp/src/kernels.cpp), element for element; what differs is how
+// a row is traversed:
+//
+//  * Forward, first pass: every thread reads its elements once (16-byte loads where the row is
+//    contiguous and aligned, the next tile requested before the current one is reduced) and
+//    keeps its partial sums about its *own* running maxima, moving them exactly (the CPU's
+//    segment merge, phi(x + d) expanded) whenever a larger maximum arrives. The block then
+//    moves each thread's partial to the row maxima and sums them in a fixed tree. For KL this
+//    single read is the whole computation on ordinary rows; TV and JS need one more read at the
+//    exact centre (the sign of p - q, and log(p/m), are only known once the normaliser is), as
+//    on the CPU.
+//  * Rows the first pass cannot settle (cancellation in the merge or in Phi/E - psi, log-prob
+//    rows whose logsumexp cancels) take the CPU's further passes, in the same order, with the
+//    same acceptance tests.
+//  * Backward: elementwise from the per-row statistics, the same layout the CPU kernels write.
+//
+// Arithmetic: 16/32-bit inputs are computed in float -- shifts and log-ratios as exact
+// float pairs (two-sum), exponentials by Cody-Waite reduction and the hardware 2^x -- and the
+// terms of each tile are summed in float, then in double. float64 inputs use double throughout.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cuda_api.hpp"
+#include "trmath/coefficients.hpp"
+#include "trmath/ddouble.hpp"
+
+namespace trmath {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr double kLn2d = 0.69314718055994530942;
+
+// ---- series coefficients in constant memory (from the generated host tables) ------------------
+template <class S, int N>
+struct Poly {
+  S c[N];
+};
+template <class S, int N>
+constexpr Poly<S, N> mk(const double (&a)[N]) {
+  Poly<S, N> p{};
+  for (int i = 0; i < N; ++i) p.c[i] = S(a[i]);
+  return p;
+}
+__constant__ Poly<float, coef::em2_f_n> c_em2_f = mk<float>(coef::em2_f);
+__constant__ Poly<double, coef::em2_d_n> c_em2_d = mk<double>(coef::em2_d);
+__constant__ Poly<float, coef::expm1_f_n> c_expm1_f = mk<float>(coef::expm1_f);
+__constant__ Poly<double, coef::expm1_d_n> c_expm1_d = mk<double>(coef::expm1_d);
+__constant__ Poly<float, coef::jsp_f_n> c_jsp_f = mk<float>(coef::jsp_f);
+__constant__ Poly<double, coef::jsp_d_n> c_jsp_d = mk<double>(coef::jsp_d);
+__constant__ Poly<float, coef::jsq_f_n> c_jsq_f = mk<float>(coef::jsq_f);
+__constant__ Poly<double, coef::jsq_d_n> c_jsq_d = mk<double>(coef::jsq_d);
+__constant__ Poly<float, coef::jsd_f_n> c_jsd_f = mk<float>(coef::jsd_f);
+__constant__ Poly<double, coef::jsd_d_n> c_jsd_d = mk<double>(coef::jsd_d);
+__constant__ Poly<float, coef::log1p_f_n> c_log1p_f = mk<float>(coef::log1p_f);
+__constant__ Poly<double, coef::log1p_d_n> c_log1p_d = mk<double>(coef::log1p_d);
+__constant__ Poly<double, coef::phi_d_n> c_phi_d = mk<double>(coef::phi_d);
+
+template <class S, int N>
+__device__ __forceinline__ S horner(S x, const Poly<S, N>& p) {
+  S r = p.c[N - 1];
+#pragma unroll
+  for (int k = N - 2; k >= 0; --k) r = r * x + p.c[k];
+  return r;
+}
+
+// ---- element storage --------------------------------------------------------------------------
+struct bf16s { uint16_t bits; };
+struct f16s { uint16_t bits; };
+
+__device__ __forceinline__ float h2f(unsigned short u) {
+  float f;
+  asm("{ .reg .f16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(u));
+  return f;
+}
+
+// Tile<In>: E consecutive elements (16 bytes) per load, kept raw (Raw) until used and then
+// converted to S in registers.
+template <class In> struct Tile;
+template <> struct Tile<float> {
+  using S = float;
+  using Raw = float4;
+  static constexpr int E = 4;
+  __device__ static float one(const float* p) { return __ldg(p); }
+  __device__ static Raw vec(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+  // Elements i..i+E-1 at stride vs, -inf past n.
+  __device__ static Raw gather(const float* p, int64_t vs, int64_t n) {
+    float o[E];
+#pragma unroll
+    for (int k = 0; k < E; ++k) o[k] = k < n ? __ldg(p + k * vs) : -INFINITY;
+    return make_float4(o[0], o[1], o[2], o[3]);
+  }
+  __device__ static void unpack(const Raw& v, float (&o)[E]) {
+    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+  }
+};
+template <> struct Tile<double> {
+  using S = double;
+  using Raw = double2;
+  static constexpr int E = 2;
+  __device__ static double one(const double* p) { return __ldg(p); }
+  __device__ static Raw vec(const double* p) { return __ldg(reinterpret_cast<const double2*>(p)); }
+  __device__ static Raw gather(const double* p, int64_t vs, int64_t n) {
+    return make_double2(n > 0 ? __ldg(p) : -INFINITY, n > 1 ? __ldg(p + vs) : -INFINITY);
+  }
+  __device__ static void unpack(const Raw& v, double (&o)[E]) {
+    o[0] = v.x; o[1] = v.y;
+  }
+};
+// 16-bit formats: 8 elements in a uint4, unpacked pairwise.
+template <class In, unsigned short kNegInf>
+struct Tile16 {
+  using S = float;
+  using Raw = uint4;
+  static constexpr int E = 8;
+  __device__ static unsigned short bits(const In* p) { return __ldg(reinterpret_cast<const unsigned short*>(p)); }
+  __device__ static Raw vec(const In* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ static Raw gather(const In* p, int64_t vs, int64_t n) {
+    uint32_t u[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      uint32_t lo = 2 * k < n ? bits(p + 2 * k * vs) : kNegInf;
+      uint32_t hi = 2 * k + 1 < n ? bits(p + (2 * k + 1) * vs) : kNegInf;
+      u[k] = lo | (hi << 16);
+    }
+    return make_uint4(u[0], u[1], u[2], u[3]);
+  }
+};
+template <> struct Tile<bf16s> : Tile16<bf16s, 0xff80u> {
+  __device__ static float one(const bf16s* p) { return __uint_as_float(uint32_t(bits(p)) << 16); }
+  __device__ static void unpack(const Raw& v, float (&o)[E]) {
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      o[2 * k] = __uint_as_float(u[k] << 16);
+      o[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
+    }
+  }
+};
+template <> struct Tile<f16s> : Tile16<f16s, 0xfc00u> {
+  __device__ static float one(const f16s* p) { return h2f(bits(p)); }
+  __device__ static void unpack(const Raw& v, float (&o)[E]) {
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      o[2 * k] = h2f((unsigned short)(u[k] & 0xffffu));
+      o[2 * k + 1] = h2f((unsigned short)(u[k] >> 16));
+    }
+  }
+};
+
+__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store1(double* p, double v) { *p = v; }
+__device__ __forceinline__ uint16_t to_bf16(float v) {
+  uint32_t u = __float_as_uint(v);  // round to nearest even; NaN stays NaN
+  return (v != v) ? uint16_t(0x7fc0u) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ uint16_t to_f16(float v) {
+  unsigned short h;
+  asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(v));
+  return h;
+}
+__device__ __forceinline__ void store1(bf16s* p, float v) { *reinterpret_cast<unsigned short*>(p) = to_bf16(v); }
+__device__ __forceinline__ void store1(f16s* p, float v) { *reinterpret_cast<unsigned short*>(p) = to_f16(v); }
+
+// A tile of results stored at p (16-byte aligned when vec).
+template <class In, class S, int E>
+__device__ __forceinline__ void store_tile(In* p, const S (&v)[E], bool vec, int64_t n) {
+  if (vec && n >= E) {
+    if constexpr (std::is_same<In, float>::value) {
+      *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+      return;
+    } else if constexpr (std::is_same<In, double>::value) {
+      *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+      return;
+    } else {
+      uint32_t u[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        uint16_t lo, hi;
+        if constexpr (std::is_same<In, bf16s>::value) {
+          lo = to_bf16(v[2 * k]);
+          hi = to_bf16(v[2 * k + 1]);
+        } else {
+          lo = to_f16(v[2 * k]);
+          hi = to_f16(v[2 * k + 1]);
+        }
+        u[k] = uint32_t(lo) | (uint32_t(hi) << 16);
+      }
+      *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
+      return;
+    }
+  }
+  for (int k = 0; k < E && k < n; ++k) store1(p + k, v[k]);
+}
+
+// ---- rows and tiles ----------------------------------------------------------------------------
+__host__ __device__ __forceinline__ int64_t nrows(const View& v) {
+  int64_t n = 1;
+  for (int d = 0; d + 1 < v.ndim; ++d) n *= v.shape[d];
+  return n;
+}
+
+__device__ __forceinline__ int64_t row_offset(const View& v, int64_t r) {
+  int64_t off = 0;
+  for (int d = v.ndim - 2; d >= 0; --d) {
+    int64_t i = r % v.shape[d];
+    r /= v.shape[d];
+    off += i * v.strides[d];
+  }
+  return off;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Calls f(zv, wv, i0) for every tile of E elements of the thread's share of a row (tiles
+// threadIdx.x, threadIdx.x + blockDim.x, ...); elements past V read as -inf (p = 0). The next
+// tile is requested before f runs on the current one. kPair = false: w is ignored.
+template <class In, bool kPair, class F>
+__device__ __forceinline__ void for_tiles(const In* z, const In* w, int64_t V, int64_t vsz, int64_t vsw,
+                                          bool vec, F&& f) {
+  using T = Tile<In>;
+  using S = typename T::S;
+  using Raw = typename T::Raw;
+  constexpr int E = T::E;
+  const int64_t nt = (V + E - 1) / E;
+  auto load = [&](int64_t t, Raw& a, Raw& b) {
+    const int64_t i = t * E;
+    if (vec && i + E <= V) {
+      a = T::vec(z + i);
+      if (kPair) b = T::vec(w + i);
+    } else {
+      a = T::gather(z + i * vsz, vsz, V - i);
+      if (kPair) b = T::gather(w + i * vsw, vsw, V - i);
+    }
+  };
+  Raw za, wa, zb, wb;
+  int64_t t = threadIdx.x;
+  if (t < nt) load(t, za, wa);
+  for (; t < nt; t += blockDim.x) {
+    const int64_t tn = t + blockDim.x;
+    if (tn < nt) load(tn, zb, wb);
+    S zs[E], ws[E];
+    T::unpack(za, zs);
+    if (kPair) T::unpack(wa, ws);
+    f(zs, ws, t * E);
+    za = zb;
+    if (kPair) wa = wb;
+  }
+}
+
+// ---- per-precision element math ------------------------------------------------------------------
+// e^a for a = hi + lo <= ~88 (float): Cody-Waite reduction a = n ln2 + r, then the hardware 2^x
+// on r log2(e) (|r| <= ln2/2, relative error ~2^-22) and the exponent added as an integer.
+// Results below 2^-126 (hi < -87) are flushed to 0, as on the CPU.
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float exp_f(float hi, float lo) {
+  const float log2e = 1.44269504088896341f;
+  float n = rintf(hi * log2e);
+  float r = fmaf(-n, 0.693359375f, hi);  // ln2_hi has 9 bits: n ln2_hi exact
+  r = fmaf(-n, -2.12194440e-4f, r);
+  r += lo;
+  float p = ex2_approx(r * log2e);
+  float res = __int_as_float((int(n) + 127) << 23) * p;
+  return hi < -87.0f ? 0.0f : res;
+}
+
+struct FS {
+  float hi, lo;
+};
+
+// The per-row (or per-thread) constants of the element formulas, for 16/32-bit inputs.
+struct CentreF {
+  float Mzh, Mzl, Mwh, Mwl;  // maxima as exact float pairs
+  float mh, ml, mlo;         // centre m (exact pair) and the re-centring correction
+  float ih, il;              // 1/T as a pair
+  float g;                   // exp((Mz - Mw - m - mlo)/T): pt = exp(a) g
+  bool unitT;
+  __device__ void set(double Mz, double Mw, double m, double mres, double mlo_, double invT, double g_) {
+    Mzh = float(Mz);
+    Mzl = float(Mz - double(Mzh));
+    Mwh = float(Mw);
+    Mwl = float(Mw - double(Mwh));
+    mh = float(m);
+    ml = float(m - double(mh));
+    mlo = float(mlo_ + mres);
+    ih = float(invT);
+    il = float(invT - double(ih));
+    unitT = invT == 1.0;
+    g = float(g_);
+  }
+  // (v - M) / T as hi + lo, exact to ~2^-48 relative (the CPU's FloatLanes::shifted).
+  __device__ FS shifted(float v, float Mh, float Ml) const {
+    float s = v - Mh;
+    float bb = s - v;
+    float e = (v - (s - bb)) + (-Mh - bb) - Ml;
+    if (unitT) return {s, e};
+    float h = s * ih;
+    float l = fmaf(s, ih, -h) + (s * il + e * ih);
+    return {h, l};
+  }
+  __device__ float qexp(float w) const {
+    FS a = shifted(w, Mwh, Mwl);
+    return exp_f(a.hi, a.lo);
+  }
+  __device__ float pexp(float z) const {
+    FS a = shifted(z, Mzh, Mzl);
+    return exp_f(a.hi, a.lo);
+  }
+  // x = (z - w - m - mlo) / T: z - w split exactly (two-sum), then reduced about the centre.
+  __device__ float x(float z, float w) const {
+    float d = z - w;
+    float bb = d - z;
+    float e = (z - (d - bb)) + (-w - bb);
+    e = fabsf(d) < INFINITY ? e : 0.0f;
+    float r = (d - mh) + ((e - ml) - mlo);
+    return unitT ? r : r * ih;
+  }
+  __device__ static float em2(float x) { return x * x * horner(x, c_em2_f); }
+  __device__ static float expm1s(float x) { return x * horner(x, c_expm1_f); }
+  __device__ static float jsp(float x) { return x * x * horner(x, c_jsp_f); }
+  __device__ static float jsq(float x) { return x * x * horner(x, c_jsq_f); }
+  __device__ static float jsd(float x) { return x * horner(x, c_jsd_f); }
+  __device__ static float log1p_unit(float u) {
+    float s = u / (2.0f + u);
+    return 2.0f * s * horner(s * s, c_log1p_f);
+  }
+};
+
+// The same for float64 inputs: double throughout, z - w split exactly and the centre's own
+// rounding residual mres kept (near-identical float64 rows have log-ratios of 1e-8 next to
+// logits of size 10).
+struct CentreD {
+  double Mz, Mw, m, mres, mlo, invT, g;
+  __device__ void set(double Mz_, double Mw_, double m_, double mres_, double mlo_, double invT_, double g_) {
+    Mz = Mz_;
+    Mw = Mw_;
+    m = m_;
+    mres = mres_;
+    mlo = mlo_;
+    invT = invT_;
+    g = g_;
+  }
+  __device__ static double ex(double a) { return a < -745.0 ? 0.0 : exp(a); }
+  __device__ double qexp(double w) const { return ex((w - Mw) * invT); }
+  __device__ double pexp(double z) const { return ex((z - Mz) * invT); }
+  __device__ double x(double z, double w) const {
+    double s = z - w, bb = s - z;
+    double e = (z - (s - bb)) + (-w - bb);
+    if (!(fabs(s) < INFINITY)) return s;
+    return (((s - m) + (e - mres)) - mlo) * invT;
+  }
+  __device__ static double em2(double x) { return x * x * horner(x, c_em2_d); }
+  __device__ static double expm1s(double x) { return x * horner(x, c_expm1_d); }
+  __device__ static double jsp(double x) { return x * x * horner(x, c_jsp_d); }
+  __device__ static double jsq(double x) { return x * x * horner(x, c_jsq_d); }
+  __device__ static double jsd(double x) { return x * horner(x, c_jsd_d); }
+  __device__ static double log1p_unit(double u) {
+    double s = u / (2.0 + u);
+    return 2.0 * s * horner(s * s, c_log1p_d);
+  }
+};
+
+template <class S> struct CentreOf { using type = CentreF; };
+template <> struct CentreOf<double> { using type = CentreD; };
+
+// phi(d) = d e^d - e^d + 1 in double, series for |d| < 1 (as on the CPU).
+__device__ __forceinline__ double phi_d(double d) { return d * d * horner(d, c_phi_d); }
+
+__device__ __forceinline__ double psi_log1p(double u) {
+  if (fabs(u) < 1e-3) {
+    double s = 0.0, p = u * u;
+    for (int n = 2; n <= 8; ++n) {
+      s += ((n % 2 == 0) ? 1.0 : -1.0) * (n - 1) * p / n;
+      p *= u;
+    }
+    return s;
+  }
+  return log1p(u) - u / (1.0 + u);
+}
+
+// (A - B) - (C - D) for doubles, with only the final rounding: the difference of two centres
+// (A - B and C - D are each exact as two-sums; their residuals are carried).
+__device__ __forceinline__ double diff_of_diffs(double A, double B, double C, double D) {
+  dd::DD a = dd::two_sum(A, -C);  // (A - C) exactly
+  dd::DD b = dd::two_sum(B, -D);  // (B - D) exactly
+  return (a.hi - b.hi) + (a.lo - b.lo);
+}
+
+// ---- block reductions (fixed tree: deterministic) -------------------------------------------------
+template <int K>
+__device__ void block_sum(double (&v)[K]) {
+  __shared__ double red[K][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    double t = v[k];
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_down_sync(0xffffffffu, t, o);
+    if (lane == 0) red[k][warp] = t;
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      double t = lane < nw ? red[k][lane] : 0.0;
+      for (int o = 16; o > 0; o >>= 1) t += __shfl_down_sync(0xffffffffu, t, o);
+      if (lane == 0) red[k][0] = t;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = red[k][0];
+  __syncthreads();
+}
+
+template <int K>
+__device__ void block_max(double (&v)[K], int& flags) {
+  __shared__ double red[K][32];
+  __shared__ int fl[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  int f = flags;
+  for (int o = 16; o > 0; o >>= 1) f |= __shfl_down_sync(0xffffffffu, f, o);
+  if (lane == 0) fl[warp] = f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    double t = v[k];
+    for (int o = 16; o > 0; o >>= 1) t = fmax(t, __shfl_down_sync(0xffffffffu, t, o));
+    if (lane == 0) red[k][warp] = t;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int g = lane < nw ? fl[lane] : 0;
+    for (int o = 16; o > 0; o >>= 1) g |= __shfl_down_sync(0xffffffffu, g, o);
+    if (lane == 0) fl[0] = g;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      double t = lane < nw ? red[k][lane] : -INFINITY;
+      for (int o = 16; o > 0; o >>= 1) t = fmax(t, __shfl_down_sync(0xffffffffu, t, o));
+      if (lane == 0) red[k][0] = t;
+    }
+  }
+  __syncthreads();
+  flags = fl[0];
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = red[k][0];
+  __syncthreads();
+}
+
+__device__ __forceinline__ int block_or(int f) {
+  double none[1] = {0.0};
+  block_max<1>(none, f);
+  return f;
+}
+
+template <class T>
+__device__ __forceinline__ void put(void* out, int64_t i, double v) {
+  static_cast<T*>(out)[i] = T(v);
+}
+
+// =============================================================================================
+// single-row reductions
+// =============================================================================================
+// Per-thread online state about its running maximum M: k = count of maxima, R = sum of
+// exp((z - M)/T) below it, B = sum exp(a) (-a) (entropy). Moving to a larger maximum M' with
+// d = (M' - M)/T: R' = (k + R) e^-d, B' = e^-d (B + d (k + R)), k' = 0 -- the CPU's segment merge.
+struct SingleAcc {
+  double M = -INFINITY, k = 0, R = 0, B = 0;
+  __device__ void move_to(double M2, double invT) {
+    if (M2 == M) return;
+    if (M == -INFINITY || (k == 0 && R == 0)) {
+      M = M2;
+      k = R = B = 0;
+      return;
+    }
+    double d = (M2 - M) * invT, f = exp(-d), A = k + R;
+    R = A * f;
+    B = f * (B + d * A);
+    k = 0;
+    M = M2;
+  }
+};
+
+template <class In>
+__global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a) {
+  using T = Tile<In>;
+  using S = typename T::S;
+  using C = typename CentreOf<S>::type;
+  constexpr int E = T::E;
+  constexpr bool kDouble = std::is_same<In, double>::value;
+  using OutT = typename std::conditional<kDouble, double, float>::type;
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1], vs = a.z.strides[a.z.ndim - 1];
+  const double invT = 1.0 / a.T;
+  const bool want_h = a.op == SingleOp::entropy || a.op == SingleOp::logprob_entropy;
+  const bool want_lp = a.op == SingleOp::logprob || a.op == SingleOp::logprob_entropy;
+  const bool want_lse = a.op == SingleOp::lse;
+  const S ninf = -INFINITY, pinf = INFINITY;
+  __shared__ double s_zt;
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+    const bool vec = vs == 1 && aligned16(z);
+    // ---- pass 1: online maximum and sums
+    SingleAcc acc;
+    C c;
+    c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
+    int flags = 0;
+    for_tiles<In, false>(z, z, V, vs, vs, vec, [&](S (&v)[E], S (&)[E], int64_t) {
+      S mx = ninf;
+#pragma unroll
+      for (int u = 0; u < E; ++u) {
+        if (v[u] != v[u]) flags |= kNanA;
+        if (v[u] == pinf) flags |= kPosInfA;
+        mx = v[u] > mx ? v[u] : mx;
+      }
+      if (flags) return;
+      if (double(mx) > acc.M) {
+        acc.move_to(double(mx), invT);
+        c.set(acc.M, acc.M, 0.0, 0.0, 0.0, invT, 1.0);
+      }
+      if (acc.M == -INFINITY) return;
+      S sR = 0, sk = 0, sB = 0;
+      const S Ms = S(acc.M);
+#pragma unroll
+      for (int u = 0; u < E; ++u) {
+        S e, na;
+        if constexpr (kDouble) {
+          double ad = (v[u] - acc.M) * invT;
+          e = C::ex(ad);
+          na = -ad;
+        } else {
+          FS sh = c.shifted(v[u], c.Mzh, c.Mzl);
+          e = exp_f(sh.hi, sh.lo);
+          na = -(sh.hi + sh.lo);
+        }
+        const bool top = v[u] == Ms;
+        sR += top ? S(0) : e;
+        sk += top ? S(1) : S(0);
+        if (want_h) sB += v[u] > ninf ? e * na : S(0);
+      }
+      acc.R += double(sR);
+      acc.k += double(sk);
+      acc.B += double(sB);
+    });
+    // ---- merge the threads at the row maximum
+    double mv[1] = {acc.M};
+    block_max<1>(mv, flags);
+    const double M = mv[0];
+    if (!(flags & (kNanA | kPosInfA)) && M == -INFINITY) flags |= kAllNegInfA;
+    double sums[3] = {0, 0, 0};
+    if (!flags) {
+      acc.move_to(M, invT);
+      sums[0] = acc.R;
+      sums[1] = acc.k;
+      sums[2] = acc.B;
+    }
+    block_sum<3>(sums);
+    double R = sums[0], k = sums[1], B = sums[2];
+    double zt = 0.0;
+    if (want_lp && !flags) {
+      if (threadIdx.x == 0) {
+        int64_t t = a.tokens[r];
+        s_zt = (t < 0 || t >= V) ? NAN : double(T::one(z + t * vs));
+      }
+      __syncthreads();
+      zt = s_zt;
+      __syncthreads();
+      if (zt != zt) flags |= kTokenRange;
+    }
+    double lse = NAN, H = NAN, lp = NAN;
+    if (!flags) {
+      double logA = log(k) + log1p(R / k);
+      lse = M * invT + logA;
+      if (want_lse) {
+        // lse = M/T + log A cancels when lse ~ 0 (log-probabilities passed as logits): redo
+        // the row in double, then in double-double, as the CPU does.
+        double cond = (fabs(M * invT) + fabs(logA)) / fabs(lse);
+        bool in_double = kDouble;
+        if (!in_double && cond > 4.0) {
+          double s2[2] = {0, 0};
+          for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+            double zi = double(T::one(z + i * vs));
+            if (zi == M) s2[1] += 1.0;
+            else s2[0] += exp((zi - M) * invT);
+          }
+          block_sum<2>(s2);
+          logA = log(s2[1]) + log1p(s2[0] / s2[1]);
+          lse = M * invT + logA;
+          cond = (fabs(M * invT) + fabs(logA)) / fabs(lse);
+          in_double = true;
+        }
+        if (in_double && cond > 1000.0) {
+          // Double-double: each term exp((z - M)/T) to ~1e-30 relative. Thread partials are
+          // summed in a fixed order (thread 0 adds them in index order).
+          dd::DD t{0.0, 0.0};
+          for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+            double zi = double(T::one(z + i * vs));
+            if (zi == -INFINITY) continue;
+            dd::DD x = dd::two_sum(zi, -M);
+            if (a.T != 1.0) x = dd::div(x, a.T);
+            t = dd::add(t, dd::exp(x));
+          }
+          __shared__ double hi[kThreads], lo[kThreads];
+          hi[threadIdx.x] = t.hi;
+          lo[threadIdx.x] = t.lo;
+          __syncthreads();
+          if (threadIdx.x == 0) {
+            dd::DD A{0.0, 0.0};
+            for (int j = 0; j < int(blockDim.x); ++j) A = dd::add(A, dd::DD{hi[j], lo[j]});
+            dd::DD l = dd::add(dd::div(dd::DD{M, 0.0}, a.T), dd::log(A));
+            hi[0] = l.hi + l.lo;
+          }
+          __syncthreads();
+          lse = hi[0];
+          __syncthreads();
+        }
+      }
+      H = want_h ? B / (k + R) + logA : 0.0;
+      lp = (zt - M) * invT - logA;
+    }
+    if (threadIdx.x == 0) {
+      if (a.status) a.status[r] = flags;
+      if (a.stats) {
+        a.stats[2 * r] = lse;
+        a.stats[2 * r + 1] = H;
+      }
+      switch (a.op) {
+        case SingleOp::lse: put<OutT>(a.out0, r, lse); break;
+        case SingleOp::entropy: put<OutT>(a.out0, r, H); break;
+        case SingleOp::logprob: put<OutT>(a.out0, r, lp); break;
+        case SingleOp::logprob_entropy:
+          put<OutT>(a.out0, r, lp);
+          put<OutT>(a.out1, r, H);
+          break;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// =============================================================================================
+// pair reductions
+// =============================================================================================
+enum Terms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3 };
+
+// Per-thread partial of the first pass, about its own maxima (Mz, Mw) and centre m = Mz - Mw:
+// Q = sum qt, Z = sum q (e^x - 1), Phi = sum q phi(x) (KL), mag = sum of |terms| of Phi's
+// merges (cancellation check), R = sum pt where q = 0 < p (TV, JS).
+struct PairAcc {
+  double Mz = -INFINITY, Mw = -INFINITY, Q = 0, Z = 0, Phi = 0, mag = 0, R = 0;
+  __device__ bool empty() const { return Q == 0 && R == 0 && Z == 0 && Phi == 0; }
+  // Move to maxima (Mz2, Mw2) >= (Mz, Mw):  delta = (m - m2)/T, f = e^((Mw - Mw2)/T),
+  // f e^delta = e^((Mz - Mz2)/T) <= 1; Phi' = f e^d Phi + d f e^d Z + f Q phi(d).
+  // delta is formed as (Mz - Mz2) - (Mw - Mw2) with one rounding: near-identical rows move by
+  // deltas of 1e-8 between centres of size 10.
+  __device__ void move_to(double Mz2, double Mw2, double invT) {
+    if (Mz2 == Mz && Mw2 == Mw) return;
+    if (Mz == -INFINITY || Mw == -INFINITY || empty()) {
+      Mz = Mz2;
+      Mw = Mw2;
+      Q = Z = Phi = mag = R = 0;
+      return;
+    }
+    double d = diff_of_diffs(Mz, Mw, Mz2, Mw2) * invT;
+    double f = exp((Mw - Mw2) * invT);
+    double fe = exp((Mz - Mz2) * invT);
+    double f_em1 = d < 1.0 ? f * expm1(d) : fe - f;
+    double f_phi = fabs(d) < 1.0 ? f * phi_d(d) : fe * (d - 1.0) + f;
+    double t1 = fe * Phi, t2 = d * fe * Z, t3 = Q * f_phi;
+    Phi = t1 + t2 + t3;
+    mag = fe * mag + fabs(t2) + t3;
+    Z = fe * Z + f_em1 * Q;
+    Q = f * Q;
+    R = fe * R;
+    Mz = Mz2;
+    Mw = Mw2;
+  }
+};
+
+// Terms of one element pair (z, w) at the given centre, added to the accumulators t[]:
+//   0 qt, 1 q (e^x - 1), then kKL: 2 Phi; kTV: 2 T+, 3 Q+, 4 P+, 5 P-, 6 P0, 7 Q-, 8 Q0;
+//   kJS: 2, 3 the two halves; last (kCentre, kTV, kJS): R (q = 0 < p).
+template <class S, class C, int kT>
+__device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& qzp) {
+  const S ninf = -INFINITY, zero = 0;
+  const bool wneg = wv == ninf, zneg = zv == ninf, only_p = wneg && !zneg;
+  qzp |= only_p;
+  S qt = wneg ? zero : c.qexp(wv);
+  S x = wneg ? zero : c.x(zv, wv);
+  const bool small = fabs(x) < S(1);
+  S e2 = C::em2(x);
+  S em1_s = x + e2;
+  S ez = zero;
+  if (!small || only_p) ez = c.pexp(zv);
+  const S g = S(c.g);
+  S pt = wneg ? zero : ez * g;
+  S em1 = small ? qt * em1_s : pt - qt;
+  S pfull = small ? qt + qt * em1_s : pt;
+  t[0] += qt;
+  t[1] += em1;
+  if (kT == kKL) {
+    S xc = x > S(-200) ? x : S(-200);
+    t[2] += small ? qt * (x * em1_s - e2) : pt * (xc - S(1)) + qt;
+  } else if (kT == kTV) {
+    const bool pos = x > zero, neg = x < zero, tie = !(pos || neg);
+    t[2] += pos ? em1 : zero;
+    t[3] += pos ? qt : zero;
+    t[4] += pos ? pfull : zero;
+    t[5] += neg ? pfull : zero;
+    t[6] += tie ? pfull : zero;
+    t[7] += neg ? qt : zero;
+    t[8] += tie ? qt : zero;
+  } else if (kT == kJS) {
+    const bool js_small = fabs(x) < S(0.5);
+    S tp, tq;
+    if (js_small) {
+      tp = qt * C::jsp(x);
+      tq = qt * C::jsq(x);
+    } else {
+      S hi = pfull > qt ? pfull : qt, lo = pfull > qt ? qt : pfull;
+      S u = hi > zero ? lo / hi : zero;
+      S l1 = C::log1p_unit(u);
+      S xc = x > S(-200) ? x : S(-200);
+      const bool ppos = pfull > qt;
+      S d_big = S(kLn2d) - l1;
+      S dp = ppos ? d_big : d_big + xc;
+      S dq = ppos ? d_big - xc : d_big;
+      tp = pfull * dp + (qt - pfull) * S(0.5);
+      tq = qt * dq + (pfull - qt) * S(0.5);
+    }
+    S praw = ez * g;
+    tp = only_p ? praw * S(kLn2d - 0.5) : tp;
+    tq = only_p ? praw * S(0.5) : tq;
+    t[2] += tp;
+    t[3] += tq;
+  }
+  if (kT != kKL) {
+    constexpr int last = kT == kCentre ? 2 : kT == kTV ? 9 : 4;
+    t[last] += only_p ? ez * g : zero;
+  }
+}
+
+template <int kT> struct NTerms { static constexpr int value = kT == kCentre ? 3 : kT == kKL ? 3 : kT == kTV ? 10 : 5; };
+
+// One full pass over a row at a fixed centre; returns the block sums in v[] (slot layout of
+// pair_terms) and ORs kQZeroP into flags.
+template <class In, int kT>
+__device__ void full_pass(const In* z, const In* w, int64_t V, int64_t vsz, int64_t vsw, bool vec,
+                          const typename CentreOf<typename Tile<In>::S>::type& c,
+                          double (&v)[NTerms<kT>::value], int& flags) {
+  using S = typename Tile<In>::S;
+  using C = typename CentreOf<S>::type;
+  constexpr int K = NTerms<kT>::value;
+  constexpr int E = Tile<In>::E;
+  for (int j = 0; j < K; ++j) v[j] = 0.0;
+  bool qzp = false;
+  for_tiles<In, true>(z, w, V, vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
+    S t[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) t[j] = 0;
+#pragma unroll
+    for (int u = 0; u < E; ++u) pair_terms<S, C, kT>(zv[u], wv[u], c, t, qzp);
+#pragma unroll
+    for (int j = 0; j < K; ++j) v[j] += double(t[j]);
+  });
+  block_sum<K>(v);
+  if (block_or(qzp ? int(kQZeroP) : 0)) flags |= kQZeroP;
+}
+
+// Row state, identical in every thread of the block (every value is a block-reduced one).
+struct PairSt {
+  int flags = 0, iter = 0;
+  bool fallback = false;
+  double mag = 0, Mz = 0, Mw = 0, m = 0, mres = 0, mlo = 0;
+  double s[12] = {};
+};
+
+__device__ __forceinline__ double centre_residual(double Mz, double Mw, double m) {
+  double sm = Mz - Mw, bb = sm - Mz;
+  return (sm == m) ? (Mz - (sm - bb)) + (-Mw - bb) : 0.0;
+}
+
+template <bool kDouble>
+__device__ bool accept(PairSt& s, PairOp op, double T) {
+  const double Aw = s.s[0], Z1 = s.s[1] / Aw;
+  if (op == PairOp::kl) {
+    if (s.flags & kQZeroP) return true;
+    double E = 1.0 + Z1, A = (s.s[2] / Aw) / E, B = psi_log1p(Z1);
+    if (B <= 0.6 * A) return true;
+    s.mlo += T * log1p(Z1);
+    return false;
+  }
+  double R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
+  if (op == PairOp::tv) {
+    double tv = fmax((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G;
+    if (fabs(Zt) <= (kDouble ? 1e-13 : 1e-6) * tv || Zt == 0.0) return true;
+    s.mlo += T * log1p(Zt);
+    return false;
+  }
+  double Lp = log1p(Zt);
+  double js = 0.5 * (s.s[2] + s.s[3]) / Aw;
+  double tol = kDouble ? 1e-13 : 1e-6;
+  if (fabs(Lp) <= tol && Lp * Lp <= tol * js) return true;
+  if (Lp == 0.0) return true;
+  s.mlo += T * Lp;
+  return false;
+}
+
+template <class In, int kT>
+__device__ void run_full(const In* z, const In* w, int64_t V, int64_t vsz, int64_t vsw, bool vec, PairSt& s,
+                         double invT) {
+  using S = typename Tile<In>::S;
+  typename CentreOf<S>::type c;
+  // The float path forms z - w - m exactly from float pairs, so the centre's own residual is
+  // used only by float64 rows (as on the CPU).
+  c.set(s.Mz, s.Mw, s.m, std::is_same<In, double>::value ? s.mres : 0.0, s.mlo, invT,
+        exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT));
+  double v[NTerms<kT>::value];
+  full_pass<In, kT>(z, w, V, vsz, vsw, vec, c, v, s.flags);
+  if (kT == kTV) {
+    for (int k = 0; k < 7; ++k) s.s[k] = v[k];
+    s.s[8] = v[7];
+    s.s[9] = v[8];
+    s.s[7] = v[9];
+  } else if (kT == kKL) {
+    for (int k = 0; k < 3; ++k) s.s[k] = v[k];
+    s.s[7] = 0.0;
+  } else {
+    constexpr int Kmain = NTerms<kT>::value - 1;
+    for (int k = 0; k < Kmain; ++k) s.s[k] = v[k];
+    s.s[7] = v[Kmain];
+  }
+}
+
+template <class In, int OP>
+__global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
+  using Tl = Tile<In>;
+  using S = typename Tl::S;
+  using C = typename CentreOf<S>::type;
+  constexpr int E = Tl::E;
+  using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
+  constexpr bool kDouble = std::is_same<In, double>::value;
+  constexpr PairOp op = static_cast<PairOp>(OP);
+  constexpr int kFirst = OP == int(PairOp::kl) ? kKL : kCentre;
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1];
+  const int64_t vsz = a.z.strides[a.z.ndim - 1], vsw = a.w.strides[a.w.ndim - 1];
+  const double invT = 1.0 / a.T, T = a.T;
+  const S ninf = -INFINITY, pinf = INFINITY;
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+    const In* w = reinterpret_cast<const In*>(a.w.data) + row_offset(a.w, r);
+    const bool vec = vsz == 1 && vsw == 1 && aligned16(z) && aligned16(w);
+    PairSt s;
+    // ---- pass 1 (one read): online maxima and sums about each thread's own centre
+    PairAcc acc;
+    C c;
+    c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
+    int flags = 0;
+    bool thread_fb = false, qzp = false;
+    for_tiles<In, true>(z, w, V, vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
+      S mz = ninf, mw = ninf;
+      bool anyz = false, anyw = false;
+#pragma unroll
+      for (int u = 0; u < E; ++u) {
+        if (zv[u] != zv[u]) flags |= kNanA;
+        if (zv[u] == pinf) flags |= kPosInfA;
+        if (wv[u] != wv[u]) flags |= kNanB;
+        if (wv[u] == pinf) flags |= kPosInfB;
+        mz = zv[u] > mz ? zv[u] : mz;
+        mw = wv[u] > mw ? wv[u] : mw;
+        anyz |= zv[u] > ninf;
+        anyw |= wv[u] > ninf;
+      }
+      if (flags & kErrorBits) return;
+      if (double(mz) > acc.Mz || double(mw) > acc.Mw) {
+        acc.move_to(fmax(acc.Mz, double(mz)), fmax(acc.Mw, double(mw)), invT);
+        if (acc.Mz > -INFINITY && acc.Mw > -INFINITY) {
+          const double m = acc.Mz - acc.Mw;
+          c.set(acc.Mz, acc.Mw, m, kDouble ? centre_residual(acc.Mz, acc.Mw, m) : 0.0, 0.0, invT, 1.0);
+        }
+      }
+      if (acc.Mz == -INFINITY || acc.Mw == -INFINITY) {
+        // A centre needs both maxima; elements seen before one exists go to the fallback.
+        if (anyz || anyw) thread_fb = true;
+        return;
+      }
+      constexpr int K = NTerms<kFirst>::value;
+      S t[K];
+#pragma unroll
+      for (int j = 0; j < K; ++j) t[j] = 0;
+#pragma unroll
+      for (int u = 0; u < E; ++u) pair_terms<S, C, kFirst>(zv[u], wv[u], c, t, qzp);
+      acc.Q += double(t[0]);
+      acc.Z += double(t[1]);
+      if (kFirst == kKL) {
+        acc.Phi += double(t[2]);
+        acc.mag += double(t[2]);
+      } else {
+        acc.R += double(t[2]);
+      }
+    });
+    // ---- merge: row maxima, then every thread's partial moved there and summed
+    {
+      double mv[2] = {acc.Mz, acc.Mw};
+      int f = flags | (thread_fb ? 0x10000 : 0) | (qzp ? int(kQZeroP) : 0);
+      block_max<2>(mv, f);
+      s.Mz = mv[0];
+      s.Mw = mv[1];
+      s.fallback = (f & 0x10000) != 0;
+      s.flags = f & (kErrorBits | kQZeroP);
+      if (!(s.flags & (kNanA | kPosInfA)) && s.Mz == -INFINITY) s.flags |= kAllNegInfA;
+      if (!(s.flags & (kNanB | kPosInfB)) && s.Mw == -INFINITY) s.flags |= kAllNegInfB;
+      double v[5] = {0, 0, 0, 0, 0};
+      if (!(s.flags & kErrorBits)) {
+        acc.move_to(s.Mz, s.Mw, invT);
+        v[0] = acc.Q;
+        v[1] = acc.Z;
+        v[2] = acc.Phi;
+        v[3] = acc.mag;
+        v[4] = acc.R;
+      }
+      block_sum<5>(v);
+      s.s[0] = v[0];
+      s.s[1] = v[1];
+      s.s[2] = v[2];
+      s.s[7] = kFirst == kKL ? 0.0 : v[4];  // KL = +inf is decided by the flag alone
+      s.mag = v[3];
+    }
+    // ---- the CPU's stage machine (kernels.cpp, PairAlgo::next), in order
+    bool done = (s.flags & kErrorBits) != 0;
+    if (!done) {
+      s.m = s.Mz - s.Mw;
+      s.mres = centre_residual(s.Mz, s.Mw, s.m);
+      int stage = 1;  // 0: centre pass, 1: full passes, 2: centre known from the sums
+      if (s.fallback) {
+        s.flags &= kErrorBits;  // recomputed by the passes below
+        stage = OP == int(PairOp::kl) ? 1 : 0;
+      } else if (OP == int(PairOp::kl)) {
+        const double kMerge = 32.0;
+        if (s.mag <= kMerge * s.s[2] && accept<kDouble>(s, op, T)) {
+          done = true;
+        } else if (s.mag > kMerge * s.s[2]) {
+          s.mlo = T * log1p(s.s[1] / s.s[0]);
+        }
+      } else {
+        stage = 2;
+      }
+      if (!done && stage == 0) {
+        run_full<In, kCentre>(z, w, V, vsz, vsw, vec, s, invT);
+        stage = 2;
+      }
+      if (!done && stage == 2) {
+        double Zt = (s.s[1] + s.s[7]) / s.s[0];
+        s.mlo += T * log1p(Zt);
+      }
+      if (!done) {
+        for (;;) {
+          if (OP == int(PairOp::kl)) run_full<In, kKL>(z, w, V, vsz, vsw, vec, s, invT);
+          else if (OP == int(PairOp::tv)) run_full<In, kTV>(z, w, V, vsz, vsw, vec, s, invT);
+          else run_full<In, kJS>(z, w, V, vsz, vsw, vec, s, invT);
+          if (accept<kDouble>(s, op, T) || s.iter >= 3) break;
+          ++s.iter;
+        }
+      }
+    }
+    // ---- finish (PairAlgo::finish)
+    if (threadIdx.x == 0) {
+      const double kNaN = NAN;
+      double out = kNaN, lse_p = kNaN, lse_q = kNaN, sa = kNaN, sb = kNaN, clo = kNaN;
+      double sd[6] = {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
+      if (!(s.flags & kErrorBits)) {
+        const double Aw = s.s[0], Z1 = s.s[1] / Aw, R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
+        lse_q = s.Mw * invT + log(Aw);
+        lse_p = lse_q + (s.m + s.mlo) * invT + log1p(Zt);
+        clo = op == PairOp::tv ? s.mlo : s.mlo + T * log1p(Zt);
+        clo += centre_residual(s.Mz, s.Mw, s.m);
+        if (op == PairOp::kl) {
+          if (s.flags & kQZeroP) {
+            out = INFINITY;
+          } else {
+            double Ev = 1.0 + Z1;
+            out = fmax((s.s[2] / Aw) / Ev - psi_log1p(Z1), 0.0);
+          }
+          sa = out;
+          sb = 0.0;
+        } else if (op == PairOp::tv) {
+          out = fmin(fmax((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G, 1.0);
+          double Pp = (s.s[4] / Aw + R) / G, Pm = s.s[5] / Aw / G, P0 = s.s[6] / Aw / G;
+          double Qp = s.s[3] / Aw, Qm = s.s[8] / Aw, Q0 = s.s[9] / Aw;
+          sa = Pp - Pm;
+          sb = Qp - Qm;
+          sd[0] = 2.0 * Pm + P0;
+          sd[1] = -(2.0 * Pp + P0);
+          sd[2] = Pm - Pp;
+          sd[3] = 2.0 * Qm + Q0;
+          sd[4] = -(2.0 * Qp + Q0);
+          sd[5] = Qm - Qp;
+        } else {
+          sa = s.s[2] / Aw;
+          sb = s.s[3] / Aw;
+          out = fmin(0.5 * (sa + sb), kLn2d);
+        }
+      }
+      if (a.status) a.status[r] = s.flags & kErrorBits;
+      if (a.stats) {
+        double* t = a.stats + kPairStats * r;
+        t[0] = lse_p;
+        t[1] = lse_q;
+        t[2] = sa;
+        t[3] = sb;
+        t[4] = s.m;
+        t[5] = clo;
+        for (int j = 0; j < 6; ++j) t[6 + j] = sd[j];
+      }
+      put<OutT>(a.out, r, out);
+    }
+    __syncthreads();
+  }
+}
+
+// =============================================================================================
+// backward: elementwise from the per-row statistics
+// =============================================================================================
+constexpr int kBwdThreads = 256;
+constexpr int kBwdTiles = 4;  // tiles of E elements per thread per block-step
+
+template <class In>
+__global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
+  using Tl = Tile<In>;
+  using S = typename Tl::S;
+  using C = typename CentreOf<S>::type;
+  constexpr int E = Tl::E;
+  constexpr int64_t kChunk = int64_t(kBwdThreads) * kBwdTiles * E;
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1], vs = a.z.strides[a.z.ndim - 1];
+  const int64_t nch = (V + kChunk - 1) / kChunk;
+  const double invT = 1.0 / a.T;
+  In* dz = static_cast<In*>(a.dz);
+  for (int64_t u = blockIdx.x; u < N * nch; u += gridDim.x) {
+    const int64_t r = u / nch, ch = u % nch;
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+    In* out = dz + r * V;
+    const bool vec = vs == 1 && aligned16(z) && aligned16(out);
+    const double lse = a.stats[2 * r], H = a.stats[2 * r + 1];
+    const S g0 = S(a.g0[r] * invT), g1 = S(a.g1 ? a.g1[r] * invT : 0.0);
+    const int64_t tok = a.tokens ? a.tokens[r] : -1;
+    const bool bad = lse != lse;
+    C c;
+    c.set(lse * a.T, lse * a.T, 0.0, 0.0, 0.0, invT, 1.0);
+    for (int j = 0; j < kBwdTiles; ++j) {
+      const int64_t i0 = ch * kChunk + (int64_t(j) * kBwdThreads + threadIdx.x) * E;
+      if (i0 >= V) break;
+      S zv[E], res[E];
+      Tl::unpack(vec && i0 + E <= V ? Tl::vec(z + i0) : Tl::gather(z + i0 * vs, vs, V - i0), zv);
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        S p, wa;
+        if constexpr (std::is_same<S, double>::value) {
+          wa = (zv[k] - lse * a.T) * invT;
+          p = C::ex(wa);
+        } else {
+          FS sh = c.shifted(zv[k], c.Mzh, c.Mzl);
+          p = exp_f(sh.hi, sh.lo);
+          wa = sh.hi + sh.lo;
+        }
+        const bool live = zv[k] > S(-INFINITY);
+        S v;
+        switch (a.op) {
+          case SingleOp::lse: v = g0 * p; break;
+          case SingleOp::entropy: {
+            S lp = wa + S(H);
+            v = live ? -g0 * p * lp : S(0);
+            break;
+          }
+          default: {
+            S lp = wa + S(H);
+            S ent = live ? p * lp : S(0);
+            v = -g0 * p - g1 * ent;
+            if (i0 + k == tok) v += g0;
+            break;
+          }
+        }
+        res[k] = bad ? S(NAN) : v;
+      }
+      store_tile<In, S, E>(out + i0, res, vec, V - i0);
+    }
+  }
+}
+
+template <class In, int OP>
+__global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
+  using Tl = Tile<In>;
+  using S = typename Tl::S;
+  using C = typename CentreOf<S>::type;
+  constexpr int E = Tl::E;
+  constexpr int64_t kChunk = int64_t(kBwdThreads) * kBwdTiles * E;
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1];
+  const int64_t vsz = a.z.strides[a.z.ndim - 1], vsw = a.w.strides[a.w.ndim - 1];
+  const int64_t nch = (V + kChunk - 1) / kChunk;
+  const double invT = 1.0 / a.T, T = a.T;
+  In* dz = static_cast<In*>(a.dz);
+  In* dw = static_cast<In*>(a.dw);
+  const S zero = 0, half = 0.5, one = 1, ninf = -INFINITY;
+  for (int64_t u = blockIdx.x; u < N * nch; u += gridDim.x) {
+    const int64_t r = u / nch, ch = u % nch;
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+    const In* w = reinterpret_cast<const In*>(a.w.data) + row_offset(a.w, r);
+    const bool vec = vsz == 1 && vsw == 1 && aligned16(z) && aligned16(w) &&
+                     (!dz || aligned16(dz + r * V)) && (!dw || aligned16(dw + r * V));
+    const double* t = a.stats + kPairStats * r;
+    const double lse_p = t[0], lse_q = t[1];
+    const S sa = S(t[2]), sb = S(t[3]);
+    const S g = S(a.g[r] * invT);
+    const bool bad = lse_p != lse_p || lse_q != lse_q;
+    const bool masses = t[6] != 0.0 || t[7] != 0.0;
+    const double dd_[6] = {masses ? t[6] : 1.0 - t[2], masses ? t[7] : -1.0 - t[2],
+                           masses ? t[8] : -t[2], masses ? t[9] : 1.0 - t[3],
+                           masses ? t[10] : -1.0 - t[3], masses ? t[11] : -t[3]};
+    // p and q about their log-normalisers; eps about the stored centre (and eps - KL for KL).
+    C cp, ck;
+    cp.set(lse_p * T, lse_q * T, t[4], 0.0, t[5], invT, 1.0);
+    ck.set(lse_p * T, lse_q * T, t[4], 0.0, t[5] + T * t[2], invT, 1.0);
+    for (int j = 0; j < kBwdTiles; ++j) {
+      const int64_t i0 = ch * kChunk + (int64_t(j) * kBwdThreads + threadIdx.x) * E;
+      if (i0 >= V) break;
+      S zv[E], wv[E], gzv[E], gwv[E];
+      const bool full = vec && i0 + E <= V;
+      Tl::unpack(full ? Tl::vec(z + i0) : Tl::gather(z + i0 * vsz, vsz, V - i0), zv);
+      Tl::unpack(full ? Tl::vec(w + i0) : Tl::gather(w + i0 * vsw, vsw, V - i0), wv);
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        const S p = cp.pexp(zv[k]), q = cp.qexp(wv[k]);
+        const bool zl = zv[k] > ninf, wl = wv[k] > ninf;
+        const S eps = cp.x(zv[k], wv[k]);
+        S gz, gw;
+        if (OP == int(PairOp::kl)) {
+          const bool small = fabs(eps) < one;
+          S em1 = small ? q * C::expm1s(eps) : p - q;
+          S epsk = ck.x(zv[k], wv[k]);
+          gz = zl ? g * p * epsk : zero;
+          gw = (zl || wl) ? -g * em1 : zero;
+        } else if (OP == int(PairOp::tv)) {
+          const bool pos = eps > zero, neg = eps < zero;
+          S dp = S(pos ? dd_[0] : (neg ? dd_[1] : dd_[2]));
+          S dq = S(pos ? dd_[3] : (neg ? dd_[4] : dd_[5]));
+          gz = (zl || wl) ? g * half * p * dp : zero;
+          gw = (zl || wl) ? -g * half * q * dq : zero;
+        } else {
+          const bool small = fabs(eps) < half;
+          S hi = p > q ? p : q, lo = p > q ? q : p;
+          S uu = hi > zero ? lo / hi : zero;
+          S dbig = S(kLn2d) - C::log1p_unit(uu);
+          S ec = eps > S(-200) ? eps : S(-200);
+          ec = ec < S(200) ? ec : S(200);
+          const bool ppos = p > q;
+          S dp = ppos ? dbig : dbig + ec;
+          S dq = ppos ? dbig - ec : dbig;
+          S ds = C::jsd(eps);  // log(p/m) = log(2 / (1 + e^-eps)), series for |eps| < 1/2
+          dp = small ? ds : dp;
+          dq = small ? ds - eps : dq;
+          gz = zl ? g * half * p * (dp - sa) : zero;
+          gw = wl ? g * half * q * (dq - sb) : zero;
+        }
+        gzv[k] = bad ? S(NAN) : gz;
+        gwv[k] = bad ? S(NAN) : gw;
+      }
+      if (dz) store_tile<In, S, E>(dz + r * V + i0, gzv, vec, V - i0);
+      if (dw) store_tile<In, S, E>(dw + r * V + i0, gwv, vec, V - i0);
+    }
+  }
+}
+
+// ---- launch helpers --------------------------------------------------------------------------------
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("trmath CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+
+int grid_for(int64_t work, int64_t per_sm) {
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int64_t g = std::max<int64_t>(1, std::min<int64_t>(work, int64_t(sms) * per_sm));
+  return int(std::min<int64_t>(g, 1 << 30));
+}
+
+template <class F>
+void by_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::f32: f(float{}); break;
+    case DType::f64: f(double{}); break;
+    case DType::bf16: f(bf16s{}); break;
+    case DType::f16: f(f16s{}); break;
+  }
+}
+
+}  // namespace
+
+// One block per row; the grid is capped (rows beyond it are taken in a grid-stride loop), which
+// changes nothing in a row's result.
+void single_forward(const SingleFwd& a, uintptr_t stream) {
+  const int64_t N = nrows(a.z);
+  if (N == 0) return;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  by_dtype(a.z.dtype, [&](auto tag) {
+    using In = decltype(tag);
+    single_fwd_kernel<In><<<grid_for(N, 4), kThreads, 0, st>>>(a);
+  });
+  check(cudaGetLastError(), "single_forward launch");
+}
+
+void pair_forward(const PairFwd& a, uintptr_t stream) {
+  const int64_t N = nrows(a.z);
+  if (N == 0) return;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  by_dtype(a.z.dtype, [&](auto tag) {
+    using In = decltype(tag);
+    const int g = grid_for(N, 4);
+    switch (a.op) {
+      case PairOp::kl: pair_fwd_kernel<In, 0><<<g, kThreads, 0, st>>>(a); break;
+      case PairOp::tv: pair_fwd_kernel<In, 1><<<g, kThreads, 0, st>>>(a); break;
+      case PairOp::js: pair_fwd_kernel<In, 2><<<g, kThreads, 0, st>>>(a); break;
+    }
+  });
+  check(cudaGetLastError(), "pair_forward launch");
+}
+
+void single_backward(const SingleBwd& a, uintptr_t stream) {
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1];
+  if (N == 0) return;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  by_dtype(a.z.dtype, [&](auto tag) {
+    using In = decltype(tag);
+    const int64_t chunk = int64_t(kBwdThreads) * kBwdTiles * Tile<In>::E;
+    single_bwd_kernel<In><<<grid_for(N * ((V + chunk - 1) / chunk), 16), kBwdThreads, 0, st>>>(a);
+  });
+  check(cudaGetLastError(), "single_backward launch");
+}
+
+void pair_backward(const PairBwd& a, uintptr_t stream) {
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1];
+  if (N == 0 || (!a.dz && !a.dw)) return;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  by_dtype(a.z.dtype, [&](auto tag) {
+    using In = decltype(tag);
+    const int64_t chunk = int64_t(kBwdThreads) * kBwdTiles * Tile<In>::E;
+    const int g = grid_for(N * ((V + chunk - 1) / chunk), 16);
+    switch (a.op) {
+      case PairOp::kl: pair_bwd_kernel<In, 0><<<g, kBwdThreads, 0, st>>>(a); break;
+      case PairOp::tv: pair_bwd_kernel<In, 1><<<g, kBwdThreads, 0, st>>>(a); break;
+      case PairOp::js: pair_bwd_kernel<In, 2><<<g, kBwdThreads, 0, st>>>(a); break;
+    }
+  });
+  check(cudaGetLastError(), "pair_backward launch");
+}
+
+std::string device_name() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return "";
+  cudaDeviceProp p;
+  if (cudaGetDeviceProperties(&p, dev) != cudaSuccess) return "";
+  return std::string(p.name) + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + ")";
+}
+
+}  // namespace cuda
+}  // namespace trmath
