@@ -21,7 +21,7 @@ cp "$bld"/_core*.so trmath/
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $py -c "import trmath, trmath._backend as b; print('kernels:', b.has_cuda(), b.cuda_device_name())"
 set +e
-$py -m pytest tests/test_cuda.py -q --maxfail=30 -n 8 -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -25
+$py -m pytest tests/test_cuda.py -q --maxfail=30 -n ${PYTEST_WORKERS:-12} -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -25
 rc_t=${PIPESTATUS[0]}
 $py benchmarks/bench_cuda.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -60
 rc_b=${PIPESTATUS[0]}

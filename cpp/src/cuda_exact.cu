@@ -34,6 +34,7 @@
 #include "cuda_api.hpp"
 #include "trmath/coefficients.hpp"
 #include "trmath/ddouble.hpp"
+#include "trmath/rowfinish.hpp"
 
 namespace trmath {
 namespace cuda {
@@ -271,12 +272,15 @@ __device__ __forceinline__ float ex2_approx(float x) {
 }
 __device__ __forceinline__ float exp_f(float hi, float lo) {
   const float log2e = 1.44269504088896341f;
-  float n = rintf(hi * log2e);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (no conversion)
+  float t = fmaf(hi, log2e, magic);
+  float n = t - magic;
+  int ni = __float_as_int(t) - __float_as_int(magic);
   float r = fmaf(-n, 0.693359375f, hi);  // ln2_hi has 9 bits: n ln2_hi exact
   r = fmaf(-n, -2.12194440e-4f, r);
   r += lo;
   float p = ex2_approx(r * log2e);
-  float res = __int_as_float((int(n) + 127) << 23) * p;
+  float res = __int_as_float((ni + 127) << 23) * p;
   return hi < -87.0f ? 0.0f : res;
 }
 
@@ -381,18 +385,6 @@ template <> struct CentreOf<double> { using type = CentreD; };
 
 // phi(d) = d e^d - e^d + 1 in double, series for |d| < 1 (as on the CPU).
 __device__ __forceinline__ double phi_d(double d) { return d * d * horner(d, c_phi_d); }
-
-__device__ __forceinline__ double psi_log1p(double u) {
-  if (fabs(u) < 1e-3) {
-    double s = 0.0, p = u * u;
-    for (int n = 2; n <= 8; ++n) {
-      s += ((n % 2 == 0) ? 1.0 : -1.0) * (n - 1) * p / n;
-      p *= u;
-    }
-    return s;
-  }
-  return log1p(u) - u / (1.0 + u);
-}
 
 // (A - B) - (C - D) for doubles, with only the final rounding: the difference of two centres
 // (A - B and C - D are each exact as two-sums; their residuals are carried).
@@ -518,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a) {
     C c;
     c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
     int flags = 0;
+    S tM = ninf;
     for_tiles<In, false>(z, z, V, vs, vs, vec, [&](S (&v)[E], S (&)[E], int64_t) {
       S mx = ninf;
 #pragma unroll
@@ -527,7 +520,8 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a) {
         mx = v[u] > mx ? v[u] : mx;
       }
       if (flags) return;
-      if (double(mx) > acc.M) {
+      if (mx > tM) {  // the thread's maximum is an input value: compared exactly
+        tM = mx;
         acc.move_to(double(mx), invT);
         c.set(acc.M, acc.M, 0.0, 0.0, 0.0, invT, 1.0);
       }
@@ -788,37 +782,6 @@ struct PairSt {
   double s[12] = {};
 };
 
-__device__ __forceinline__ double centre_residual(double Mz, double Mw, double m) {
-  double sm = Mz - Mw, bb = sm - Mz;
-  return (sm == m) ? (Mz - (sm - bb)) + (-Mw - bb) : 0.0;
-}
-
-template <bool kDouble>
-__device__ bool accept(PairSt& s, PairOp op, double T) {
-  const double Aw = s.s[0], Z1 = s.s[1] / Aw;
-  if (op == PairOp::kl) {
-    if (s.flags & kQZeroP) return true;
-    double E = 1.0 + Z1, A = (s.s[2] / Aw) / E, B = psi_log1p(Z1);
-    if (B <= 0.6 * A) return true;
-    s.mlo += T * log1p(Z1);
-    return false;
-  }
-  double R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
-  if (op == PairOp::tv) {
-    double tv = fmax((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G;
-    if (fabs(Zt) <= (kDouble ? 1e-13 : 1e-6) * tv || Zt == 0.0) return true;
-    s.mlo += T * log1p(Zt);
-    return false;
-  }
-  double Lp = log1p(Zt);
-  double js = 0.5 * (s.s[2] + s.s[3]) / Aw;
-  double tol = kDouble ? 1e-13 : 1e-6;
-  if (fabs(Lp) <= tol && Lp * Lp <= tol * js) return true;
-  if (Lp == 0.0) return true;
-  s.mlo += T * Lp;
-  return false;
-}
-
 template <class In, int kT>
 __device__ void run_full(const In* z, const In* w, int64_t V, int64_t vsz, int64_t vsw, bool vec, PairSt& s,
                          double invT) {
@@ -853,7 +816,6 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
   constexpr int E = Tl::E;
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   constexpr bool kDouble = std::is_same<In, double>::value;
-  constexpr PairOp op = static_cast<PairOp>(OP);
   constexpr int kFirst = OP == int(PairOp::kl) ? kKL : kCentre;
   const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1];
   const int64_t vsz = a.z.strides[a.z.ndim - 1], vsw = a.w.strides[a.w.ndim - 1];
@@ -870,6 +832,7 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
     c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
     int flags = 0;
     bool thread_fb = false, qzp = false;
+    S tMz = ninf, tMw = ninf;
     for_tiles<In, true>(z, w, V, vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
       S mz = ninf, mw = ninf;
       bool anyz = false, anyw = false;
@@ -885,8 +848,10 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
         anyw |= wv[u] > ninf;
       }
       if (flags & kErrorBits) return;
-      if (double(mz) > acc.Mz || double(mw) > acc.Mw) {
-        acc.move_to(fmax(acc.Mz, double(mz)), fmax(acc.Mw, double(mw)), invT);
+      if (mz > tMz || mw > tMw) {  // the thread's maxima are input values: compared exactly
+        tMz = mz > tMz ? mz : tMz;
+        tMw = mw > tMw ? mw : tMw;
+        acc.move_to(double(tMz), double(tMw), invT);
         if (acc.Mz > -INFINITY && acc.Mw > -INFINITY) {
           const double m = acc.Mz - acc.Mw;
           c.set(acc.Mz, acc.Mw, m, kDouble ? centre_residual(acc.Mz, acc.Mw, m) : 0.0, 0.0, invT, 1.0);
@@ -950,7 +915,7 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
         stage = OP == int(PairOp::kl) ? 1 : 0;
       } else if (OP == int(PairOp::kl)) {
         const double kMerge = 32.0;
-        if (s.mag <= kMerge * s.s[2] && accept<kDouble>(s, op, T)) {
+        if (s.mag <= kMerge * s.s[2] && pair_accept(OP, kDouble, T, s.s, s.flags, s.mlo)) {
           done = true;
         } else if (s.mag > kMerge * s.s[2]) {
           s.mlo = T * log1p(s.s[1] / s.s[0]);
@@ -971,60 +936,16 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
           if (OP == int(PairOp::kl)) run_full<In, kKL>(z, w, V, vsz, vsw, vec, s, invT);
           else if (OP == int(PairOp::tv)) run_full<In, kTV>(z, w, V, vsz, vsw, vec, s, invT);
           else run_full<In, kJS>(z, w, V, vsz, vsw, vec, s, invT);
-          if (accept<kDouble>(s, op, T) || s.iter >= 3) break;
+          if (pair_accept(OP, kDouble, T, s.s, s.flags, s.mlo) || s.iter >= 3) break;
           ++s.iter;
         }
       }
     }
-    // ---- finish (PairAlgo::finish)
+    // ---- finish (the CPU's PairAlgo::finish)
     if (threadIdx.x == 0) {
-      const double kNaN = NAN;
-      double out = kNaN, lse_p = kNaN, lse_q = kNaN, sa = kNaN, sb = kNaN, clo = kNaN;
-      double sd[6] = {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
-      if (!(s.flags & kErrorBits)) {
-        const double Aw = s.s[0], Z1 = s.s[1] / Aw, R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
-        lse_q = s.Mw * invT + log(Aw);
-        lse_p = lse_q + (s.m + s.mlo) * invT + log1p(Zt);
-        clo = op == PairOp::tv ? s.mlo : s.mlo + T * log1p(Zt);
-        clo += centre_residual(s.Mz, s.Mw, s.m);
-        if (op == PairOp::kl) {
-          if (s.flags & kQZeroP) {
-            out = INFINITY;
-          } else {
-            double Ev = 1.0 + Z1;
-            out = fmax((s.s[2] / Aw) / Ev - psi_log1p(Z1), 0.0);
-          }
-          sa = out;
-          sb = 0.0;
-        } else if (op == PairOp::tv) {
-          out = fmin(fmax((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G, 1.0);
-          double Pp = (s.s[4] / Aw + R) / G, Pm = s.s[5] / Aw / G, P0 = s.s[6] / Aw / G;
-          double Qp = s.s[3] / Aw, Qm = s.s[8] / Aw, Q0 = s.s[9] / Aw;
-          sa = Pp - Pm;
-          sb = Qp - Qm;
-          sd[0] = 2.0 * Pm + P0;
-          sd[1] = -(2.0 * Pp + P0);
-          sd[2] = Pm - Pp;
-          sd[3] = 2.0 * Qm + Q0;
-          sd[4] = -(2.0 * Qp + Q0);
-          sd[5] = Qm - Qp;
-        } else {
-          sa = s.s[2] / Aw;
-          sb = s.s[3] / Aw;
-          out = fmin(0.5 * (sa + sb), kLn2d);
-        }
-      }
       if (a.status) a.status[r] = s.flags & kErrorBits;
-      if (a.stats) {
-        double* t = a.stats + kPairStats * r;
-        t[0] = lse_p;
-        t[1] = lse_q;
-        t[2] = sa;
-        t[3] = sb;
-        t[4] = s.m;
-        t[5] = clo;
-        for (int j = 0; j < 6; ++j) t[6 + j] = sd[j];
-      }
+      double out = pair_finish(OP, T, s.s, s.flags, s.Mz, s.Mw, s.m, s.mlo,
+                               a.stats ? a.stats + kPairStats * r : nullptr);
       put<OutT>(a.out, r, out);
     }
     __syncthreads();

@@ -18,6 +18,7 @@
 
 #include "trmath/ddouble.hpp"
 #include "trmath/exact.hpp"
+#include "trmath/rowfinish.hpp"
 #include "view.hpp"
 
 #define TRMATH_NS TRMATH_CAT(isa_, TRMATH_ISA)
@@ -373,36 +374,8 @@ struct PairAlgo {
     }
   }
 
-  // Is the last full pass accurate enough at its centre? Otherwise re-centre (s.m updated).
-  bool accept(St& s) {
-    const double Aw = s.s[0], Z1 = s.s[1] / Aw;
-    if (a.op == PairOp::kl) {
-      if (s.flags & kQZeroP) return true;  // KL = +inf
-      double E = 1.0 + Z1, A = (s.s[2] / Aw) / E, B = psi_log1p(Z1);
-      if (B <= 0.6 * A) return true;  // Phi/E - psi loses at most 2 bits
-      s.mlo += a.T * std::log1p(Z1);
-      return false;
-    }
-    double R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
-    if (a.op == PairOp::tv) {
-      double tv = std::max((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G;
-      // Tokens whose log-ratio lies between 0 and log G are misclassified; their total
-      // error is at most |Zt| (all q-mass in that band). Zt itself is known to ~1.2e-7
-      // E_q|e^x - 1| ~ 2.4e-7 TV (float lanes), so 1e-6 TV is always reachable in one
-      // re-centring; tighter would only chase rounding noise.
-      if (std::fabs(Zt) <= (kDouble ? 1e-13 : 1e-6) * tv || Zt == 0.0) return true;
-      s.mlo += a.T * std::log1p(Zt);
-      return false;
-    }
-    double Lp = std::log1p(Zt);
-    double js = 0.5 * (s.s[2] + s.s[3]) / Aw;
-    // Ignoring the residual log G = Lp changes JS by ~Lp KL(p||m) + O(Lp^2): relative ~Lp.
-    double tol = kDouble ? 1e-13 : 1e-6;
-    if (std::fabs(Lp) <= tol && Lp * Lp <= tol * js) return true;
-    if (Lp == 0.0) return true;
-    s.mlo += a.T * Lp;
-    return false;
-  }
+  // Is the last full pass accurate enough at its centre? Otherwise re-centre (s.mlo updated).
+  bool accept(St& s) { return pair_accept(int(a.op), kDouble, a.T, s.s, s.flags, s.mlo); }
 
   void run(int64_t r, int64_t sg, Partial& p, int64_t next) {
     St& s = st[r];
@@ -546,67 +519,9 @@ struct PairAlgo {
   bool finish(int64_t r) {
     St& s = st[r];
     s.stage = kDone;
-    double out = kNaN, lse_p = kNaN, lse_q = kNaN, sa = kNaN, sb = kNaN, clo = kNaN;
-    double sd[6] = {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
-    if (!(s.flags & kErrorBits)) {
-      const double Aw = s.s[0], Z1 = s.s[1] / Aw, R = s.s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
-      lse_q = s.Mw * invT + std::log(Aw);
-      lse_p = lse_q + (s.m + s.mlo) * invT + std::log1p(Zt);
-      // Centre (m, clo) of the log-ratio the backward uses: the exact one (x - log G) for KL
-      // and JS; for TV the one the forward classified signs at, so both passes agree.
-      clo = a.op == PairOp::tv ? s.mlo : s.mlo + a.T * std::log1p(Zt);
-      {  // the centre's own rounding residual (m = fl(Mz - Mw)), as the forward used it
-        double sm = s.Mz - s.Mw, bb = sm - s.Mz;
-        if (sm == s.m) clo += (s.Mz - (sm - bb)) + (-s.Mw - bb);
-      }
-      switch (a.op) {
-        case PairOp::kl:
-          if (s.flags & kQZeroP) {
-            out = kInf;
-          } else {
-            double E = 1.0 + Z1;
-            out = std::max((s.s[2] / Aw) / E - psi_log1p(Z1), 0.0);
-          }
-          sa = out;
-          sb = 0.0;
-          break;
-        case PairOp::tv:
-          // Both terms are >= 0 up to the (bounded) misclassification error; clamp the rounding.
-          out = std::min(std::max((s.s[2] / Aw - Zt * (s.s[3] / Aw)) / G, 0.0) + R / G, 1.0);
-          {
-            // p- and q-masses on each side (q = 0 < p counts on the + side). The backward
-            // needs s_j - sum p s for s_j = +1, -1, 0, i.e. 2P- + P0, -(2P+ + P0), P- - P+:
-            // formed from the masses themselves, never as 1 - (P+ - P-) (which cancels).
-            double Pp = (s.s[4] / Aw + R) / G, Pm = s.s[5] / Aw / G, P0 = s.s[6] / Aw / G;
-            double Qp = s.s[3] / Aw, Qm = s.s[8] / Aw, Q0 = s.s[9] / Aw;
-            sa = Pp - Pm;
-            sb = Qp - Qm;
-            sd[0] = 2.0 * Pm + P0;
-            sd[1] = -(2.0 * Pp + P0);
-            sd[2] = Pm - Pp;
-            sd[3] = 2.0 * Qm + Q0;
-            sd[4] = -(2.0 * Qp + Q0);
-            sd[5] = Qm - Qp;
-          }
-          break;
-        case PairOp::js:
-          sa = s.s[2] / Aw;
-          sb = s.s[3] / Aw;
-          out = std::min(0.5 * (sa + sb), kLn2);
-          break;
-      }
-    }
     if (a.status) a.status[r] = s.flags & kErrorBits;
-    if (a.stats) {
-      double* t = a.stats + kPairStats * r;
-      t[0] = lse_p;
-      t[1] = lse_q;
-      t[2] = sa;
-      t[3] = sb;
-      t[4] = s.m;
-      t[5] = clo;
-      for (int j = 0; j < 6; ++j) t[6 + j] = sd[j];
-    }
+    double out = pair_finish(int(a.op), a.T, s.s, s.flags, s.Mz, s.Mw, s.m, s.mlo,
+                             a.stats ? a.stats + kPairStats * r : nullptr);
     put<OutT>(a.out, r, out);
     return false;
   }

@@ -241,21 +241,5 @@ struct DoubleLanes {
   }
 };
 
-// ---- scalar helpers (per-row finalisation, double) ------------------------------------
-
-// psi(u) = log1p(u) - u / (1 + u) >= 0, accurate for small |u| (series) and elsewhere.
-inline double psi_log1p(double u) {
-  if (std::fabs(u) < 1e-3) {
-    // sum_{n>=2} (-1)^n (n-1) u^n / n
-    double s = 0.0, p = u * u;
-    for (int n = 2; n <= 8; ++n) {
-      s += ((n % 2 == 0) ? 1.0 : -1.0) * (n - 1) * p / n;
-      p *= u;
-    }
-    return s;
-  }
-  return std::log1p(u) - u / (1.0 + u);
-}
-
 }  // namespace simd
 }  // namespace trmath
