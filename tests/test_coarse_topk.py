@@ -71,3 +71,41 @@ def test_builder_uses_the_same_set_as_torch_topk_without_ties():
 def test_topk_rows_rejects_bad_k():
     with pytest.raises(ValueError, match="k: must be in"):
         _backend.topk_rows(torch.zeros(2, 5), 6)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_sorted_path_gives_the_kernels_ids(dt):
+    """``topk_rows_sorted`` (the CUDA path for k above the kernel's limit) on CPU tensors: the
+    CPU kernel's ids, with ties, masked tokens, +-0 and strided views."""
+    inf = float("inf")
+    g = torch.Generator().manual_seed(11)
+    z = torch.round(2 * torch.randn(6, 700, generator=g, dtype=torch.float64))
+    z[1] = 0.5
+    z[2, ::2] = -inf
+    z[3] = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=torch.float64)[torch.randint(0, 4, (700,), generator=g)]
+    z[4, :-2] = -inf
+    z = z.to(dt)
+    for k in (1, 7, 350, 700):
+        assert torch.equal(_backend.topk_rows_sorted(z, k), _backend.topk_rows(z, k)), k
+        zt = z.t().contiguous().t()[:, 1::2]
+        assert torch.equal(_backend.topk_rows_sorted(zt, min(k, 350)), _backend.topk_rows(zt, min(k, 350))), k
+    zp = torch.tensor([[0.0, -0.0, -inf, -0.0, 0.0, 2.0]], dtype=dt)
+    assert _backend.topk_rows_sorted(zp, 6).tolist() == [[5, 0, 1, 3, 4, 2]]
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_nan_ranks_as_minus_inf_even_at_the_start_of_a_skipped_block(dt):
+    """NaN is invalid input, but with ``validate=False`` the search must still return the true
+    largest values: a NaN at the start of a 64-element block once became that block's maximum
+    and hid the larger values after it."""
+    nan = float("nan")
+    z = torch.zeros(2, 300, dtype=torch.float64)
+    z[:, 5] = nan  # with k = 5 the blocks start at 5, 69, 133, ...
+    z[:, 6] = 5.0
+    z[:, 100] = 10.0
+    z[1, 69] = nan
+    z[1, 70] = 7.0
+    z = z.to(dt)
+    want = [[100, 6, 0, 1, 2], [100, 70, 6, 0, 1]]
+    assert _backend.topk_rows(z, 5).tolist() == want
+    assert _backend.topk_rows_sorted(z, 5).tolist() == want

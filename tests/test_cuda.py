@@ -7,6 +7,7 @@
 * Gradients against the CPU kernels' gradients.
 * Determinism: a row's result is bitwise the same alone, in a batch, at any position.
 * Layouts (strided, transposed), the caller's stream, bad input, ``torch.compile``.
+* The top-k search of ``trmath.topk_logprobs``: the CPU kernel's ids, bit for bit.
 """
 
 from __future__ import annotations
@@ -256,3 +257,128 @@ def test_dispatch_uses_the_kernels_and_torch_backend_agrees():
         _ops._FORCE_TORCH[0] = False
     _assert_close(got, ref, 2e-5, "tv cuda vs torch backend")
     assert _backend.cuda_device_name()
+
+
+# ---------------------------------------------------------------------------------------------
+# The top-k search (trmath.topk_logprobs): the CUDA kernel must give the CPU kernel's ids, bit
+# for bit -- value descending, ties to the lower index, -0 == +0, -inf ordered like any value.
+# ---------------------------------------------------------------------------------------------
+def _topk_rows(n: int, V: int, dtype, seed: int) -> torch.Tensor:
+    """CPU rows cycling through: continuous values, values rounded to a few integers (ties
+    everywhere), a constant row, half the entries masked to -inf, all but 3 masked, and a mix of
+    +0, -0 and +-1."""
+    g = torch.Generator().manual_seed(seed)
+    z = 3.0 * torch.randn(n, V, generator=g, dtype=torch.float64)
+    inf = math.inf
+    for r in range(n):
+        fam = r % 6
+        if fam == 1:
+            z[r] = torch.round(z[r] / 2)
+        elif fam == 2:
+            z[r] = 0.25 * (r + 1)
+        elif fam == 3:
+            z[r] = torch.where(torch.rand(V, generator=g) < 0.5, -inf, torch.round(z[r]))
+        elif fam == 4:
+            keep = torch.zeros(V, dtype=torch.bool)
+            keep[torch.randint(0, V, (3,), generator=g)] = True
+            z[r] = torch.where(keep, z[r], -inf)
+        elif fam == 5:
+            c = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=torch.float64)
+            z[r] = c[torch.randint(0, 4, (V,), generator=g)]
+    return z.to(dtype)
+
+
+def _assert_same_ids(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert got.device.type == "cuda" and got.dtype == torch.int64, what
+    got = got.cpu()
+    assert got.shape == ref.shape, (what, tuple(got.shape), tuple(ref.shape))
+    if not torch.equal(got, ref):
+        bad = (got != ref).reshape(-1, got.shape[-1]).any(-1).nonzero().reshape(-1).tolist()
+        raise AssertionError(f"{what}: ids differ from the CPU kernel's in rows {bad[:8]}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("V", (1, 7, 1000, 32771, 151936))
+def test_topk_ids_match_the_cpu_kernel(V, dtype):
+    n = 12 if V < 100000 else 6
+    z = _topk_rows(n, V, dtype, 100 + V)
+    zc = z.cuda()
+    kmax = _backend.cuda_topk_max_k()
+    assert kmax >= 1024
+    # k == V and k > kmax (the stable-sort path) included where V allows
+    for k in sorted({k for k in (1, 5, 64, 1000, kmax, kmax + 1, V) if k <= V}):
+        _assert_same_ids(_backend.cuda_topk_rows(zc, k), _backend.topk_rows(z, k), f"V={V} k={k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_topk_ids_layouts(dtype):
+    z = _topk_rows(24, 3001, dtype, 7)
+    zc = z.cuda()
+    views = {
+        "last-dim stride 2": (zc[:, ::2], z[:, ::2]),
+        "transposed storage": (zc.t().contiguous().t(), z),
+        "unaligned rows": (zc[1:, 1:], z[1:, 1:]),
+        "row stride 3": (zc[::3], z[::3]),
+        "leading dims": (zc.reshape(2, 3, 4, 3001), z.reshape(2, 3, 4, 3001)),
+        "broadcast rows": (zc[5:6].expand(4, 3001), z[5:6].expand(4, 3001)),
+        "one row, no batch": (zc[3], z[3]),
+    }
+    for k in (1, 20, 1500):
+        for name, (a, b) in views.items():
+            _assert_same_ids(_backend.cuda_topk_rows(a, k), _backend.topk_rows(b, k), f"{name} k={k}")
+    for shape in ((0, 3001), (2, 0, 3001)):
+        e = torch.zeros(shape, dtype=dtype, device="cuda")
+        out = _backend.cuda_topk_rows(e, 3)
+        assert out.shape == (*shape[:-1], 3) and out.device.type == "cuda"
+        assert out.shape == _backend.topk_rows(e.cpu(), 3).shape
+
+
+def test_topk_ids_known_rows_and_determinism():
+    inf = math.inf
+    z = torch.tensor([[1.0, 3.0, 3.0, -inf, 3.0, 0.0, -inf]], device="cuda")
+    assert _backend.cuda_topk_rows(z, 4).tolist() == [[1, 2, 4, 0]]
+    assert _backend.cuda_topk_rows(z, 7).tolist() == [[1, 2, 4, 0, 5, 3, 6]]
+    assert _backend.cuda_topk_rows(torch.full((1, 5), -inf, device="cuda"), 3).tolist() == [[0, 1, 2]]
+    pm0 = torch.tensor([[0.0, -0.0, -0.0, 0.0, 1.0]], device="cuda")
+    assert _backend.cuda_topk_rows(pm0, 5).tolist() == [[4, 0, 1, 2, 3]]
+    # a row's ids do not depend on the batch, its position or the stream
+    zb = _topk_rows(40, 5000, torch.bfloat16, 9).cuda()
+    full = _backend.cuda_topk_rows(zb, 50)
+    perm = torch.roll(torch.arange(40, device="cuda"), 7)
+    assert torch.equal(_backend.cuda_topk_rows(zb[perm], 50), full[perm])
+    assert torch.equal(_backend.cuda_topk_rows(zb[17:18], 50), full[17:18])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        other = _backend.cuda_topk_rows(zb, 50)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(other, full)
+    # NaN ranks as -inf (rows with NaN are invalid input; this only pins the kernel down)
+    zn = torch.tensor([[2.0, math.nan, -inf, 1.0, math.nan]], device="cuda")
+    assert _backend.cuda_topk_rows(zn, 5).tolist() == [[0, 3, 1, 2, 4]]
+    assert torch.equal(_backend.cuda_topk_rows(zn, 5), _backend.topk_rows_sorted(zn, 5))
+    for k in (0, 6):
+        with pytest.raises(ValueError, match="k: must be in"):
+            _backend.cuda_topk_rows(zn, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_topk_logprobs_on_cuda_matches_cpu(dtype):
+    """Through the public builder: the same kept ids as on the CPU (rows full of ties, where
+    torch.topk's order is unspecified), and the same log-probabilities."""
+    g = torch.Generator().manual_seed(21)
+    z = torch.round(2.0 * torch.randn(2, 3, 20000, generator=g, dtype=torch.float64)).to(dtype)
+    w = (z.to(torch.float64) + 0.1 * torch.randn(2, 3, 20000, generator=g, dtype=torch.float64)).to(dtype)
+    z[0, 1, ::3] = -math.inf
+    w[0, 1, ::3] = -math.inf
+    tokens = torch.randint(0, 20000, (2, 3), generator=g)
+    tokens[0, 1] = 1  # unmasked
+    assert _ops.use_cuda(z.cuda())
+    for k in (1, 20, 300):
+        for slots in ("k_plus_1", "exactly_k"):
+            ref = trmath.topk_logprobs(z, w, k, tokens, slots=slots)
+            got = trmath.topk_logprobs(z.cuda(), w.cuda(), k, tokens.cuda(), slots=slots)
+            _assert_same_ids(got[0], ref[0], f"topk_logprobs k={k} {slots}")
+            for a, b in zip(got[1:], ref[1:]):
+                assert a.device.type == "cuda" and a.dtype == b.dtype
+                _assert_close(a, b, TOL[dtype], f"topk_logprobs log-probs k={k} {slots}")

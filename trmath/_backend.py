@@ -179,6 +179,21 @@ def topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
     return ids
 
 
+def topk_rows_sorted(z: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_rows` by a stable sort, on any device: the same ids, with an ``[..., V]``
+    temporary. Each value maps to an integer key whose order is the values' order, with the
+    kernels' equality ``-0 == +0``; a stable descending sort of the keys keeps equal values in
+    index order, so ties go to the lower index. NaN ranks as ``-inf``, as in both kernels
+    (rows holding NaN are invalid input, which validation rejects)."""
+    x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z  # exact
+    x = torch.where(torch.isnan(x), float("-inf"), x)
+    x = torch.where(x == 0, 0.0, x)  # -0 -> +0
+    bits = x.contiguous().view(torch.int32 if x.dtype == torch.float32 else torch.int64)
+    low = (1 << 31) - 1 if x.dtype == torch.float32 else (1 << 63) - 1
+    keys = torch.where(bits < 0, bits ^ low, bits)  # negative floats: reverse their order
+    return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA kernels (present when the extension was built with -DTRMATH_CUDA=ON)
 # ---------------------------------------------------------------------------------------------
@@ -272,3 +287,27 @@ def cuda_pair_backward(g, z, w, stats, temperature: float, op: str, need_z: bool
             dz.data_ptr() if dz is not None else 0, dw.data_ptr() if dw is not None else 0, _stream(z),
         )
     return dz, dw
+
+
+def cuda_topk_max_k() -> int:
+    """Largest ``k`` of the CUDA top-k kernel (0 without the CUDA kernels)."""
+    return int(getattr(_core, "cuda_topk_max_k", 0))
+
+
+def cuda_topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_rows` for CUDA tensors: the same ids, bit for bit (value descending, then the
+    lower index), on ``z``'s device and stream. ``k`` above :func:`cuda_topk_max_k` (or
+    ``V >= 2**31``) takes :func:`topk_rows_sorted`, which gives the same ids through a stable
+    sort with an ``[..., V]`` temporary."""
+    V = z.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"k: must be in [1, V] = [1, {V}], got {k}")
+    if k > cuda_topk_max_k() or V >= 2**31:
+        return topk_rows_sorted(z, k)
+    dev = z.device
+    ids = torch.empty((*z.shape[:-1], k), dtype=torch.int64, device=dev)
+    if ids.numel() == 0:
+        return ids
+    with torch.cuda.device(dev):
+        _core.cuda_topk_rows(_desc(z), int(k), ids.data_ptr(), _stream(z))
+    return ids

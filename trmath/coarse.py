@@ -461,14 +461,22 @@ def gather_logprobs(logits: Any, ids: Any, *, temperature: float = 1.0, validate
 
 
 def _topk_ids(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-``k`` ids of each row: the C++ streaming search for CPU tensors (one pass, no
-    ``[N, V]`` temporary, ties to the lower index), :func:`torch.topk` on other devices."""
+    """Top-``k`` ids of each row, by value (descending) then index. CPU tensors: the C++
+    streaming search (one pass, no ``[N, V]`` temporary, ties to the lower index). CUDA tensors,
+    when the extension has the CUDA kernels: the CUDA radix-select kernel, which gives the CPU
+    kernel's ids bit for bit (no ``[N, V]`` temporary; ``k`` above
+    ``_backend.cuda_topk_max_k()`` takes a stable sort with the same result). Other devices, and
+    CUDA without the kernels: :func:`torch.topk`, whose order among equal logits may differ."""
     from . import _ops
 
     if _ops.use_cpp(z):
         from . import _backend
 
         return _backend.topk_rows(z, k)
+    if _ops.use_cuda(z):
+        from . import _backend
+
+        return _backend.cuda_topk_rows(z, k)
     return torch.topk(z, k, dim=-1, largest=True, sorted=True).indices
 
 
@@ -498,8 +506,10 @@ def topk_logprobs(
     Without ``tokens`` both modes return the top-``k`` (``K' = k``). Log-probabilities are
     computed as in :func:`gather_logprobs` (no ``[N, V]`` temporary). On the CPU the top-``k``
     search is a streaming C++ kernel (one pass over each row, multi-threaded, ties broken by the
-    lower token id, so the result is a deterministic function of the row); on other devices it is
-    ``torch.topk``, whose order among *equal* logits may differ.
+    lower token id, so the result is a deterministic function of the row); on CUDA tensors, when
+    the extension is built with its CUDA kernels, a radix-select kernel that returns the same ids
+    bit for bit. On other devices (or CUDA without the kernels) it is ``torch.topk``, whose order
+    among *equal* logits may differ.
 
     Parameters
     ----------

@@ -15,6 +15,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <limits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -85,12 +86,14 @@ void topk_row(const In* x, int64_t stride, int64_t V, int64_t k, Entry* h, int64
     for (; i + kBlock <= V; i += kBlock) {
       double m = -__builtin_inf();
       if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
-        In mm = x[i];
-        for (int64_t n = 1; n < kBlock; ++n) mm = x[i + n] > mm ? x[i + n] : mm;
+        // Started at -inf, so a NaN anywhere in the block is passed over like -inf (as in
+        // consider()), never carried as the block's maximum.
+        In mm = -std::numeric_limits<In>::infinity();
+        for (int64_t n = 0; n < kBlock; ++n) mm = x[i + n] > mm ? x[i + n] : mm;
         m = double(mm);
       } else {
-        float mm = float(to_double(x[i]));
-        for (int64_t n = 1; n < kBlock; ++n) {
+        float mm = -std::numeric_limits<float>::infinity();
+        for (int64_t n = 0; n < kBlock; ++n) {
           const float v = float(to_double(x[i + n]));
           mm = v > mm ? v : mm;
         }

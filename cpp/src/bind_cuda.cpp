@@ -4,6 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
 #include "cuda_api.hpp"
 #include "desc.hpp"
 #include "exact_args.hpp"
@@ -39,6 +43,20 @@ void register_cuda(py::module_& m) {
     py::gil_scoped_release nogil;
     cuda::pair_backward(a, stream);
   });
+  m.attr("cuda_topk_max_k") = cuda::kTopkMaxK;
+  m.def(
+      "cuda_topk_rows",
+      [](const Desc& zd, int64_t k, uintptr_t ids, uintptr_t stream) {
+        const View z = make_view(zd, "p_logits");
+        if (k < 1 || k > z.V()) throw std::invalid_argument("k: must be in [1, V]");
+        if (k > cuda::kTopkMaxK)
+          throw std::invalid_argument("k: the CUDA top-k search takes k <= " + std::to_string(cuda::kTopkMaxK));
+        if (z.V() > int64_t(INT32_MAX)) throw std::invalid_argument("p_logits: the CUDA top-k search takes V < 2^31");
+        py::gil_scoped_release nogil;
+        cuda::topk_rows(z, k, reinterpret_cast<int64_t*>(ids), stream);
+      },
+      "Indices [rows, k] of the k largest logits of each row (value descending, then index), as "
+      "topk_rows gives them on the CPU; ids is a contiguous int64 device buffer.");
 }
 
 }  // namespace trmath

@@ -1,6 +1,6 @@
-// trmath: host entry points of the CUDA kernels (cpp/src/cuda_exact.cu). Views hold device
-// addresses; `stream` is the caller's cudaStream_t (0: the legacy default stream). Kernels are
-// queued on that stream and nothing waits for them.
+// trmath: host entry points of the CUDA kernels (cpp/src/cuda_exact.cu, cpp/src/cuda_topk.cu).
+// Views hold device addresses; `stream` is the caller's cudaStream_t (0: the legacy default
+// stream). Kernels are queued on that stream and nothing waits for them.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +15,12 @@ void single_forward(const SingleFwd& a, uintptr_t stream);
 void single_backward(const SingleBwd& a, uintptr_t stream);
 void pair_forward(const PairFwd& a, uintptr_t stream);
 void pair_backward(const PairBwd& a, uintptr_t stream);
+// Largest k that topk_rows takes (the size of its shared-memory sort).
+constexpr int kTopkMaxK = 2048;
+// ids [rows, k] (contiguous int64): the k largest logits of each row of z, by value (descending)
+// then index (ascending), as the CPU kernel (bind_coarse.cpp) gives them. Needs 1 <= k <= V,
+// k <= kTopkMaxK and V < 2^31; throws std::invalid_argument otherwise.
+void topk_rows(const View& z, int64_t k, int64_t* ids, uintptr_t stream);
 // Name and compute capability of the current device ("" without a usable device).
 std::string device_name();
 

@@ -1,27 +1,30 @@
 // trmath: CUDA kernels of the exact reductions (logsumexp, entropy, token log-probs, KL, TV,
 // JS), forward and backward.
 //
-// One thread block owns one row, so a row's result never depends on the batch, its position or
-// the launch: the reduction tree inside a block is fixed. The formulas are the CPU kernels'
-// (cpp/include/trmath/exact.hpp, cpp/src/kernels.cpp), element for element; what differs is how
-// a row is traversed:
+// A row's result never depends on the batch, its position or the launch: every reduction tree
+// below is fixed by V alone. The formulas are the CPU kernels' (cpp/include/trmath/exact.hpp,
+// cpp/src/kernels.cpp), element for element; what differs is how a row is traversed:
 //
-//  * Forward, first pass: every thread reads its elements once (16-byte loads where the row is
-//    contiguous and aligned, the next tile requested before the current one is reduced) and
-//    keeps its partial sums about its *own* running maxima, moving them exactly (the CPU's
-//    segment merge, phi(x + d) expanded) whenever a larger maximum arrives. The block then
-//    moves each thread's partial to the row maxima and sums them in a fixed tree. For KL this
-//    single read is the whole computation on ordinary rows; TV and JS need one more read at the
-//    exact centre (the sign of p - q, and log(p/m), are only known once the normaliser is), as
-//    on the CPU.
-//  * Rows the first pass cannot settle (cancellation in the merge or in Phi/E - psi, log-prob
+//  * Forward, first pass (span kernels): a row is cut into spans of kSpan elements and one block
+//    reads each (row, span) once (16-byte loads where the row is contiguous and aligned, the
+//    next tile requested before the current one is reduced). Each thread keeps its partial sums
+//    about a scale and centre of its own -- its maxima, moved (exactly: the CPU's segment merge,
+//    phi(x + d) expanded) only when a new maximum passes them by 30 T, so the move runs about
+//    once per thread -- and the block merges its threads at the span's maxima into one record.
+//  * The row kernel merges its row's records in span order, exactly as the block merged its
+//    threads, and runs the CPU's stage machine: for KL (and the single-row reductions) the first
+//    pass is the whole computation on ordinary rows. TV and JS need one more read at the exact
+//    centre (the sign of p - q, and log(p/m), are only known once the normaliser is), as on the
+//    CPU: the row kernel stores the row's state, a span kernel makes that pass, and a second
+//    row kernel sums its records, accepts, and finishes.
+//  * Rows the first passes cannot settle (cancellation in a merge or in Phi/E - psi, log-prob
 //    rows whose logsumexp cancels) take the CPU's further passes, in the same order, with the
-//    same acceptance tests.
+//    same acceptance tests, one block per row.
 //  * Backward: elementwise from the per-row statistics, the same layout the CPU kernels write.
 //
-// Arithmetic: 16/32-bit inputs are computed in float -- shifts and log-ratios as exact
-// float pairs (two-sum), exponentials by Cody-Waite reduction and the hardware 2^x -- and the
-// terms of each tile are summed in float, then in double. float64 inputs use double throughout.
+// Arithmetic: 16/32-bit inputs are computed in float with the fewest instructions that keep the
+// CPU kernels' error bounds (see CentreF); the terms of each tile are summed in float, then in
+// double. float64 inputs use double throughout.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,6 +35,7 @@
 #include <type_traits>
 
 #include "cuda_api.hpp"
+#include "cuda_common.cuh"
 #include "trmath/coefficients.hpp"
 #include "trmath/ddouble.hpp"
 #include "trmath/rowfinish.hpp"
@@ -39,6 +43,8 @@
 namespace trmath {
 namespace cuda {
 namespace {
+
+using namespace common;
 
 constexpr int kThreads = 256;
 constexpr double kLn2d = 0.69314718055994530942;
@@ -77,8 +83,6 @@ __device__ __forceinline__ S horner(S x, const Poly<S, N>& p) {
 }
 
 // ---- element storage --------------------------------------------------------------------------
-struct bf16s { uint16_t bits; };
-struct f16s { uint16_t bits; };
 
 __device__ __forceinline__ float h2f(unsigned short u) {
   float f;
@@ -206,25 +210,7 @@ __device__ __forceinline__ void store_tile(In* p, const S (&v)[E], bool vec, int
   for (int k = 0; k < E && k < n; ++k) store1(p + k, v[k]);
 }
 
-// ---- rows and tiles ----------------------------------------------------------------------------
-__host__ __device__ __forceinline__ int64_t nrows(const View& v) {
-  int64_t n = 1;
-  for (int d = 0; d + 1 < v.ndim; ++d) n *= v.shape[d];
-  return n;
-}
-
-__device__ __forceinline__ int64_t row_offset(const View& v, int64_t r) {
-  int64_t off = 0;
-  for (int d = v.ndim - 2; d >= 0; --d) {
-    int64_t i = r % v.shape[d];
-    r /= v.shape[d];
-    off += i * v.strides[d];
-  }
-  return off;
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
+// ---- tiles -------------------------------------------------------------------------------------
 // Calls f(zv, wv, i0) for every tile of E elements of the thread's share of a row (tiles
 // threadIdx.x, threadIdx.x + blockDim.x, ...); elements past V read as -inf (p = 0). The next
 // tile is requested before f runs on the current one. kPair = false: w is ignored.
@@ -262,78 +248,54 @@ __device__ __forceinline__ void for_tiles(const In* z, const In* w, int64_t V, i
 }
 
 // ---- per-precision element math ------------------------------------------------------------------
-// e^a for a = hi + lo <= ~88 (float): Cody-Waite reduction a = n ln2 + r, then the hardware 2^x
-// on r log2(e) (|r| <= ln2/2, relative error ~2^-22) and the exponent added as an integer.
-// Results below 2^-126 (hi < -87) are flushed to 0, as on the CPU.
+// 2^x by the hardware approximation (relative error ~2^-22; subnormal results flushed to 0, as
+// the CPU kernels flush exp below 2^-126).
 __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-__device__ __forceinline__ float exp_f(float hi, float lo) {
-  const float log2e = 1.44269504088896341f;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (no conversion)
-  float t = fmaf(hi, log2e, magic);
-  float n = t - magic;
-  int ni = __float_as_int(t) - __float_as_int(magic);
-  float r = fmaf(-n, 0.693359375f, hi);  // ln2_hi has 9 bits: n ln2_hi exact
-  r = fmaf(-n, -2.12194440e-4f, r);
-  r += lo;
-  float p = ex2_approx(r * log2e);
-  float res = __int_as_float((ni + 127) << 23) * p;
-  return hi < -87.0f ? 0.0f : res;
-}
 
-struct FS {
-  float hi, lo;
-};
-
-// The per-row (or per-thread) constants of the element formulas, for 16/32-bit inputs.
+// The per-row (or per-thread) constants of the element formulas, for 16/32-bit inputs, and the
+// element formulas themselves, at the fewest instructions that keep the CPU kernels' error
+// bounds:
+//  * shifts a = (v - M)/T are rounded once or twice (relative 2^-24 each) and e^a is 2^(a log2 e)
+//    in hardware: a relative error <= |a| 1.2e-7 + 2.4e-7 per term, on terms that are all >= 0
+//    (sums of weights; the divergences are first-order insensitive to a common relative
+//    perturbation of their weights, see exact.hpp);
+//  * the log-ratio x = (z - w - m - mlo)/T is the one quantity that must be exact to its last
+//    bit (KL ~ Var(x)/2 down to 1e-12): z - w is split exactly (two-sum), and reduced about the
+//    centre m, held as an exact float pair; near the centre d - mh is exact (Sterbenz).
+// The maxima of the first pass are input values, exact in float (low parts 0); the backward
+// passes its float64 normalisers as (hi, lo) pairs.
 struct CentreF {
-  float Mzh, Mzl, Mwh, Mwl;  // maxima as exact float pairs
-  float mh, ml, mlo;         // centre m (exact pair) and the re-centring correction
-  float ih, il;              // 1/T as a pair
+  float Mzh, Mzl, Mwh, Mwl;  // maxima (or normalisers times T) as float pairs
+  float mh, c2;              // centre m = mh + ml, c2 = ml + mlo (+ the float64 residual)
+  float invT, kq;            // 1/T and log2(e)/T
   float g;                   // exp((Mz - Mw - m - mlo)/T): pt = exp(a) g
-  bool unitT;
-  __device__ void set(double Mz, double Mw, double m, double mres, double mlo_, double invT, double g_) {
+  __device__ void set(double Mz, double Mw, double m, double mres, double mlo_, double invT_, double g_) {
     Mzh = float(Mz);
     Mzl = float(Mz - double(Mzh));
     Mwh = float(Mw);
     Mwl = float(Mw - double(Mwh));
     mh = float(m);
-    ml = float(m - double(mh));
-    mlo = float(mlo_ + mres);
-    ih = float(invT);
-    il = float(invT - double(ih));
-    unitT = invT == 1.0;
+    c2 = float((m - double(mh)) + (mlo_ + mres));
+    invT = float(invT_);
+    kq = float(invT_ * 1.4426950408889634074);
     g = float(g_);
   }
-  // (v - M) / T as hi + lo, exact to ~2^-48 relative (the CPU's FloatLanes::shifted).
-  __device__ FS shifted(float v, float Mh, float Ml) const {
-    float s = v - Mh;
-    float bb = s - v;
-    float e = (v - (s - bb)) + (-Mh - bb) - Ml;
-    if (unitT) return {s, e};
-    float h = s * ih;
-    float l = fmaf(s, ih, -h) + (s * il + e * ih);
-    return {h, l};
-  }
-  __device__ float qexp(float w) const {
-    FS a = shifted(w, Mwh, Mwl);
-    return exp_f(a.hi, a.lo);
-  }
-  __device__ float pexp(float z) const {
-    FS a = shifted(z, Mzh, Mzl);
-    return exp_f(a.hi, a.lo);
-  }
-  // x = (z - w - m - mlo) / T: z - w split exactly (two-sum), then reduced about the centre.
+  // (v - M)/T, and e^that.
+  __device__ float shifted(float v, float Mh, float Ml) const { return ((v - Mh) - Ml) * invT; }
+  __device__ float qexp(float w) const { return ex2_approx(((w - Mwh) - Mwl) * kq); }
+  __device__ float pexp(float z) const { return ex2_approx(((z - Mzh) - Mzl) * kq); }
+  // x = (z - w - m - mlo)/T; +-inf where z - w is (a masked token; w = -inf is masked by the
+  // callers).
   __device__ float x(float z, float w) const {
     float d = z - w;
     float bb = d - z;
     float e = (z - (d - bb)) + (-w - bb);
     e = fabsf(d) < INFINITY ? e : 0.0f;
-    float r = (d - mh) + ((e - ml) - mlo);
-    return unitT ? r : r * ih;
+    return ((d - mh) + (e - c2)) * invT;
   }
   __device__ static float em2(float x) { return x * x * horner(x, c_em2_f); }
   __device__ static float expm1s(float x) { return x * horner(x, c_expm1_f); }
@@ -464,6 +426,18 @@ __device__ __forceinline__ void put(void* out, int64_t i, double v) {
   static_cast<T*>(out)[i] = T(v);
 }
 
+// ---- pass 1, split: each block reads one span of a row once -------------------------------------
+// A row is cut into spans of kSpan elements (a function of V alone, so a row's result never depends
+// on the batch); one block per (row, span) keeps per-thread online sums about each thread's own
+// maxima and centre, merges them exactly at the span's maxima, and writes one record. The row
+// kernel then merges the records of its row in span order, exactly as the block merged its threads.
+constexpr int64_t kSpan = 16384;
+constexpr int kPairRec = 8;    // Mz, Mw, Q, Z, Phi, mag, R, flags (0x10000: fallback)
+constexpr int kSingleRec = 5;  // M, k, R, B, flags
+constexpr int kFallbackBit = 0x10000;
+
+__host__ __device__ __forceinline__ int64_t nspans(int64_t V) { return (V + kSpan - 1) / kSpan; }
+
 // =============================================================================================
 // single-row reductions
 // =============================================================================================
@@ -472,7 +446,7 @@ __device__ __forceinline__ void put(void* out, int64_t i, double v) {
 // d = (M' - M)/T: R' = (k + R) e^-d, B' = e^-d (B + d (k + R)), k' = 0 -- the CPU's segment merge.
 struct SingleAcc {
   double M = -INFINITY, k = 0, R = 0, B = 0;
-  __device__ void move_to(double M2, double invT) {
+  __device__ __noinline__ void move_to(double M2, double invT) {
     if (M2 == M) return;
     if (M == -INFINITY || (k == 0 && R == 0)) {
       M = M2;
@@ -487,25 +461,21 @@ struct SingleAcc {
   }
 };
 
-template <class In>
-__global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a) {
+template <class In, bool kH>
+__global__ void __launch_bounds__(kThreads, 3) single_span_kernel(SingleFwd a, double* rec) {
   using T = Tile<In>;
   using S = typename T::S;
   using C = typename CentreOf<S>::type;
   constexpr int E = T::E;
   constexpr bool kDouble = std::is_same<In, double>::value;
-  using OutT = typename std::conditional<kDouble, double, float>::type;
-  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1], vs = a.z.strides[a.z.ndim - 1];
+  const int64_t N = nrows(a.z), Vrow = a.z.shape[a.z.ndim - 1], vs = a.z.strides[a.z.ndim - 1];
+  const int64_t ns = nspans(Vrow);
   const double invT = 1.0 / a.T;
-  const bool want_h = a.op == SingleOp::entropy || a.op == SingleOp::logprob_entropy;
-  const bool want_lp = a.op == SingleOp::logprob || a.op == SingleOp::logprob_entropy;
-  const bool want_lse = a.op == SingleOp::lse;
   const S ninf = -INFINITY, pinf = INFINITY;
-  __shared__ double s_zt;
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
-    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+  for (int64_t wk = blockIdx.x; wk < N * ns; wk += gridDim.x) {
+    const int64_t r = wk / ns, i0 = (wk % ns) * kSpan, V = min(kSpan, Vrow - i0);
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r) + i0 * vs;
     const bool vec = vs == 1 && aligned16(z);
-    // ---- pass 1: online maximum and sums
     SingleAcc acc;
     C c;
     c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
@@ -513,42 +483,101 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a) {
     S tM = ninf;
     for_tiles<In, false>(z, z, V, vs, vs, vec, [&](S (&v)[E], S (&)[E], int64_t) {
       S mx = ninf;
+      bool bad = false;  // NaN or +inf (each compare is false for NaN)
 #pragma unroll
       for (int u = 0; u < E; ++u) {
-        if (v[u] != v[u]) flags |= kNanA;
-        if (v[u] == pinf) flags |= kPosInfA;
+        bad |= !(v[u] < pinf);
         mx = v[u] > mx ? v[u] : mx;
+      }
+      if (bad) {
+#pragma unroll
+        for (int u = 0; u < E; ++u) {
+          if (v[u] != v[u]) flags |= kNanA;
+          if (v[u] == pinf) flags |= kPosInfA;
+        }
       }
       if (flags) return;
       if (mx > tM) {  // the thread's maximum is an input value: compared exactly
         tM = mx;
         acc.move_to(double(mx), invT);
-        c.set(acc.M, acc.M, 0.0, 0.0, 0.0, invT, 1.0);
       }
-      if (acc.M == -INFINITY) return;
+      if (tM == ninf) return;
       S sR = 0, sk = 0, sB = 0;
-      const S Ms = S(acc.M);
 #pragma unroll
       for (int u = 0; u < E; ++u) {
         S e, na;
         if constexpr (kDouble) {
-          double ad = (v[u] - acc.M) * invT;
-          e = C::ex(ad);
+          double ad = (v[u] - tM) * invT;
+          e = CentreD::ex(ad);
           na = -ad;
         } else {
-          FS sh = c.shifted(v[u], c.Mzh, c.Mzl);
-          e = exp_f(sh.hi, sh.lo);
-          na = -(sh.hi + sh.lo);
+          const float sh = v[u] - tM;  // exact near the maximum; relative 2^-24 elsewhere
+          e = ex2_approx(sh * c.kq);
+          na = -sh * c.invT;
         }
-        const bool top = v[u] == Ms;
+        const bool top = v[u] == tM;
         sR += top ? S(0) : e;
         sk += top ? S(1) : S(0);
-        if (want_h) sB += v[u] > ninf ? e * na : S(0);
+        if (kH) sB += v[u] > ninf ? e * na : S(0);
       }
       acc.R += double(sR);
       acc.k += double(sk);
-      acc.B += double(sB);
+      if (kH) acc.B += double(sB);
     });
+    double mv[1] = {acc.M};
+    block_max<1>(mv, flags);
+    double sums[3] = {0, 0, 0};
+    if (!flags && mv[0] > -INFINITY) {
+      acc.move_to(mv[0], invT);
+      sums[0] = acc.R;
+      sums[1] = acc.k;
+      sums[2] = acc.B;
+    }
+    block_sum<3>(sums);
+    if (threadIdx.x == 0) {
+      double* o = rec + wk * kSingleRec;
+      o[0] = mv[0];
+      o[1] = sums[1];
+      o[2] = sums[0];
+      o[3] = sums[2];
+      o[4] = double(flags);
+    }
+  }
+}
+
+template <class In, bool kH>
+__global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a, const double* rec) {
+  using T = Tile<In>;
+  using S = typename T::S;
+  constexpr bool kDouble = std::is_same<In, double>::value;
+  using OutT = typename std::conditional<kDouble, double, float>::type;
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1], vs = a.z.strides[a.z.ndim - 1], ns = nspans(V);
+  const double invT = 1.0 / a.T;
+  constexpr bool want_h = kH;
+  const bool want_lp = a.op == SingleOp::logprob || a.op == SingleOp::logprob_entropy;
+  const bool want_lse = a.op == SingleOp::lse;
+  __shared__ double s_zt;
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+    // ---- the spans' records (see pair_fwd_kernel)
+    SingleAcc acc;
+    int flags = 0;
+    for (int64_t j = threadIdx.x; j < ns; j += blockDim.x) {
+      const double* o = rec + (r * ns + j) * kSingleRec;
+      flags |= int(o[4]);
+      if (flags || o[0] == -INFINITY) continue;
+      SingleAcc b;
+      b.M = o[0];
+      b.k = o[1];
+      b.R = o[2];
+      b.B = o[3];
+      const double M2 = fmax(acc.M, b.M);
+      acc.move_to(M2, invT);
+      b.move_to(M2, invT);
+      acc.k += b.k;
+      acc.R += b.R;
+      acc.B += b.B;
+    }
     // ---- merge the threads at the row maximum
     double mv[1] = {acc.M};
     block_max<1>(mv, flags);
@@ -660,7 +689,7 @@ struct PairAcc {
   // f e^delta = e^((Mz - Mz2)/T) <= 1; Phi' = f e^d Phi + d f e^d Z + f Q phi(d).
   // delta is formed as (Mz - Mz2) - (Mw - Mw2) with one rounding: near-identical rows move by
   // deltas of 1e-8 between centres of size 10.
-  __device__ void move_to(double Mz2, double Mw2, double invT) {
+  __device__ __noinline__ void move_to(double Mz2, double Mw2, double invT) {
     if (Mz2 == Mz && Mw2 == Mw) return;
     if (Mz == -INFINITY || Mw == -INFINITY || empty()) {
       Mz = Mz2;
@@ -692,13 +721,15 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
   const S ninf = -INFINITY, zero = 0;
   const bool wneg = wv == ninf, zneg = zv == ninf, only_p = wneg && !zneg;
   qzp |= only_p;
-  S qt = wneg ? zero : c.qexp(wv);
+  S qt = c.qexp(wv);  // 0 where w = -inf
   S x = wneg ? zero : c.x(zv, wv);
   const bool small = fabs(x) < S(1);
   S e2 = C::em2(x);
   S em1_s = x + e2;
+  // p's own exponential is needed where |x| >= 1 or q = 0 < p. In float it costs three
+  // instructions: cheaper than a divergent branch.
   S ez = zero;
-  if (!small || only_p) ez = c.pexp(zv);
+  if (std::is_same<S, float>::value || !small || only_p) ez = c.pexp(zv);
   const S g = S(c.g);
   S pt = wneg ? zero : ez * g;
   S em1 = small ? qt * em1_s : pt - qt;
@@ -808,50 +839,148 @@ __device__ void run_full(const In* z, const In* w, int64_t V, int64_t vsz, int64
   }
 }
 
-template <class In, int OP>
-__global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
+// Row state between the kernels of TV and JS (identical in every thread of the row's block).
+constexpr int kStateLen = 24;
+constexpr int kFullRec = 11;  // the K <= 10 sums of a full pass over one span, then kQZeroP
+
+__device__ __forceinline__ void save_state(double* o, const PairSt& s, bool done) {
+  o[0] = s.flags;
+  o[1] = s.iter;
+  o[2] = s.fallback ? 1.0 : 0.0;
+  o[3] = s.mag;
+  o[4] = s.Mz;
+  o[5] = s.Mw;
+  o[6] = s.m;
+  o[7] = s.mres;
+  o[8] = s.mlo;
+  o[9] = done ? 1.0 : 0.0;
+  for (int j = 0; j < 12; ++j) o[10 + j] = s.s[j];
+}
+
+__device__ __forceinline__ bool load_state(const double* o, PairSt& s) {
+  s.flags = int(o[0]);
+  s.iter = int(o[1]);
+  s.fallback = o[2] != 0.0;
+  s.mag = o[3];
+  s.Mz = o[4];
+  s.Mw = o[5];
+  s.m = o[6];
+  s.mres = o[7];
+  s.mlo = o[8];
+  for (int j = 0; j < 12; ++j) s.s[j] = o[10 + j];
+  return o[9] != 0.0;
+}
+
+// The sums of one full pass (run_full's slots) from the per-span records, added in span order.
+template <int kT>
+__device__ void full_from_records(const double* rec, int64_t ns, PairSt& s) {
+  constexpr int K = NTerms<kT>::value;
+  double v[K];
+  for (int j = 0; j < K; ++j) v[j] = 0.0;
+  int q = 0;
+  for (int64_t i = 0; i < ns; ++i) {
+    const double* o = rec + i * kFullRec;
+    for (int j = 0; j < K; ++j) v[j] += o[j];
+    q |= int(o[kFullRec - 1]);
+  }
+  if (q) s.flags |= kQZeroP;
+  if (kT == kTV) {
+    for (int k = 0; k < 7; ++k) s.s[k] = v[k];
+    s.s[8] = v[7];
+    s.s[9] = v[8];
+    s.s[7] = v[9];
+  } else {
+    constexpr int Kmain = K - 1;
+    for (int k = 0; k < Kmain; ++k) s.s[k] = v[k];
+    s.s[7] = v[Kmain];
+  }
+}
+
+// One full pass (TV or JS terms) over one span of a row, at the centre its row kernel chose.
+template <class In, int kT>
+__global__ void __launch_bounds__(kThreads, 3) pair_full_span_kernel(PairFwd a, const double* state, double* rec) {
+  using S = typename Tile<In>::S;
+  constexpr int K = NTerms<kT>::value;
+  constexpr bool kDouble = std::is_same<In, double>::value;
+  const int64_t N = nrows(a.z), Vrow = a.z.shape[a.z.ndim - 1], ns = nspans(Vrow);
+  const int64_t vsz = a.z.strides[a.z.ndim - 1], vsw = a.w.strides[a.w.ndim - 1];
+  const double invT = 1.0 / a.T;
+  for (int64_t wk = blockIdx.x; wk < N * ns; wk += gridDim.x) {
+    const int64_t r = wk / ns, i0 = (wk % ns) * kSpan, V = min(kSpan, Vrow - i0);
+    PairSt s;
+    const bool done = load_state(state + r * kStateLen, s);
+    double v[K];
+    for (int j = 0; j < K; ++j) v[j] = 0.0;
+    int f = 0;
+    if (!done) {
+      const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r) + i0 * vsz;
+      const In* w = reinterpret_cast<const In*>(a.w.data) + row_offset(a.w, r) + i0 * vsw;
+      const bool vec = vsz == 1 && vsw == 1 && aligned16(z) && aligned16(w);
+      typename CentreOf<S>::type c;
+      c.set(s.Mz, s.Mw, s.m, kDouble ? s.mres : 0.0, s.mlo, invT, exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT));
+      full_pass<In, kT>(z, w, V, vsz, vsw, vec, c, v, f);
+    }
+    if (threadIdx.x == 0) {
+      double* o = rec + wk * kFullRec;
+      for (int j = 0; j < K; ++j) o[j] = v[j];
+      o[kFullRec - 1] = double(f & kQZeroP);
+    }
+  }
+}
+
+template <class In, int kFirst>
+__global__ void __launch_bounds__(kThreads, 3) pair_span_kernel(PairFwd a, double* rec) {
   using Tl = Tile<In>;
   using S = typename Tl::S;
   using C = typename CentreOf<S>::type;
   constexpr int E = Tl::E;
-  using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   constexpr bool kDouble = std::is_same<In, double>::value;
-  constexpr int kFirst = OP == int(PairOp::kl) ? kKL : kCentre;
-  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1];
+  const int64_t N = nrows(a.z), Vrow = a.z.shape[a.z.ndim - 1], ns = nspans(Vrow);
   const int64_t vsz = a.z.strides[a.z.ndim - 1], vsw = a.w.strides[a.w.ndim - 1];
-  const double invT = 1.0 / a.T, T = a.T;
+  const double invT = 1.0 / a.T;
   const S ninf = -INFINITY, pinf = INFINITY;
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
-    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
-    const In* w = reinterpret_cast<const In*>(a.w.data) + row_offset(a.w, r);
+  for (int64_t wk = blockIdx.x; wk < N * ns; wk += gridDim.x) {
+    const int64_t r = wk / ns, i0 = (wk % ns) * kSpan, V = min(kSpan, Vrow - i0);
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r) + i0 * vsz;
+    const In* w = reinterpret_cast<const In*>(a.w.data) + row_offset(a.w, r) + i0 * vsw;
     const bool vec = vsz == 1 && vsw == 1 && aligned16(z) && aligned16(w);
-    PairSt s;
-    // ---- pass 1 (one read): online maxima and sums about each thread's own centre
     PairAcc acc;
     C c;
     c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
     int flags = 0;
     bool thread_fb = false, qzp = false;
-    S tMz = ninf, tMw = ninf;
+    // The thread's maxima (exact input values), and the scale and centre its sums are kept
+    // about: moved only when a maximum passes it by thr (30 in units of T), so that the exact
+    // move (PairAcc::move_to, a warp-divergent branch) runs about once per thread instead of
+    // at every new maximum. Terms stay below e^30 in float.
+    S tMz = ninf, tMw = ninf, sMz = ninf, sMw = ninf;
+    const S thr = S(30.0 * a.T);
     for_tiles<In, true>(z, w, V, vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
       S mz = ninf, mw = ninf;
-      bool anyz = false, anyw = false;
+      bool bad = false;  // NaN or +inf (each compare is false for NaN)
 #pragma unroll
       for (int u = 0; u < E; ++u) {
-        if (zv[u] != zv[u]) flags |= kNanA;
-        if (zv[u] == pinf) flags |= kPosInfA;
-        if (wv[u] != wv[u]) flags |= kNanB;
-        if (wv[u] == pinf) flags |= kPosInfB;
+        bad |= !(zv[u] < pinf) || !(wv[u] < pinf);
         mz = zv[u] > mz ? zv[u] : mz;
         mw = wv[u] > mw ? wv[u] : mw;
-        anyz |= zv[u] > ninf;
-        anyw |= wv[u] > ninf;
       }
+      if (bad) {
+#pragma unroll
+        for (int u = 0; u < E; ++u) {
+          if (zv[u] != zv[u]) flags |= kNanA;
+          if (zv[u] == pinf) flags |= kPosInfA;
+          if (wv[u] != wv[u]) flags |= kNanB;
+          if (wv[u] == pinf) flags |= kPosInfB;
+        }
+      }
+      const bool anyz = mz > ninf, anyw = mw > ninf;
       if (flags & kErrorBits) return;
-      if (mz > tMz || mw > tMw) {  // the thread's maxima are input values: compared exactly
-        tMz = mz > tMz ? mz : tMz;
-        tMw = mw > tMw ? mw : tMw;
-        acc.move_to(double(tMz), double(tMw), invT);
+      tMz = mz > tMz ? mz : tMz;
+      tMw = mw > tMw ? mw : tMw;
+      if (mz > sMz + thr || mw > sMw + thr) {  // -inf + thr = -inf: the first live tile moves
+        sMz = tMz;
+        sMw = tMw;
+        acc.move_to(double(sMz), double(sMw), invT);
         if (acc.Mz > -INFINITY && acc.Mw > -INFINITY) {
           const double m = acc.Mz - acc.Mw;
           c.set(acc.Mz, acc.Mw, m, kDouble ? centre_residual(acc.Mz, acc.Mw, m) : 0.0, 0.0, invT, 1.0);
@@ -877,14 +1006,102 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
         acc.R += double(t[2]);
       }
     });
+    double mv[2] = {double(tMz), double(tMw)};
+    int f = flags | (thread_fb ? kFallbackBit : 0) | (qzp ? int(kQZeroP) : 0);
+    block_max<2>(mv, f);
+    double v[5] = {0, 0, 0, 0, 0};
+    if (!(f & kErrorBits) && mv[0] > -INFINITY && mv[1] > -INFINITY) {
+      acc.move_to(mv[0], mv[1], invT);
+      v[0] = acc.Q;
+      v[1] = acc.Z;
+      v[2] = acc.Phi;
+      v[3] = acc.mag;
+      v[4] = acc.R;
+    }
+    block_sum<5>(v);
+    if (threadIdx.x == 0) {
+      double* o = rec + wk * kPairRec;
+      o[0] = mv[0];
+      o[1] = mv[1];
+      for (int j = 0; j < 5; ++j) o[2 + j] = v[j];
+      o[7] = double(f);
+    }
+  }
+}
+
+// kPhase 0: merge the first pass's span records and run the CPU's stage machine; KL rows finish
+// here, TV and JS rows store their state for the span kernel of their full pass. kPhase 1 (TV,
+// JS): sum those records, accept or take further passes, finish.
+template <class In, int OP, int kPhase>
+__global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a, const double* rec, double* state,
+                                                                const double* frec) {
+  using Tl = Tile<In>;
+  using S = typename Tl::S;
+  using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
+  constexpr bool kDouble = std::is_same<In, double>::value;
+  constexpr int kFirst = OP == int(PairOp::kl) ? kKL : kCentre;
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1], ns = nspans(V);
+  const int64_t vsz = a.z.strides[a.z.ndim - 1], vsw = a.w.strides[a.w.ndim - 1];
+  const double invT = 1.0 / a.T, T = a.T;
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+    const In* w = reinterpret_cast<const In*>(a.w.data) + row_offset(a.w, r);
+    const bool vec = vsz == 1 && vsw == 1 && aligned16(z) && aligned16(w);
+    PairSt s;
+    if constexpr (kPhase == 1) {
+      if (load_state(state + r * kStateLen, s)) continue;  // finished in phase 0
+      full_from_records<OP == int(PairOp::tv) ? kTV : kJS>(frec + r * ns * kFullRec, ns, s);
+      if (!(pair_accept(OP, kDouble, T, s.s, s.flags, s.mlo) || s.iter >= 3)) {
+        ++s.iter;
+        for (;;) {
+          if (OP == int(PairOp::tv)) run_full<In, kTV>(z, w, V, vsz, vsw, vec, s, invT);
+          else run_full<In, kJS>(z, w, V, vsz, vsw, vec, s, invT);
+          if (pair_accept(OP, kDouble, T, s.s, s.flags, s.mlo) || s.iter >= 3) break;
+          ++s.iter;
+        }
+      }
+    } else {
+    // ---- the spans' records: thread j holds span j's (spans beyond the block fold in order)
+    PairAcc acc;
+    int flags = 0;
+    bool thread_fb = false, qzp = false;
+    for (int64_t j = threadIdx.x; j < ns; j += blockDim.x) {
+      const double* o = rec + (r * ns + j) * kPairRec;
+      const int f = int(o[7]);
+      flags |= f & kErrorBits;
+      thread_fb |= (f & kFallbackBit) != 0;
+      qzp |= (f & kQZeroP) != 0;
+      if (f & kErrorBits) continue;
+      PairAcc b;
+      b.Mz = o[0];
+      b.Mw = o[1];
+      b.Q = o[2];
+      b.Z = o[3];
+      b.Phi = o[4];
+      b.mag = o[5];
+      b.R = o[6];
+      if (b.Mz == -INFINITY || b.Mw == -INFINITY) continue;  // an empty span (its fallback bit says if not)
+      if (acc.Mz == -INFINITY) {
+        acc = b;
+        continue;
+      }
+      const double Mz2 = fmax(acc.Mz, b.Mz), Mw2 = fmax(acc.Mw, b.Mw);
+      acc.move_to(Mz2, Mw2, invT);
+      b.move_to(Mz2, Mw2, invT);
+      acc.Q += b.Q;
+      acc.Z += b.Z;
+      acc.Phi += b.Phi;
+      acc.mag += b.mag;
+      acc.R += b.R;
+    }
     // ---- merge: row maxima, then every thread's partial moved there and summed
     {
       double mv[2] = {acc.Mz, acc.Mw};
-      int f = flags | (thread_fb ? 0x10000 : 0) | (qzp ? int(kQZeroP) : 0);
+      int f = flags | (thread_fb ? kFallbackBit : 0) | (qzp ? int(kQZeroP) : 0);
       block_max<2>(mv, f);
       s.Mz = mv[0];
       s.Mw = mv[1];
-      s.fallback = (f & 0x10000) != 0;
+      s.fallback = (f & kFallbackBit) != 0;
       s.flags = f & (kErrorBits | kQZeroP);
       if (!(s.flags & (kNanA | kPosInfA)) && s.Mz == -INFINITY) s.flags |= kAllNegInfA;
       if (!(s.flags & (kNanB | kPosInfB)) && s.Mw == -INFINITY) s.flags |= kAllNegInfB;
@@ -931,6 +1148,12 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
         double Zt = (s.s[1] + s.s[7]) / s.s[0];
         s.mlo += T * log1p(Zt);
       }
+      if (!done && OP != int(PairOp::kl)) {
+        // The first full pass runs span by span (pair_full_span_kernel), then phase 1.
+        if (threadIdx.x == 0) save_state(state + r * kStateLen, s, false);
+        __syncthreads();
+        continue;
+      }
       if (!done) {
         for (;;) {
           if (OP == int(PairOp::kl)) run_full<In, kKL>(z, w, V, vsz, vsw, vec, s, invT);
@@ -941,8 +1164,10 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a) {
         }
       }
     }
+    }
     // ---- finish (the CPU's PairAlgo::finish)
     if (threadIdx.x == 0) {
+      if (kPhase == 0 && OP != int(PairOp::kl)) save_state(state + r * kStateLen, s, true);
       if (a.status) a.status[r] = s.flags & kErrorBits;
       double out = pair_finish(OP, T, s.s, s.flags, s.Mz, s.Mw, s.m, s.mlo,
                                a.stats ? a.stats + kPairStats * r : nullptr);
@@ -992,9 +1217,8 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
           wa = (zv[k] - lse * a.T) * invT;
           p = C::ex(wa);
         } else {
-          FS sh = c.shifted(zv[k], c.Mzh, c.Mzl);
-          p = exp_f(sh.hi, sh.lo);
-          wa = sh.hi + sh.lo;
+          wa = c.shifted(zv[k], c.Mzh, c.Mzl);
+          p = c.pexp(zv[k]);
         }
         const bool live = zv[k] > S(-INFINITY);
         S v;
@@ -1104,27 +1328,31 @@ __global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
 }
 
 // ---- launch helpers --------------------------------------------------------------------------------
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("trmath CUDA: ") + what + ": " + cudaGetErrorString(e));
-}
-
-int grid_for(int64_t work, int64_t per_sm) {
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  int64_t g = std::max<int64_t>(1, std::min<int64_t>(work, int64_t(sms) * per_sm));
-  return int(std::min<int64_t>(g, 1 << 30));
-}
-
-template <class F>
-void by_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::f32: f(float{}); break;
-    case DType::f64: f(double{}); break;
-    case DType::bf16: f(bf16s{}); break;
-    case DType::f16: f(f16s{}); break;
+// Stream-ordered scratch of n doubles (the spans' records), freed in stream order after the
+// kernels that use it.
+struct Scratch {
+  double* p = nullptr;
+  cudaStream_t st;
+  Scratch(int64_t n, cudaStream_t s) : st(s) {
+    // Keep freed blocks in the device's pool: without a release threshold the pool returns them
+    // at every synchronisation and the next call maps them again.
+    static uint64_t tuned = 0;  // bit per device
+    int dev = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && dev < 64 && !(tuned & (uint64_t(1) << dev))) {
+      cudaMemPool_t pool;
+      if (cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+        uint64_t keep = UINT64_MAX;
+        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      }
+      tuned |= uint64_t(1) << dev;
+    }
+    check(cudaMallocAsync(reinterpret_cast<void**>(&p), size_t(std::max<int64_t>(n, 1)) * sizeof(double), st),
+          "scratch allocation");
   }
-}
+  ~Scratch() { cudaFreeAsync(p, st); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
 
 }  // namespace
 
@@ -1134,9 +1362,19 @@ void single_forward(const SingleFwd& a, uintptr_t stream) {
   const int64_t N = nrows(a.z);
   if (N == 0) return;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t ns = nspans(a.z.shape[a.z.ndim - 1]);
+  Scratch rec(N * ns * kSingleRec, st);
   by_dtype(a.z.dtype, [&](auto tag) {
     using In = decltype(tag);
-    single_fwd_kernel<In><<<grid_for(N, 4), kThreads, 0, st>>>(a);
+    const bool h = a.op == SingleOp::entropy || a.op == SingleOp::logprob_entropy;
+    const int gs = grid_for(N * ns, 8), g = grid_for(N, 4);
+    if (h) {
+      single_span_kernel<In, true><<<gs, kThreads, 0, st>>>(a, rec.p);
+      single_fwd_kernel<In, true><<<g, kThreads, 0, st>>>(a, rec.p);
+    } else {
+      single_span_kernel<In, false><<<gs, kThreads, 0, st>>>(a, rec.p);
+      single_fwd_kernel<In, false><<<g, kThreads, 0, st>>>(a, rec.p);
+    }
   });
   check(cudaGetLastError(), "single_forward launch");
 }
@@ -1145,13 +1383,30 @@ void pair_forward(const PairFwd& a, uintptr_t stream) {
   const int64_t N = nrows(a.z);
   if (N == 0) return;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t V = a.z.shape[a.z.ndim - 1], ns = nspans(V);
+  const bool kl = a.op == PairOp::kl;
+  // First-pass records, then (TV, JS) the row states and the full pass's records.
+  Scratch buf(N * ns * kPairRec + (kl ? 0 : N * kStateLen + N * ns * kFullRec), st);
+  double* rec = buf.p;
+  double* state = kl ? nullptr : rec + N * ns * kPairRec;
+  double* frec = kl ? nullptr : state + N * kStateLen;
   by_dtype(a.z.dtype, [&](auto tag) {
     using In = decltype(tag);
-    const int g = grid_for(N, 4);
-    switch (a.op) {
-      case PairOp::kl: pair_fwd_kernel<In, 0><<<g, kThreads, 0, st>>>(a); break;
-      case PairOp::tv: pair_fwd_kernel<In, 1><<<g, kThreads, 0, st>>>(a); break;
-      case PairOp::js: pair_fwd_kernel<In, 2><<<g, kThreads, 0, st>>>(a); break;
+    const int gs = grid_for(N * ns, 8), g = grid_for(N, 4);
+    if (kl) {
+      pair_span_kernel<In, kKL><<<gs, kThreads, 0, st>>>(a, rec);
+      pair_fwd_kernel<In, 0, 0><<<g, kThreads, 0, st>>>(a, rec, state, frec);
+      return;
+    }
+    pair_span_kernel<In, kCentre><<<gs, kThreads, 0, st>>>(a, rec);
+    if (a.op == PairOp::tv) {
+      pair_fwd_kernel<In, 1, 0><<<g, kThreads, 0, st>>>(a, rec, state, frec);
+      pair_full_span_kernel<In, kTV><<<gs, kThreads, 0, st>>>(a, state, frec);
+      pair_fwd_kernel<In, 1, 1><<<g, kThreads, 0, st>>>(a, rec, state, frec);
+    } else {
+      pair_fwd_kernel<In, 2, 0><<<g, kThreads, 0, st>>>(a, rec, state, frec);
+      pair_full_span_kernel<In, kJS><<<gs, kThreads, 0, st>>>(a, state, frec);
+      pair_fwd_kernel<In, 2, 1><<<g, kThreads, 0, st>>>(a, rec, state, frec);
     }
   });
   check(cudaGetLastError(), "pair_forward launch");
