@@ -306,6 +306,10 @@ struct SingleAlgo {
 };
 
 // ---- pair reductions ----------------------------------------------------------------------------
+// Partial flag of the maxima passes (never an error, never in a row's status): a segment holds a
+// -inf or huge logit, so the row's passes keep their masks (seg_sum2's kMasked).
+constexpr int kLowSeen = 1 << 12;
+
 template <class In>
 struct PairAlgo {
   using L = typename LanesFor<In>::type;
@@ -317,6 +321,7 @@ struct PairAlgo {
     int flags = 0;
     int iter = 0;
     bool fallback = false;  // the fused first pass could not be combined: use global maxima
+    bool masked = true;     // some logit is -inf or huge: the passes keep their guards
     double mag = 0;         // sum of |terms| of the combined Phi (cancellation check)
     double Mz = 0, Mw = 0, m = 0, mlo = 0;  // centre m + mlo (logit units)
     double s[12] = {};
@@ -388,19 +393,25 @@ struct PairAlgo {
       // Pass 1 reads each segment once: its maxima, then (from cache) its sums about its own
       // centre m_s = Mz_s - Mw_s; consume() merges the segments exactly.
       double Mzs, Mws;
-      seg_max<L>(z, n, Mzs, p.flags, kNanA, kPosInfA);
-      seg_max<L>(w, n, Mws, p.flags, kNanB, kPosInfB);
+      seg_max<L>(z, n, Mzs, p.flags, kNanA, kPosInfA, kLowSeen);
+      seg_max<L>(w, n, Mws, p.flags, kNanB, kPosInfB, kLowSeen);
       p.v[5] = Mzs;
       p.v[6] = Mws;
       if ((p.flags & kErrorBits) || Mzs == -kInf || Mws == -kInf) return;
       PairParams P{Mzs, Mws, invT, Mzs - Mws, 0.0, 1.0};
-      if (a.op == PairOp::kl) seg_sum2<L, kKL>(z, w, n, P, p, pf, pg);
-      else seg_sum2<L, kCentre>(z, w, n, P, p, pf, pg);
+      const bool masked = (p.flags & kLowSeen) != 0;
+      if (a.op == PairOp::kl) {
+        if (masked) seg_sum2<L, kKL>(z, w, n, P, p, pf, pg);
+        else seg_sum2<L, kKL, false>(z, w, n, P, p, pf, pg);
+      } else {
+        if (masked) seg_sum2<L, kCentre>(z, w, n, P, p, pf, pg);
+        else seg_sum2<L, kCentre, false>(z, w, n, P, p, pf, pg);
+      }
       return;
     }
     if (s.stage == kMax) {
-      seg_max<L>(z, n, p.v[0], p.flags, kNanA, kPosInfA);
-      seg_max<L>(w, n, p.v[1], p.flags, kNanB, kPosInfB);
+      seg_max<L>(z, n, p.v[0], p.flags, kNanA, kPosInfA, kLowSeen);
+      seg_max<L>(w, n, p.v[1], p.flags, kNanB, kPosInfB, kLowSeen);
       return;
     }
     PairParams P;
@@ -410,14 +421,21 @@ struct PairAlgo {
     P.m = s.m;
     P.mlo = s.mlo;
     P.g = std::exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT);
-    if (s.stage == kCentre) {
-      seg_sum2<L, kCentre>(z, w, n, P, p, pf, pg);
+    if (s.masked) full<true>(z, w, n, P, p, pf, pg, s.stage == kCentre);
+    else full<false>(z, w, n, P, p, pf, pg, s.stage == kCentre);
+  }
+
+  template <bool kMasked>
+  void full(const In* z, const In* w, int64_t n, const PairParams& P, Partial& p, const In* pf,
+            const In* pg, bool centre) {
+    if (centre) {
+      seg_sum2<L, kCentre, kMasked>(z, w, n, P, p, pf, pg);
       return;
     }
     switch (a.op) {
-      case PairOp::kl: seg_sum2<L, kKL>(z, w, n, P, p, pf, pg); break;
-      case PairOp::tv: seg_sum2<L, kTV>(z, w, n, P, p, pf, pg); break;
-      case PairOp::js: seg_sum2<L, kJS>(z, w, n, P, p, pf, pg); break;
+      case PairOp::kl: seg_sum2<L, kKL, kMasked>(z, w, n, P, p, pf, pg); break;
+      case PairOp::tv: seg_sum2<L, kTV, kMasked>(z, w, n, P, p, pf, pg); break;
+      case PairOp::js: seg_sum2<L, kJS, kMasked>(z, w, n, P, p, pf, pg); break;
     }
   }
 
@@ -438,6 +456,8 @@ struct PairAlgo {
       flags |= parts[k].flags;
       if ((parts[k].v[5] == -kInf) != (parts[k].v[6] == -kInf)) s.fallback = true;
     }
+    s.masked = (flags & kLowSeen) != 0;
+    flags &= ~kLowSeen;
     if (!(flags & (kNanA | kPosInfA)) && Mz == -kInf) flags |= kAllNegInfA;
     if (!(flags & (kNanB | kPosInfB)) && Mw == -kInf) flags |= kAllNegInfB;
     s.Mz = Mz;
@@ -496,6 +516,8 @@ struct PairAlgo {
         Mw = std::max(Mw, parts[k].v[1]);
         flags |= parts[k].flags;
       }
+      s.masked = (flags & kLowSeen) != 0;
+      flags &= ~kLowSeen;
       if (!(flags & (kNanA | kPosInfA)) && Mz == -kInf) flags |= kAllNegInfA;
       if (!(flags & (kNanB | kPosInfB)) && Mw == -kInf) flags |= kAllNegInfB;
       s.Mz = Mz;

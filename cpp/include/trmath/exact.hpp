@@ -109,25 +109,33 @@ TRMATH_INLINE void for_lanes2(const typename L::Storage* p, const typename L::St
 }
 
 // ---- pass A: maxima and validity ------------------------------------------------------
+// low_bit: set when some element is -inf or below -kHuge (a masked token, or a difference z - w
+// that may overflow), or the maximum is above kHuge: the pair passes then need their guards.
+template <class S> constexpr S kHuge = S(1e37);
+template <> constexpr double kHuge<double> = 1e307;
+
 template <class L>
 TRMATH_INLINE void seg_max(const typename L::Storage* z, int64_t n, double& mx, int& flags,
-                           int nan_bit, int inf_bit) {
+                           int nan_bit, int inf_bit, int low_bit = 0) {
   using V = typename L::V;
   using S = typename L::S;
   const S inf = std::numeric_limits<S>::infinity();
   V m = splat<V>(-inf);
-  typename L::Mask bad_nan{}, bad_inf{};
+  typename L::Mask bad_nan{}, bad_inf{}, low{};
   for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
     bad_nan |= (v != v);
     bad_inf |= (v == inf);
+    low |= (v < -kHuge<S>);
     m = v > m ? v : m;
   });
   double r = -std::numeric_limits<double>::infinity();
   for (int i = 0; i < L::W; ++i) {
     if (bad_nan[i]) flags |= nan_bit;
     if (bad_inf[i]) flags |= inf_bit;
+    if (low[i]) flags |= low_bit;
     r = double(m[i]) > r ? double(m[i]) : r;
   }
+  if (r > double(kHuge<S>)) flags |= low_bit;
   mx = r;
 }
 
@@ -177,7 +185,9 @@ struct PairParams {
 //   kJS: 2 KL(p||m)-part, 3 KL(q||m)-part
 //   7: R = sum of pt where q_i = 0 < p_i (all but kKL, where such a token makes KL = +inf)
 // flags: kQZeroP = some q_i = 0 < p_i.
-template <class L, int kTerms>
+// kMasked = false: the caller knows every z and w of the segment is finite and below kHuge in
+// magnitude (no masked token, no overflowing z - w), and the masks are skipped.
+template <class L, int kTerms, bool kMasked = true>
 TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Storage* w, int64_t n,
                             const PairParams& P, Partial& out,
                             const typename L::Storage* pf = nullptr,
@@ -199,12 +209,14 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   for_lanes2<L>(z, w, n, [&](V zv, V wv) TRMATH_LAMBDA_INLINE {
     auto b = L::shifted(wv, P.Mw, P.invT);
     V qt = L::exp(b);
-    Mask wneg = wv == ninf;
-    Mask zneg = zv == ninf;
-    Mask only_p = wneg & ~zneg;
-    infq |= only_p;
-    V x = L::logratio(zv, wv, P.m, P.mlo, P.invT, mres);
-    x = wneg ? zero : x;                      // both masked -> no contribution
+    Mask wneg{}, only_p{};
+    if (kMasked) {
+      wneg = wv == ninf;
+      only_p = wneg & ~(zv == ninf);
+      infq |= only_p;
+    }
+    V x = L::template logratio<!kMasked>(zv, wv, P.m, P.mlo, P.invT, mres);
+    if (kMasked) x = wneg ? zero : x;         // both masked -> no contribution
     Mask small = vabs(x) < S(1);
     // |x| < 1: one series E2 = expm1(x) - x gives expm1 = x + E2 and
     // phi = x expm1(x) - E2 (both terms >= 0, at most 2 bits lost at x = -1).
@@ -213,8 +225,9 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     // p's own exponential is needed only where |x| >= 1 or q = 0 < p; near-identical rows
     // (the trust-region regime) skip it and cost one exponential per element.
     V ez = zero;
-    if (any_lane(~small | only_p)) ez = L::exp(L::shifted(zv, P.Mz, P.invT));
-    V pt = wneg ? zero : ez * g;              // q_i = 0 is reported through the flag
+    if (any_lane(kMasked ? (~small | only_p) : ~small)) ez = L::exp(L::shifted(zv, P.Mz, P.invT));
+    V pt = ez * g;
+    if (kMasked) pt = wneg ? zero : pt;       // q_i = 0 is reported through the flag
     V em1 = small ? qt * em1_s : pt - qt;     // q (e^x - 1)
     V pfull = small ? qt + qt * em1_s : pt;   // q e^x, from the series where |x| < 1
     acc.blk[0] += qt;
@@ -254,12 +267,16 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
       V tq = js_small ? sq : bq;
       // q_i = 0 < p_i: p_i (log 2 - 1/2) and p_i / 2.
       V praw = ez * g;
-      tp = only_p ? praw * S(kLn2 - 0.5) : tp;
-      tq = only_p ? praw * half : tq;
+      if (kMasked) {
+        tp = only_p ? praw * S(kLn2 - 0.5) : tp;
+        tq = only_p ? praw * half : tq;
+      }
       acc.blk[2] += tp;
       acc.blk[3] += tq;
     }
-    if constexpr (kTerms != kKL) acc.blk[K - 1] += only_p ? ez * g : zero;
+    if constexpr (kTerms != kKL) {
+      if (kMasked) acc.blk[K - 1] += only_p ? ez * g : zero;
+    }
     acc.step();
   }, pf, pg);
   acc.flush();
