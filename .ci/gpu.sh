@@ -2,7 +2,9 @@
 # Build the extension with the CUDA kernels and run the GPU tests and the GPU benchmark.
 # For a machine with an NVIDIA GPU, nvcc, CMake, ninja, pybind11 and torch (CUDA build); not part
 # of .ci/run, which has no GPU (it only compiles the CUDA sources). Usage:
-#   bash .ci/gpu.sh [OUTDIR]     (architectures: TRMATH_CUDA_ARCHS, default "90-real")
+#   bash .ci/gpu.sh [OUTDIR]     (architectures: TRMATH_CUDA_ARCHS, default "90-real";
+#                                 NCU=1 adds an Nsight Compute profile of the kl span kernel;
+#                                 BENCH_ARGS are passed to benchmarks/bench_cuda.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench-out/gpu}
@@ -25,5 +27,16 @@ $py -m pytest tests/test_cuda.py -q --maxfail=30 -n ${PYTEST_WORKERS:-12} -p no:
 rc_t=${PIPESTATUS[0]}
 $py benchmarks/bench_cuda.py --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -60
 rc_b=${PIPESTATUS[0]}
+if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
+  # Nsight Compute on the first-pass span kernel of float32 kl at N=256, V=151936 (NCU=1).
+  ncu --clock-control none --kernel-name regex:pair_span_kernel --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section InstructionStats \
+    $py -c "import torch, trmath
+z = 2 * torch.randn(256, 151936, device='cuda'); w = z + 0.3 * torch.randn_like(z)
+for _ in range(4): trmath.kl(z, w, validate=False)
+torch.cuda.synchronize()" > "$out/ncu.txt" 2>&1
+  tail -80 "$out/ncu.txt"
+fi
 echo "tests rc=$rc_t bench rc=$rc_b"
 exit $(( rc_t || rc_b ))

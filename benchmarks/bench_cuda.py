@@ -79,9 +79,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench-out/cuda")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer repetitions")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rows", type=str, default="",
+                    help="comma-separated N: time those batch sizes at V=151936 instead of the default "
+                         "shapes (e.g. 2048,8192 for training-size micro-batches)")
     ap.add_argument("--compile", choices=("main", "all", "none"), default="main",
                     help="time torch.compile at V=151936 only (main), at every V, or never")
     args = ap.parse_args(argv)
+    row_shapes = []
+    if args.rows:
+        try:
+            row_shapes = [(int(n), 151936) for n in args.rows.split(",") if n.strip()]
+        except ValueError:
+            ap.error(f"--rows: expected comma-separated integers, got {args.rows!r}")
+        if not row_shapes or min(n for n, _ in row_shapes) < 1:
+            ap.error(f"--rows: expected positive integers, got {args.rows!r}")
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 0
@@ -108,6 +119,8 @@ def main(argv=None) -> int:
     print(json.dumps(machine, indent=1))
 
     shapes = [(256, 151936)] if args.quick else [(1220, 32768), (305, 131072), (256, 151936), (152, 262144)]
+    if row_shapes:
+        shapes = row_shapes
     rows = []
     failures = []
     for N, V in shapes:

@@ -191,13 +191,12 @@ struct SingleAlgo {
     if (s.stage == kSum) {
       const In* pf = rd.prefetch(next, sg);
       double Ms;
-      seg_max<L>(z, n, Ms, p.flags, kNanA, kPosInfA);
-      p.v[0] = Ms;
-      if (p.flags || Ms == -kInf) return;
       Partial q;
       partial_zero(q);
-      if (want_h) seg_sum1<L, true>(z, n, Ms, invT, q, pf);
-      else seg_sum1<L, false>(z, n, Ms, invT, q, pf);
+      if (want_h) seg_online1<L, true>(z, n, invT, Ms, q, p.flags, kNanA, kPosInfA, pf);
+      else seg_online1<L, false>(z, n, invT, Ms, q, p.flags, kNanA, kPosInfA, pf);
+      p.v[0] = Ms;
+      if (p.flags || Ms == -kInf) return;
       p.v[1] = q.v[0];  // R_s
       p.v[2] = q.v[1];  // B_s
       p.v[3] = q.v[2];  // k_s

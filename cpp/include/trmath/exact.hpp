@@ -170,6 +170,100 @@ TRMATH_INLINE void seg_sum1(const typename L::Storage* z, int64_t n, double M, d
   out.v[2] = acc.sum(2);
 }
 
+// ---- passes A and B in one read, one row ---------------------------------------------------
+// The same sums as seg_max + seg_sum1, from one read of the segment: every lane keeps them about
+// its own running maximum m_l (an input value), moved exactly whenever that grows -- with
+// d = (m' - m)/T and A = k + R: R' = A e^-d, B' = e^-d (B + d A), k' = 0, the segment merge --
+// and the lanes are merged at the segment's maximum at the end. A lane's maximum grows about
+// log(n / W) times, so the moves cost little; the float blocks hold 16 terms (relative error
+// <= 16 u of non-negative sums) before they are flushed into per-lane doubles.
+// out: v[0] = R, v[1] = B, v[2] = k about the returned maximum mx (as seg_sum1 about M).
+template <class L, bool kEntropy>
+TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double invT, double& mx,
+                               Partial& out, int& flags, int nan_bit, int inf_bit,
+                               const typename L::Storage* pf = nullptr) {
+  using V = typename L::V;
+  using S = typename L::S;
+  using Mask = typename L::Mask;
+  constexpr int W = L::W;
+  const S inf = std::numeric_limits<S>::infinity();
+  const double dinf = std::numeric_limits<double>::infinity();
+  const V zero = splat<V>(S(0)), one = splat<V>(S(1)), vninf = splat<V>(-inf);
+  const bool unitT = invT == 1.0;
+  const S sinvT = S(invT);
+  V m = vninf;
+  V bR = zero, bK = zero, bB = zero;
+  double R[W] = {}, K[W] = {}, B[W] = {};
+  Mask bad_nan{}, bad_inf{};
+  int cnt = 0;
+  auto flush = [&]() TRMATH_LAMBDA_INLINE {
+    for (int i = 0; i < W; ++i) {
+      R[i] += double(bR[i]);
+      K[i] += double(bK[i]);
+      if (kEntropy) B[i] += double(bB[i]);
+    }
+    bR = zero;
+    bK = zero;
+    bB = zero;
+    cnt = 0;
+  };
+  for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
+    bad_nan |= (v != v);
+    bad_inf |= (v == inf);
+    const Mask up = v > m;
+    if (any_lane(up)) {
+      flush();
+      for (int i = 0; i < W; ++i) {
+        if (!up[i]) continue;
+        const double Mo = double(m[i]), Mn = double(v[i]);
+        if (Mo == -dinf || (K[i] == 0 && R[i] == 0)) {
+          R[i] = K[i] = B[i] = 0.0;
+        } else {
+          const double d = (Mn - Mo) * invT, f = std::exp(-d), A = K[i] + R[i];
+          R[i] = A * f;
+          B[i] = f * (B[i] + d * A);
+          K[i] = 0.0;
+        }
+      }
+      m = up ? v : m;
+    }
+    V a = v - m;  // exact near the lane's maximum; relative 2^-24 (float) elsewhere
+    if (!unitT) a = a * sinvT;
+    const V e = L::exp(a);
+    const Mask live = v > vninf;
+    const Mask top = (v == m) & live;
+    bR += (top | ~live) ? zero : e;
+    bK += top ? one : zero;
+    if constexpr (kEntropy) bB += (live & ~top) ? e * (-a) : zero;
+    if (++cnt == 16) flush();
+  }, pf);
+  flush();
+  double Ms = -dinf;
+  for (int i = 0; i < W; ++i) {
+    if (bad_nan[i]) flags |= nan_bit;
+    if (bad_inf[i]) flags |= inf_bit;
+    Ms = double(m[i]) > Ms ? double(m[i]) : Ms;
+  }
+  double Rs = 0.0, Ks = 0.0, Bs = 0.0;
+  for (int i = 0; i < W; ++i) {
+    const double Mi = double(m[i]);
+    if (Mi == -dinf) continue;
+    if (Mi == Ms) {
+      Rs += R[i];
+      Ks += K[i];
+      Bs += B[i];
+      continue;
+    }
+    const double d = (Ms - Mi) * invT, f = std::exp(-d), A = K[i] + R[i];
+    Rs += A * f;
+    Bs += f * (B[i] + d * A);
+  }
+  mx = Ms;
+  out.v[0] = Rs;
+  out.v[1] = kEntropy ? Bs : 0.0;
+  out.v[2] = Ks;
+}
+
 // ---- pass B, two rows ---------------------------------------------------------------------
 enum PairTerms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3 };
 
