@@ -120,6 +120,23 @@ void execute(Algo& algo, int64_t N) {
   }
 }
 
+// The segment kernels of the sum passes are functions of their own, not inlined into the
+// drivers: each variant then gets its own register allocation instead of sharing one with every
+// other variant inlined beside it in the same driver function.
+template <class L, int kTerms, bool kMasked>
+__attribute__((noinline)) void sum2(const typename L::Storage* z, const typename L::Storage* w,
+                                    int64_t n, const PairParams& P, Partial& out,
+                                    const typename L::Storage* pf, const typename L::Storage* pg) {
+  seg_sum2<L, kTerms, kMasked>(z, w, n, P, out, pf, pg);
+}
+
+template <class L, bool kEntropy>
+__attribute__((noinline)) void online1(const typename L::Storage* z, int64_t n, double invT,
+                                       double& mx, Partial& out, int& flags,
+                                       const typename L::Storage* pf) {
+  seg_online1<L, kEntropy>(z, n, invT, mx, out, flags, kNanA, kPosInfA, pf);
+}
+
 template <class T>
 void put(void* out, int64_t i, double v) {
   static_cast<T*>(out)[i] = T(v);
@@ -193,8 +210,8 @@ struct SingleAlgo {
       double Ms;
       Partial q;
       partial_zero(q);
-      if (want_h) seg_online1<L, true>(z, n, invT, Ms, q, p.flags, kNanA, kPosInfA, pf);
-      else seg_online1<L, false>(z, n, invT, Ms, q, p.flags, kNanA, kPosInfA, pf);
+      if (want_h) online1<L, true>(z, n, invT, Ms, q, p.flags, pf);
+      else online1<L, false>(z, n, invT, Ms, q, p.flags, pf);
       p.v[0] = Ms;
       if (p.flags || Ms == -kInf) return;
       p.v[1] = q.v[0];  // R_s
@@ -314,7 +331,9 @@ struct PairAlgo {
   using L = typename LanesFor<In>::type;
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   static constexpr bool kDouble = std::is_same<In, double>::value;
-  enum Stage : int { kStart, kFused, kMax, kCentre, kFull, kDone };
+  // Stage names must not shadow the PairTerms of exact.hpp: a stage once named kCentre made the
+  // centring passes instantiate seg_sum2 with that stage's value (3 = kJS) and compute JS terms.
+  enum Stage : int { kStart, kFused, kMax, kRecentre, kFull, kDone };
   struct St {
     int stage = kStart;
     int flags = 0;
@@ -342,7 +361,7 @@ struct PairAlgo {
         if (s.flags & kErrorBits) return finish(r);
         s.m = s.Mz - s.Mw;  // centre in logit units
         if (s.fallback) {
-          s.stage = a.op == PairOp::kl ? kFull : kCentre;
+          s.stage = a.op == PairOp::kl ? kFull : kRecentre;
           return true;
         }
         if (a.op == PairOp::kl) {
@@ -356,14 +375,14 @@ struct PairAlgo {
           s.stage = kFull;
           return true;
         }
-        s.stage = kCentre;
+        s.stage = kRecentre;
         return next(r);
       case kMax:
         if (s.flags & kErrorBits) return finish(r);
         s.m = s.Mz - s.Mw;  // centre in logit units
-        s.stage = a.op == PairOp::kl ? kFull : kCentre;
+        s.stage = a.op == PairOp::kl ? kFull : kRecentre;
         return true;
-      case kCentre: {
+      case kRecentre: {
         double Zt = (s.s[1] + s.s[7]) / s.s[0];
         s.mlo += a.T * std::log1p(Zt);
         s.stage = kFull;
@@ -400,11 +419,11 @@ struct PairAlgo {
       PairParams P{Mzs, Mws, invT, Mzs - Mws, 0.0, 1.0};
       const bool masked = (p.flags & kLowSeen) != 0;
       if (a.op == PairOp::kl) {
-        if (masked) seg_sum2<L, kKL>(z, w, n, P, p, pf, pg);
-        else seg_sum2<L, kKL, false>(z, w, n, P, p, pf, pg);
+        if (masked) sum2<L, kKL, true>(z, w, n, P, p, pf, pg);
+        else sum2<L, kKL, false>(z, w, n, P, p, pf, pg);
       } else {
-        if (masked) seg_sum2<L, kCentre>(z, w, n, P, p, pf, pg);
-        else seg_sum2<L, kCentre, false>(z, w, n, P, p, pf, pg);
+        if (masked) sum2<L, PairTerms::kCentre, true>(z, w, n, P, p, pf, pg);
+        else sum2<L, PairTerms::kCentre, false>(z, w, n, P, p, pf, pg);
       }
       return;
     }
@@ -420,21 +439,21 @@ struct PairAlgo {
     P.m = s.m;
     P.mlo = s.mlo;
     P.g = std::exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT);
-    if (s.masked) full<true>(z, w, n, P, p, pf, pg, s.stage == kCentre);
-    else full<false>(z, w, n, P, p, pf, pg, s.stage == kCentre);
+    if (s.masked) full<true>(z, w, n, P, p, pf, pg, s.stage == kRecentre);
+    else full<false>(z, w, n, P, p, pf, pg, s.stage == kRecentre);
   }
 
   template <bool kMasked>
   void full(const In* z, const In* w, int64_t n, const PairParams& P, Partial& p, const In* pf,
             const In* pg, bool centre) {
     if (centre) {
-      seg_sum2<L, kCentre, kMasked>(z, w, n, P, p, pf, pg);
+      sum2<L, PairTerms::kCentre, kMasked>(z, w, n, P, p, pf, pg);
       return;
     }
     switch (a.op) {
-      case PairOp::kl: seg_sum2<L, kKL, kMasked>(z, w, n, P, p, pf, pg); break;
-      case PairOp::tv: seg_sum2<L, kTV, kMasked>(z, w, n, P, p, pf, pg); break;
-      case PairOp::js: seg_sum2<L, kJS, kMasked>(z, w, n, P, p, pf, pg); break;
+      case PairOp::kl: sum2<L, kKL, kMasked>(z, w, n, P, p, pf, pg); break;
+      case PairOp::tv: sum2<L, kTV, kMasked>(z, w, n, P, p, pf, pg); break;
+      case PairOp::js: sum2<L, kJS, kMasked>(z, w, n, P, p, pf, pg); break;
     }
   }
 
