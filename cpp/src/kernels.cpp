@@ -123,7 +123,7 @@ void execute(Algo& algo, int64_t N) {
 // The segment kernels of the sum passes are functions of their own, not inlined into the
 // drivers: each variant then gets its own register allocation instead of sharing one with every
 // other variant inlined beside it in the same driver function.
-template <class L, int kTerms, bool kMasked>
+template <class L, PairTerms kTerms, bool kMasked>
 __attribute__((noinline)) void sum2(const typename L::Storage* z, const typename L::Storage* w,
                                     int64_t n, const PairParams& P, Partial& out,
                                     const typename L::Storage* pf, const typename L::Storage* pg) {
@@ -331,8 +331,8 @@ struct PairAlgo {
   using L = typename LanesFor<In>::type;
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   static constexpr bool kDouble = std::is_same<In, double>::value;
-  // Stage names must not shadow the PairTerms of exact.hpp: a stage once named kCentre made the
-  // centring passes instantiate seg_sum2 with that stage's value (3 = kJS) and compute JS terms.
+  // The sum kernels take a PairTerms, never an int: a stage once named kCentre shadowed
+  // PairTerms::kCentre, and the centring passes computed JS terms (its value 3 = kJS).
   enum Stage : int { kStart, kFused, kMax, kRecentre, kFull, kDone };
   struct St {
     int stage = kStart;

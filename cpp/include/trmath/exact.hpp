@@ -281,7 +281,7 @@ struct PairParams {
 // flags: kQZeroP = some q_i = 0 < p_i.
 // kMasked = false: the caller knows every z and w of the segment is finite and below kHuge in
 // magnitude (no masked token, no overflowing z - w), and the masks are skipped.
-template <class L, int kTerms, bool kMasked = true>
+template <class L, PairTerms kTerms, bool kMasked = true>
 TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Storage* w, int64_t n,
                             const PairParams& P, Partial& out,
                             const typename L::Storage* pf = nullptr,
