@@ -56,6 +56,13 @@ struct RowReader {
     if (r < 0 || v.vstride() != 1) return nullptr;
     return reinterpret_cast<const In*>(v.data) + v.row_offset(r) + s * kSegment;
   }
+  // What a thread reads after segment s of row r: the row's next segment, or the first segment
+  // of its next row (next_row, -1 if none). Requested while segment s is summed from cache, it
+  // arrives in L2 just before the next maxima pass reads it (a segment pair is 2 x 64 KiB in
+  // float32, so both fit; a whole row ahead did not, and was read back from L3).
+  const In* prefetch_after(int64_t r, int64_t s, int64_t next_row) const {
+    return s + 1 < nseg ? prefetch(r, s + 1) : prefetch(next_row, 0);
+  }
   double element(int64_t r, int64_t i) const {
     const In* base = reinterpret_cast<const In*>(v.data) + v.row_offset(r);
     return to_double(base[i * v.vstride()]);
@@ -206,7 +213,7 @@ struct SingleAlgo {
     const In* z = rd.seg(r, sg, scratch<In>(0));
     int64_t n = rd.seg_len(sg);
     if (s.stage == kSum) {
-      const In* pf = rd.prefetch(next, sg);
+      const In* pf = rd.prefetch_after(r, sg, next);
       double Ms;
       Partial q;
       partial_zero(q);
@@ -405,8 +412,8 @@ struct PairAlgo {
     const In* z = rz.seg(r, sg, scratch<In>(0));
     const In* w = rw.seg(r, sg, scratch<In>(1));
     int64_t n = rz.seg_len(sg);
-    const In* pf = rz.prefetch(next, sg);
-    const In* pg = rw.prefetch(next, sg);
+    const In* pf = rz.prefetch_after(r, sg, next);
+    const In* pg = rw.prefetch_after(r, sg, next);
     if (s.stage == kFused) {
       // Pass 1 reads each segment once: its maxima, then (from cache) its sums about its own
       // centre m_s = Mz_s - Mw_s; consume() merges the segments exactly.
@@ -691,8 +698,7 @@ void pair_bwd_impl(const PairBwd& a) {
         default: {
           Mask small = vabs(eps) < half;
           V hi = vmax(p, q), lo = vmin(p, q);
-          V uu = hi > zero ? lo / hi : splat<V>(zero);
-          V dbig = S(kLn2) - L::log1p_unit(uu);
+          V dbig = S(kLn2) - L::log1p_ratio(lo, hi);
           V ec = vmin(vmax(eps, splat<V>(S(-200))), splat<V>(S(200)));
           Mask ppos = p > q;
           V dp = ppos ? dbig : dbig + ec;

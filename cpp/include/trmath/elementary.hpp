@@ -175,12 +175,14 @@ struct FloatLanes {
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
   static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_f); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
-  static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_f); }
-  static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_f); }
-  // log(1 + u) for u in [0, 1]: 2 atanh(u / (2 + u)).
-  static TRMATH_INLINE V log1p_unit(V u) {
-    V s = u / (2.0f + u);
-    return 2.0f * s * horner(s * s, coef::log1p_f);
+  static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_f); }
+  static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_f); }
+  // log(1 + lo/hi) for 0 <= lo <= hi (0 where hi = 0): 2 atanh(s) with s = u / (2 + u) for
+  // u = lo/hi in [0, 1], formed as s = lo / (2 hi + lo) in [0, 1/3] with one division.
+  static TRMATH_INLINE V log1p_ratio(V lo, V hi) {
+    V s = lo / (hi + hi + lo);
+    s = hi > 0.0f ? s : f8{};
+    return 2.0f * s * estrin(s * s, coef::log1p_f);
   }
   // Accumulate 8 float terms into 4 double lanes.
   static TRMATH_INLINE d4 to_acc(V v) {
@@ -206,9 +208,10 @@ struct DoubleLanes {
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_d); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_d); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_d); }
-  static TRMATH_INLINE V log1p_unit(V u) {
-    V s = u / (2.0 + u);
-    return 2.0 * s * horner(s * s, coef::log1p_d);
+  static TRMATH_INLINE V log1p_ratio(V lo, V hi) {
+    V s = lo / (hi + hi + lo);
+    s = hi > 0.0 ? s : d4{};
+    return 2.0 * s * estrin(s * s, coef::log1p_d);
   }
   static TRMATH_INLINE d4 to_acc(V v) { return v; }
   // x = (z - w - m) / T with z - w split exactly (two-sum): near-identical float64 rows have

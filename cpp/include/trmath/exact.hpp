@@ -347,8 +347,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
       V sp = qt * L::jsp_series(x);
       V sq = qt * L::jsq_series(x);
       V hi = vmax(pfull, qt), lo = vmin(pfull, qt);
-      V u = hi > zero ? lo / hi : zero;
-      V l1 = L::log1p_unit(u);             // log(1 + min/max)
+      V l1 = L::log1p_ratio(lo, hi);       // log(1 + min/max)
       V xc = vmax(x, splat<V>(S(-200)));
       Mask ppos = pfull > qt;
       V d_big = S(kLn2) - l1;               // log(2 max/(p+q)) for the larger side
