@@ -53,6 +53,17 @@ TRMATH_INLINE V horner(V x, const double (&c)[N]) {
   return r;
 }
 
+// log(1 + lo/hi) for 0 <= lo <= hi (0 where hi = 0): 2 atanh(s) with s = u / (2 + u) for
+// u = lo/hi in [0, 1], formed as s = lo / (2 hi + lo) in [0, 1/3] with one division; c: the
+// series of atanh(s)/s in s^2.
+template <class V, int N>
+TRMATH_INLINE V log1p_ratio_c(V lo, V hi, const double (&c)[N]) {
+  using S = typename std::remove_reference<decltype(lo[0])>::type;
+  V s = lo / (hi + hi + lo);
+  s = hi > S(0) ? s : V{};
+  return S(2) * s * estrin(s * s, c);
+}
+
 // 2^n * p for float lanes, n in [-160, 129]; two exact power-of-two factors keep every
 // intermediate normal, so subnormal results round once.
 TRMATH_INLINE f8 ldexp_f(f8 p, i8 n) {
@@ -177,13 +188,7 @@ struct FloatLanes {
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_f); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_f); }
-  // log(1 + lo/hi) for 0 <= lo <= hi (0 where hi = 0): 2 atanh(s) with s = u / (2 + u) for
-  // u = lo/hi in [0, 1], formed as s = lo / (2 hi + lo) in [0, 1/3] with one division.
-  static TRMATH_INLINE V log1p_ratio(V lo, V hi) {
-    V s = lo / (hi + hi + lo);
-    s = hi > 0.0f ? s : f8{};
-    return 2.0f * s * estrin(s * s, coef::log1p_f);
-  }
+  static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_f); }
   // Accumulate 8 float terms into 4 double lanes.
   static TRMATH_INLINE d4 to_acc(V v) {
     return __builtin_convertvector(lo_half(v), d4) + __builtin_convertvector(hi_half(v), d4);
@@ -208,11 +213,7 @@ struct DoubleLanes {
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_d); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * horner(x, coef::jsp_d); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * horner(x, coef::jsq_d); }
-  static TRMATH_INLINE V log1p_ratio(V lo, V hi) {
-    V s = lo / (hi + hi + lo);
-    s = hi > 0.0 ? s : d4{};
-    return 2.0 * s * estrin(s * s, coef::log1p_d);
-  }
+  static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_d); }
   static TRMATH_INLINE d4 to_acc(V v) { return v; }
   // x = (z - w - m) / T with z - w split exactly (two-sum): near-identical float64 rows have
   // log-ratios of 1e-8 next to logits of size 10, where a rounded z - w would cost 1e-8
