@@ -1,7 +1,10 @@
 """GPU benchmark of the exact reductions: trmath's CUDA kernels against the memory-bandwidth floor,
 PyTorch eager, ``torch.compile`` and Liger-Kernel's KL kernel, in one process, side by side.
 
-For each shape and dtype it times (CUDA events, median of ``--reps`` after warm-up):
+For each shape and dtype it times (CUDA events, median of ``--reps`` after warm-up; each repetition
+runs the call ``--inner`` times back to back and reports the mean, so the device time of a call is
+measured as in a training step, where the host queues work ahead of the device, and not the host's
+own launch latency -- ``--inner 1`` times single calls):
 
 * ``copy``: a device-to-device copy of a large buffer; its bytes read + written per second is the
   card's practical bandwidth ceiling;
@@ -9,6 +12,8 @@ For each shape and dtype it times (CUDA events, median of ``--reps`` after warm-
 * ``trmath``: the public function (``validate=False``: the kernels alone, no host sync);
 * ``eager``: the textbook formula in float32 (``log_softmax`` twice, then the sum);
 * ``compile``: ``torch.compile`` of the same formula;
+* ``project_kl``: the KL-ball projection at V = 151936, the CUDA kernels against the chunked torch
+  implementation on the same device (its ``eta`` checked against the CPU kernels');
 * ``liger``: Liger-Kernel's KL divergence on precomputed log-probabilities (KL only; it does not
   normalise logits, so it does less work than the others).
 
@@ -35,7 +40,11 @@ import torch.nn.functional as F
 import trmath
 
 
+_INNER = [10]  # calls per timed repetition (--inner)
+
+
 def _time(fn, reps: int, warmup: int = 3) -> float:
+    inner = _INNER[0]
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -43,10 +52,11 @@ def _time(fn, reps: int, warmup: int = 3) -> float:
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
+        times.append(a.elapsed_time(b) * 1e-3 / inner)
     return statistics.median(times)
 
 
@@ -74,17 +84,52 @@ def textbook(op: str):
     return f
 
 
+def _bench_projection(z, w, sub, N, V, dtype, nbytes, t_read, peak, reps, rows, failures):
+    """project_kl rows: the CUDA kernels and the chunked torch implementation, same inputs."""
+    from trmath import projections as _P
+
+    eps = 0.01
+    _, eta_ref = trmath.project_kl(z[sub].cpu(), w[sub].cpu(), eps, return_eta=True)
+    for name, force in (("trmath", False), ("torch_backend", True)):
+        _P._FORCE_TORCH[0] = force
+        inner = _INNER[0]
+        if force:  # tens of ms a call: a few single calls are enough
+            _INNER[0] = 1
+        try:
+            t_p = _time(lambda: trmath.project_kl(z, w, eps, validate=False), 3 if force else reps,
+                        warmup=1 if force else 3)
+            _, eta = trmath.project_kl(z, w, eps, return_eta=True)
+        finally:
+            _P._FORCE_TORCH[0] = False
+            _INNER[0] = inner
+        err = float(((eta[sub].cpu() - eta_ref).abs() / eta_ref.abs()).max())
+        ok = err <= 1e-6  # TARGETS.md: eta within 1e-6 relative
+        if not ok and name == "trmath":
+            failures.append(f"project_kl N={N} V={V} {dtype}: eta rel err {err:.3g} > 1e-6")
+        rows.append({"op": "project_kl", "method": name, "N": N, "V": V,
+                     "dtype": str(dtype).replace("torch.", ""), "time_us": t_p * 1e6,
+                     "GBps": nbytes / t_p / 1e9, "frac_copy_peak": nbytes / t_p / peak,
+                     "ratio_vs_read_once": t_p / t_read, "max_rel_err_vs_cpu": err,
+                     "check": ("ok" if ok else "FAIL") if name == "trmath" else "info"})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out/cuda")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer repetitions")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--inner", type=int, default=10,
+                    help="calls per timed repetition (their mean is one sample; 1: single calls, "
+                         "which adds the host's launch latency to every time)")
     ap.add_argument("--rows", type=str, default="",
                     help="comma-separated N: time those batch sizes at V=151936 instead of the default "
                          "shapes (e.g. 2048,8192 for training-size micro-batches)")
     ap.add_argument("--compile", choices=("main", "all", "none"), default="main",
                     help="time torch.compile at V=151936 only (main), at every V, or never")
     args = ap.parse_args(argv)
+    if args.inner < 1:
+        ap.error(f"--inner: expected a positive integer, got {args.inner}")
+    _INNER[0] = args.inner
     row_shapes = []
     if args.rows:
         try:
@@ -116,6 +161,8 @@ def main(argv=None) -> int:
         machine["liger_kernel"] = f"absent ({type(e).__name__})"
     peak = copy_bandwidth(reps)
     machine["copy_bandwidth_GBps"] = peak / 1e9
+    machine["calls_per_sample"] = args.inner
+    machine["samples"] = reps
     print(json.dumps(machine, indent=1))
 
     shapes = [(256, 151936)] if args.quick else [(1220, 32768), (305, 131072), (256, 151936), (152, 262144)]
@@ -194,6 +241,13 @@ def main(argv=None) -> int:
                          "dtype": str(dtype).replace("torch.", ""), "time_us": tb_ * 1e6,
                          "GBps": 2 * nbytes / tb_ / 1e9, "frac_copy_peak": 2 * nbytes / tb_ / peak,
                          "ratio_vs_read_once": tb_ / t_read, "max_rel_err_vs_cpu": float("nan"), "check": "-"})
+            # KL-ball projection (TROLL) at eps = 0.01 (every row active: KL(p||q) ~ 0.045 here):
+            # the CUDA kernels against the chunked torch implementation on the same device.
+            if V == 151936:
+                try:
+                    _bench_projection(z, w, sub, N, V, dtype, nbytes, t_read, peak, reps, rows, failures)
+                except Exception as e:  # noqa: BLE001 - report, keep the other rows
+                    failures.append(f"project_kl N={N} V={V} {dtype}: {type(e).__name__}: {e}")
             del z, w, zz, ww, out
             torch.cuda.empty_cache()
     with open(os.path.join(args.out, "cuda.csv"), "w", newline="") as f:

@@ -475,7 +475,10 @@ def render_gpu(csv_path: Path = GPU_CSV, machine_path: Path = GPU_MACHINE) -> st
 
     header = ["op", "method", "N x V", "dtype", "time (us)", "GB/s", "% of copy", "x read-once", "check"]
     main_v = [r for r in rows if r["V"] == "151936"]
-    lines += _list_table("Every method at V = 151936 (medians of 20 timed calls)", header,
+    inner = (machine or {}).get("calls_per_sample")
+    how = (f"medians of {(machine or {}).get('samples', '?')} samples, each the mean of {inner} "
+           "back-to-back calls" if inner else "medians of 20 timed calls")
+    lines += _list_table(f"Every method at V = 151936 ({how})", header,
                          [row(r) for r in main_v])
     lines += _list_table("trmath at every vocabulary size", header,
                          [row(r) for r in rows if r["method"] in ("trmath", "read_once") and r["V"] != "151936"])

@@ -553,3 +553,58 @@ def test_naive_float32_formula_fails_on_near_identical_rows():
         # trmath: within the target on every row
         assert_close_to_reference(trmath.kl(z, w), ref, rtol=rtol, atol=atol, inputs=(z, w),
                                   name="trmath.kl near-identical float32")
+
+
+def _first_centre_c(z: torch.Tensor, w: torch.Tensor) -> np.ndarray:
+    """B/A of the first pass at the centre m = max z - max w (temperature 1), in float64: the
+    ratio the KL acceptance rule tests (rowfinish.hpp, pair_accept)."""
+    z64, w64 = _as64(z), _as64(w)
+    m = z64.max(-1, keepdims=True) - w64.max(-1, keepdims=True)
+    q = np.exp(w64 - w64.max(-1, keepdims=True))
+    x = z64 - w64 - m
+    Q = q.sum(-1)
+    Z1 = (q * np.expm1(x)).sum(-1) / Q
+    phi = np.where(np.abs(x) < 1e-4, x * x / 2 + x**3 / 3, x * np.exp(x) - np.exp(x) + 1)
+    A = (q * phi).sum(-1) / Q / (1 + Z1)
+    B = np.log1p(Z1) - Z1 / (1 + Z1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # A = 0: identical rows (none here)
+        return B / A
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
+def test_kl_rows_accepted_off_centre(dtype):
+    """Rows whose first centre (a single token's log-ratio) is off by up to three spreads: the
+    first pass is accepted up to B/A = 0.9 when the merges amplified little (pair_accept's
+    error budget), and those rows still meet the target, at every spread of the log-ratios and
+    across segments; rows beyond (B/A up to 0.9999, where KL = A - B would lose up to 13 bits)
+    must be re-centred and meet it too."""
+    rtol, atol = TOL[dtype]
+    seen = far = 0
+    for V in (3000, 20000):
+        for spread in (1e-6, 1e-3, 0.3):
+            rng = np.random.default_rng(_seed("off-centre", V, spread, str(dtype)))
+            z64 = 2.0 * rng.standard_normal((48, V))
+            w64 = z64 + spread * rng.standard_normal((48, V))
+            # Half the rows: the token at the maximum (whose log-ratio is the first centre) moved
+            # 3 to 30 spreads off, so that B/A reaches past 0.9.
+            j = z64[24:].argmax(-1)
+            k = rng.choice([-1.0, 1.0], 24) * rng.uniform(3.0, 30.0, 24)
+            w64[np.arange(24, 48), j] = z64[np.arange(24, 48), j] - k * spread
+            z, w = torch.from_numpy(z64).to(dtype), torch.from_numpy(w64).to(dtype)
+            c = _first_centre_c(z, w)
+            band = np.nonzero((c > 0.6) & (c <= 0.9))[0][:4]
+            beyond = np.nonzero((c > 0.9) & (c <= 0.9999))[0][:3]
+            if dtype != torch.float64 and spread == 1e-6:
+                # a spread below the 16/32-bit resolution: rows are rounded apart
+                band, beyond = band[:0], beyond[:0]
+            seen += len(band)
+            far += len(beyond)
+            band = np.concatenate([band, beyond])
+            if len(band) == 0:
+                continue
+            zb, wb = z[band], w[band]
+            got = trmath.kl(zb, wb)
+            assert_close_to_reference(got, oracle("kl", zb, wb), rtol=rtol, atol=atol,
+                                      inputs=(zb, wb), name=f"kl off-centre V={V} spread={spread}")
+    assert seen >= 8, f"only {seen} rows in the band 0.6 < B/A <= 0.9: the test exercises nothing"
+    assert far >= 4, f"only {far} rows with 0.9 < B/A <= 0.9999"

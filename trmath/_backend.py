@@ -289,6 +289,42 @@ def cuda_pair_backward(g, z, w, stats, temperature: float, op: str, need_z: bool
     return dz, dw
 
 
+def has_cuda_projection() -> bool:
+    """Whether the compiled core has the CUDA kernels of the KL projection."""
+    return hasattr(_core, "cuda_project_kl_forward")
+
+
+def cuda_project_kl_forward(z: torch.Tensor, w: torch.Tensor, epsilon: float, temperature: float):
+    """:func:`project_kl_forward` for CUDA tensors."""
+    dev = z.device
+    lead = z.shape[:-1]
+    out = torch.empty(z.shape, dtype=out_dtype(z.dtype), device=dev)
+    stats = torch.empty((*lead, PROJECT_STATS), dtype=torch.float64, device=dev)
+    status = torch.zeros(lead, dtype=torch.int32, device=dev)
+    if status.numel() == 0:
+        return out, stats, status
+    with torch.cuda.device(dev):
+        _core.cuda_project_kl_forward(_desc(z), _desc(w), float(epsilon), float(temperature),
+                                      out.data_ptr(), stats.data_ptr(), status.data_ptr(), _stream(z))
+    return out, stats, status
+
+
+def cuda_project_kl_backward(g, z, w, stats, temperature: float, need_z: bool, need_w: bool):
+    """:func:`project_kl_backward` for CUDA tensors."""
+    dev = z.device
+    dz = torch.empty(z.shape, dtype=z.dtype, device=dev) if need_z else None
+    dw = torch.empty(w.shape, dtype=w.dtype, device=dev) if need_w else None
+    if (dz if dz is not None else dw) is None or z.numel() == 0:
+        return dz, dw
+    g = g.to(device=dev, dtype=torch.float64).contiguous()
+    stats = stats.contiguous()
+    with torch.cuda.device(dev):
+        _core.cuda_project_kl_backward(_desc(z), _desc(w), float(temperature), stats.data_ptr(),
+                                       g.data_ptr(), dz.data_ptr() if dz is not None else 0,
+                                       dw.data_ptr() if dw is not None else 0, _stream(z))
+    return dz, dw
+
+
 def cuda_topk_max_k() -> int:
     """Largest ``k`` of the CUDA top-k kernel (0 without the CUDA kernels)."""
     return int(getattr(_core, "cuda_topk_max_k", 0))

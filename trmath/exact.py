@@ -193,7 +193,9 @@ def kl(p_logits: Any, q_logits: Any, *, temperature: float = 1.0, validate: bool
         \phi(x) = x e^x - e^x + 1 \ge 0,\quad \psi(u) = \log(1+u) - \frac{u}{1+u} \ge 0,
 
     both sums of non-negative terms; the row is re-centred (:math:`m \leftarrow m + \log E`)
-    whenever the final subtraction would lose more than two bits. See :doc:`/theory/exact`.
+    whenever the final subtraction, with the rounding it amplifies, could exceed the accuracy
+    target (it may lose up to about three bits where the pass's other errors are small). See
+    :doc:`/theory/exact`.
 
     Examples
     --------

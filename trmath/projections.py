@@ -128,23 +128,27 @@ def project_tv(new_logits: Any, old_logits: Any, delta: float, *, temperature: f
 # KL ball
 # ---------------------------------------------------------------------------------------------
 def _cpp_available(z: torch.Tensor) -> bool:
-    if _FORCE_TORCH[0] or z.device.type != "cpu":
+    if _FORCE_TORCH[0] or z.device.type not in ("cpu", "cuda"):
         return False
     try:
         from . import _backend
     except ImportError:  # pragma: no cover - the extension is always built with the package
         return False
+    if z.device.type == "cuda":
+        return _backend.has_cuda_projection()
     return _backend.has_projection()
 
 
 class _KLProjectCpp(torch.autograd.Function):
-    """C++ forward (per-row safeguarded Newton) and backward (implicit gradient) on CPU."""
+    """Compiled forward (per-row safeguarded Newton) and backward (implicit gradient): the CPU
+    kernels, or the CUDA kernels for CUDA tensors (the same solver)."""
 
     @staticmethod
     def forward(ctx, z, w, eps, T):
         from . import _backend
 
-        out, stats, status = _backend.project_kl_forward(z, w, eps, T)
+        fwd = _backend.cuda_project_kl_forward if z.is_cuda else _backend.project_kl_forward
+        out, stats, status = fwd(z, w, eps, T)
         ctx.save_for_backward(z, w, stats)
         ctx.T = T
         ctx.mark_non_differentiable(stats, status)
@@ -155,8 +159,8 @@ class _KLProjectCpp(torch.autograd.Function):
         from . import _backend
 
         z, w, stats = ctx.saved_tensors
-        dz, dw = _backend.project_kl_backward(g, z, w, stats, ctx.T, ctx.needs_input_grad[0],
-                                              ctx.needs_input_grad[1])
+        bwd = _backend.cuda_project_kl_backward if z.is_cuda else _backend.project_kl_backward
+        dz, dw = bwd(g, z, w, stats, ctx.T, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dz, dw, None, None
 
 
@@ -237,11 +241,13 @@ def project_kl(new_logits: Any, old_logits: Any, epsilon: float, *, temperature:
 
     Notes
     -----
-    CPU tensors run in C++: the exact :func:`trmath.kl` pass decides which rows are active, then
-    each active row's multiplier is found by a safeguarded Newton iteration in :math:`\log\eta`
-    (one fused pass over the row per step: one exponential per element), and a last pass writes
-    the output; no ``[N, V]`` temporary besides the output. Other devices use a chunked float64
-    torch implementation with the same algorithm. The constraint is met to an absolute error of a
+    CPU tensors run in C++, and CUDA tensors in CUDA kernels when the extension was built with
+    them (one block per row, the same solver): the exact :func:`trmath.kl` pass decides which
+    rows are active, then each active row's multiplier is found by a safeguarded Newton iteration
+    in :math:`\log\eta` (one fused pass over the row per step: one exponential per element), and
+    a last pass writes the output; no ``[N, V]`` temporary besides the output. Other devices (and
+    CUDA tensors without the CUDA kernels) use a chunked float64 torch implementation with the
+    same algorithm. The constraint is met to an absolute error of a
     few :math:`10^{-16}` (the float64 rounding of :math:`\log Z`), i.e. to :math:`10^{-6}`
     relative for :math:`\varepsilon \gtrsim 10^{-9}` (measured: :math:`10^{-12}` at
     :math:`\varepsilon = 0.05`, :math:`10^{-8}` at :math:`10^{-8}`). For 16/32-bit inputs the returned log-probabilities are

@@ -11,6 +11,7 @@
 #include "cuda_api.hpp"
 #include "desc.hpp"
 #include "exact_args.hpp"
+#include "project_args.hpp"
 
 namespace py = pybind11;
 
@@ -42,6 +43,18 @@ void register_cuda(py::module_& m) {
     PairBwd a = pair_bwd_args(z, w, T, op, stats, g, dz, dw);
     py::gil_scoped_release nogil;
     cuda::pair_backward(a, stream);
+  });
+  m.def("cuda_project_kl_forward", [](const Desc& z, const Desc& w, double eps, double T, uintptr_t out,
+                                      uintptr_t stats, uintptr_t status, uintptr_t stream) {
+    ProjFwd a = proj_fwd_args(z, w, eps, T, out, stats, status);
+    py::gil_scoped_release nogil;
+    cuda::project_kl_forward(a, stream);
+  });
+  m.def("cuda_project_kl_backward", [](const Desc& z, const Desc& w, double T, uintptr_t stats, uintptr_t g,
+                                       uintptr_t dz, uintptr_t dw, uintptr_t stream) {
+    ProjBwd a = proj_bwd_args(z, w, T, stats, g, dz, dw);
+    py::gil_scoped_release nogil;
+    cuda::project_kl_backward(a, stream);
   });
   m.attr("cuda_topk_max_k") = cuda::kTopkMaxK;
   m.def(

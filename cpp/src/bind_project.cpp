@@ -47,17 +47,7 @@ bool use_avx2() {
 void register_project(py::module_& m) {
   m.def("project_kl_forward", [](const Desc& z, const Desc& w, double eps, double T, uintptr_t out,
                                  uintptr_t stats, uintptr_t status) {
-    ProjFwd a;
-    a.z = make_view(z, "new_logits");
-    a.w = make_view(w, "old_logits");
-    check_same(a.z, a.w, "new_logits", "old_logits");
-    if (!(eps > 0) || !std::isfinite(eps)) throw std::invalid_argument("epsilon must be finite and > 0");
-    if (!(T > 0) || !std::isfinite(T)) throw std::invalid_argument("temperature must be finite and > 0");
-    a.eps = eps;
-    a.T = T;
-    a.out = reinterpret_cast<void*>(out);
-    a.stats = reinterpret_cast<double*>(stats);
-    a.status = reinterpret_cast<int*>(status);
+    ProjFwd a = proj_fwd_args(z, w, eps, T, out, stats, status);
     py::gil_scoped_release nogil;
     const int64_t rows = a.z.rows();
     std::vector<double> kout(size_t(std::max<int64_t>(rows, 1)));
@@ -79,15 +69,7 @@ void register_project(py::module_& m) {
   });
   m.def("project_kl_backward", [](const Desc& z, const Desc& w, double T, uintptr_t stats,
                                   uintptr_t g, uintptr_t dz, uintptr_t dw) {
-    ProjBwd a;
-    a.z = make_view(z, "new_logits");
-    a.w = make_view(w, "old_logits");
-    check_same(a.z, a.w, "new_logits", "old_logits");
-    a.T = T;
-    a.stats = reinterpret_cast<const double*>(stats);
-    a.g = reinterpret_cast<const double*>(g);
-    a.dz = reinterpret_cast<void*>(dz);
-    a.dw = reinterpret_cast<void*>(dw);
+    ProjBwd a = proj_bwd_args(z, w, T, stats, g, dz, dw);
     py::gil_scoped_release nogil;
 #if defined(TRMATH_HAVE_AVX2)
     if (use_avx2()) return isa_avx2::project_kl_backward_rows(a);

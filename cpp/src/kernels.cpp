@@ -375,9 +375,9 @@ struct PairAlgo {
           // Accept the fused pass if the merge of the segments amplified the float error of
           // its terms (~1.2e-7 relative) at most 32 times (~4e-6, inside the 1e-5 bound; it
           // grows as 3 (delta/sigma)^2 with the segment centres' spread delta) and Phi/E - psi
-          // loses at most 2 more bits.
+          // loses so few more bits that the product stays within the same bound (pair_accept).
           const double kMerge = 32.0;
-          if (s.mag <= kMerge * s.s[2] && accept(s)) return finish(r);
+          if (s.mag <= kMerge * s.s[2] && accept(s, s.s[2] > 0 ? s.mag / s.s[2] : 1.0)) return finish(r);
           if (s.mag > kMerge * s.s[2]) s.mlo = a.T * std::log1p(s.s[1] / s.s[0]);
           s.stage = kFull;
           return true;
@@ -405,7 +405,7 @@ struct PairAlgo {
   }
 
   // Is the last full pass accurate enough at its centre? Otherwise re-centre (s.mlo updated).
-  bool accept(St& s) { return pair_accept(int(a.op), kDouble, a.T, s.s, s.flags, s.mlo); }
+  bool accept(St& s, double amp = 1.0) { return pair_accept(int(a.op), kDouble, a.T, s.s, s.flags, s.mlo, amp); }
 
   void run(int64_t r, int64_t sg, Partial& p, int64_t next) {
     St& s = st[r];

@@ -1,15 +1,18 @@
 // trmath: arguments of the KL-projection kernels (project_kernels.cpp), shared with the bindings.
 #pragma once
 
+#include <cmath>
+#include <stdexcept>
+
+#include "desc.hpp"
+#include "trmath/project_solve.hpp"
 #include "view.hpp"
 
 namespace trmath {
 
-// Per-row statistics of the projection, saved for the backward:
-// [eta, t, lse_p, lse_q, Lambda, mu, Var, KL(pi_new || pi_old)].
-constexpr int kProjStats = 8;
-// Status bit (beside the RowStatus bits): no distribution of the ball is at finite KL from pi_new.
-constexpr int kProjInfeasible = 256;
+// Per-row statistics and the infeasible status bit (see trmath/project_solve.hpp).
+constexpr int kProjStats = projsolve::kStats;
+constexpr int kProjInfeasible = projsolve::kInfeasible;
 
 struct ProjFwd {
   View z, w;
@@ -27,5 +30,36 @@ struct ProjBwd {
   void* dz = nullptr;             // contiguous [rows, V] in the input dtype, or null
   void* dw = nullptr;
 };
+
+// Checked arguments from the bindings' Python arguments (CPU and CUDA bindings alike).
+inline ProjFwd proj_fwd_args(const Desc& z, const Desc& w, double eps, double T, uintptr_t out, uintptr_t stats,
+                             uintptr_t status) {
+  ProjFwd a;
+  a.z = make_view(z, "new_logits");
+  a.w = make_view(w, "old_logits");
+  check_same(a.z, a.w, "new_logits", "old_logits");
+  if (!(eps > 0) || !std::isfinite(eps)) throw std::invalid_argument("epsilon must be finite and > 0");
+  if (!(T > 0) || !std::isfinite(T)) throw std::invalid_argument("temperature must be finite and > 0");
+  a.eps = eps;
+  a.T = T;
+  a.out = reinterpret_cast<void*>(out);
+  a.stats = reinterpret_cast<double*>(stats);
+  a.status = reinterpret_cast<int*>(status);
+  return a;
+}
+
+inline ProjBwd proj_bwd_args(const Desc& z, const Desc& w, double T, uintptr_t stats, uintptr_t g, uintptr_t dz,
+                             uintptr_t dw) {
+  ProjBwd a;
+  a.z = make_view(z, "new_logits");
+  a.w = make_view(w, "old_logits");
+  check_same(a.z, a.w, "new_logits", "old_logits");
+  a.T = T;
+  a.stats = reinterpret_cast<const double*>(stats);
+  a.g = reinterpret_cast<const double*>(g);
+  a.dz = reinterpret_cast<void*>(dz);
+  a.dw = reinterpret_cast<void*>(dw);
+  return a;
+}
 
 }  // namespace trmath

@@ -13,7 +13,8 @@
 //   KL(p||q) = Phi / E - psi(Z1),   Phi = sum q phi(x),   phi(x) = x e^x - e^x + 1 >= 0,
 //   psi(u) = log1p(u) - u/(1+u) >= 0.
 // Phi and psi are sums of non-negative terms; the only subtraction is Phi/E - psi(Z1), and
-// the driver re-centres (m <- m + T L) whenever that subtraction would lose more than 2 bits.
+// the driver re-centres (m <- m + T L) whenever that subtraction, with the rounding it
+// amplifies, could exceed the accuracy target (rowfinish.hpp, pair_accept).
 // This is what keeps KL = 1e-12 accurate to 1e-7 in float, where sum p (log p - log q)
 // returns noise of either sign.
 #pragma once

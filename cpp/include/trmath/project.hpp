@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "trmath/elementary.hpp"
+#include "trmath/project_solve.hpp"
 
 namespace trmath {
 
@@ -54,10 +55,7 @@ TRMATH_INLINE void proj_row_loop(const In* z, int64_t sz, const In* w, int64_t s
   if (i < V) f(i, proj_load_tail(z + i * sz, sz, V - i), proj_load_tail(w + i * sw, sw, V - i), V - i);
 }
 
-struct ProjNorm {
-  double Aw = 0, AwS = 0;  // sum e^{w/T - cw}, and the same over the common support S
-  double Aout = 0;         // the same over the tokens outside S (a sum of non-negative terms)
-};
+using ProjNorm = projsolve::Norm;
 
 // Exact float64 normaliser of the old policy about an approximate centre cw (the exact-KL
 // kernel's lse), and its mass on the common support.
@@ -76,9 +74,7 @@ inline ProjNorm proj_norm_pass(const In* z, int64_t sz, const In* w, int64_t sw,
   return {hsum(aw), hsum(aws), hsum(aout)};
 }
 
-struct ProjMoments {
-  double S = 0, Su = 0, Sd = 0, Sd2 = 0;
-};
+using ProjMoments = projsolve::Moments;
 
 // One pass of the interpolation at t (see the header comment); cd = lse_p - lse_q.
 template <class In>
@@ -118,9 +114,7 @@ inline ProjMoments proj_interp_pass(const In* z, int64_t sz, const In* w, int64_
 // pi~_i r_i eta_i only. Series for |r| < 1: one series E2 = expm1(r) - r (18 terms, converged
 // to double precision there) gives expm1 = r + E2 and phi = r expm1(r) - E2 (at most 2 bits lost
 // at r = -1); elsewhere phi = p (r - 1) + q and p - q from the second exponential.
-struct ProjPhi {
-  double Phi = 0, Sig = 0;
-};
+using ProjPhi = projsolve::Phi;
 
 template <class In>
 inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
@@ -152,9 +146,7 @@ inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, i
 // The largest y_i = b_i + t d_i over the common support and the d_i where it is attained (the
 // first such i in lane order). exp(y_i - ymax) <= 1 with at least one term equal to 1, so a pass
 // with c = ymax - (the b part) has 1 <= S <= V: no overflow, no underflow. No exponential.
-struct ProjMax {
-  double y = -std::numeric_limits<double>::infinity(), d = 0;
-};
+using ProjMax = projsolve::Max;
 
 template <class In>
 inline ProjMax proj_max_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
@@ -203,9 +195,7 @@ inline void proj_write_pass(const In* z, int64_t sz, const In* w, int64_t sw, in
 // Implicit gradient of the projection; see docs/theory/projections.rst.
 // Pass 1: sums of G over the support and of G (d - mu); for an active row also the moments of
 // pi~ at (t, lam): S = sum e^{b + t d - lam}, sum of e (d - mu) and of e (d - mu)^2.
-struct ProjGradSums {
-  double SG = 0, SGd = 0, S = 0, Sd = 0, Sd2 = 0;
-};
+using ProjGradSums = projsolve::GradSums;
 
 template <class In>
 inline ProjGradSums proj_grad_sums(const In* z, int64_t sz, const In* w, int64_t sw,

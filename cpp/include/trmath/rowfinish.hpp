@@ -38,13 +38,27 @@ TRMATH_ROW double centre_residual(double Mz, double Mw, double m) {
 }
 
 // Is a full pass accurate enough at its centre? Otherwise move the centre (mlo += T log G) and
-// return false. op: 0 KL, 1 TV, 2 JS. wide: float64 inputs (tighter targets).
-TRMATH_ROW bool pair_accept(int op, bool wide, double T, const double* s, int flags, double& mlo) {
+// return false. op: 0 KL, 1 TV, 2 JS. wide: float64 inputs (tighter targets). amp (KL only):
+// the factor by which merging partial sums about different centres amplified the rounding of
+// Phi's terms (mag / Phi for the first pass; 1 for a pass at one centre).
+TRMATH_ROW bool pair_accept(int op, bool wide, double T, const double* s, int flags, double& mlo,
+                            double amp = 1.0) {
   const double Aw = s[0], Z1 = s[1] / Aw;
   if (op == 0) {
     if (flags & kQZeroP) return true;  // KL = +inf
     double E = 1.0 + Z1, A = (s[2] / Aw) / E, B = psi_log1p(Z1);
-    if (B <= 0.6 * A) return true;  // Phi/E - psi loses at most 2 bits
+    // KL = A - B with c = B / A. A carries the terms' relative rounding eps (~1.2e-7 in float)
+    // times amp; B carries that of Z1 (absolute ~eps E_q|e^x - 1|), about eps (2c + 2 sqrt(c (1
+    // - c))) A since Z1^2 / 2 ~ c A and the spread of x is ~ sqrt(2 KL). The relative error of KL
+    // is then about eps (amp / (1 - c) + (2c + 2 sqrt(c (1 - c))) / (1 - c)). Accepted: c <= 0.6
+    // (at most two bits lost; the first pass also needs amp <= 32, see the callers), or c <= 0.9
+    // with that factor at most 85.5 -- its value at the corner amp = 32, c = 0.6 of the first
+    // rule, so no accepted row is worse than the first rule allows (<= 1e-5 relative in float).
+    if (B <= 0.6 * A) return true;
+    if (B <= 0.9 * A) {
+      const double c = B / A, g = 2.0 * (c + std::sqrt(c * (1.0 - c)));
+      if (amp + g <= 85.5 * (1.0 - c)) return true;
+    }
     mlo += T * std::log1p(Z1);
     return false;
   }

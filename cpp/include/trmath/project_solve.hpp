@@ -1,0 +1,308 @@
+// trmath: the per-row solver of the KL-ball projection (TROLL), shared by the CPU kernels
+// (cpp/src/project_kernels.cpp) and the CUDA kernels (cpp/src/cuda_project.cu).
+//
+// The solver only decides which passes over the row to make and combines their sums; the passes
+// themselves come from a row object R (the CPU's vectorised loops of project.hpp, or a CUDA
+// block's reductions, whose results every thread of the block holds identically, so that every
+// thread takes the same branches). R provides:
+//   ProjNorm  norm(bool swapped, double c)   sums of e^{w/T - c} (swapped: e^{z/T - c}) over the
+//                                             tokens where the other logits are finite / -inf;
+//   ProjMoments interp(lse_q, cd, t, c, d0);  ProjPhi phi(lse_q, cd, t, lam_r);
+//   ProjMax   max(lse_q, cd, t);              void write(lse_p, lse_q, t, lam, inside);
+//   void fail(int bits)                       NaN output and statistics, status |= bits;
+//   void finish(const double (&st)[kProjStats])   the row's statistics.
+// The sums are those of project.hpp; what they estimate and their error analysis are there.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#include "trmath/config.hpp"
+
+#if defined(__CUDACC__)
+#define TRMATH_SOLVE __host__ __device__ inline
+#else
+#define TRMATH_SOLVE inline
+#endif
+
+namespace trmath {
+namespace projsolve {
+
+// Per-row statistics of the projection, saved for the backward:
+// [eta, t, lse_p, lse_q, Lambda, mu, Var, KL(pi_new || pi_old)].
+constexpr int kStats = 8;
+// Status bit (beside the RowStatus bits): no distribution of the ball is at finite KL from pi_new.
+constexpr int kInfeasible = 256;
+
+struct Norm {
+  double Aw = 0, AwS = 0;  // sum e^{w/T - cw}, and the same over the common support S
+  double Aout = 0;         // the same over the tokens outside S (a sum of non-negative terms)
+};
+struct Moments {
+  double S = 0, Su = 0, Sd = 0, Sd2 = 0;
+};
+struct Phi {
+  double Phi = 0, Sig = 0;
+};
+struct Max {
+  double y = -INFINITY, d = 0;
+};
+struct GradSums {
+  double SG = 0, SGd = 0, S = 0, Sd = 0, Sd2 = 0;
+};
+
+constexpr int kMaxIter = 100;
+constexpr double kRtol = 1e-12;  // |KL - eps| <= kRtol eps at the root (KL by the phi pass)
+// Su/S - log S has an absolute rounding floor of a few 1e-16 (log S and log Q of sums of
+// exponentials, each within 2 ulp): within kCheapRtol eps + kCheapAtol of eps it can no longer
+// tell where the root is, and the exact form takes over.
+constexpr double kCheapRtol = 1e-8;
+constexpr double kCheapAtol = 1e-14;
+constexpr double kPhiOnly = 1e-4;   // |h| from which the next evaluation is the exact form only
+constexpr double kLastStep = 1e-8;  // |h| below which the last Newton step needs no new pass
+
+// The host's and the device's libm, one spelling for both (std::min/max semantics kept).
+TRMATH_SOLVE double s_log(double x) { return ::log(x); }
+TRMATH_SOLVE double s_exp(double x) { return ::exp(x); }
+TRMATH_SOLVE double s_expm1(double x) { return ::expm1(x); }
+TRMATH_SOLVE double s_log1p(double x) { return ::log1p(x); }
+TRMATH_SOLVE double s_abs(double x) { return ::fabs(x); }
+TRMATH_SOLVE bool s_finite(double x) { return ::fabs(x) < double(INFINITY); }
+TRMATH_SOLVE double s_max(double a, double b) { return a < b ? b : a; }
+TRMATH_SOLVE double s_min(double a, double b) { return b < a ? b : a; }
+
+// Forward of one row: k = the exact-KL kernel's statistics of the row (k[0] = lse_p, k[1] =
+// lse_q, k[2] = KL(pi_new || pi_old)), status = its error bits.
+//
+// Per row: rows with KL <= eps take one pass that writes log_softmax(z / T) (eta = 0); otherwise
+// one pass computes the old policy's float64 normaliser and its mass on the common support (the
+// feasibility limit), then a bracketed Newton iteration on h(u) = log KL(pi~_{e^u} || pi_old) -
+// log eps in u = log eta runs one fused pass per step (one exponential per element); near the
+// root the constraint is evaluated in the cancellation-free phi-form, which alone may accept the
+// root, and a last pass writes log pi~. Typical rows: two fused passes and one phi pass.
+template <class R>
+TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
+  const double kNaN = double(NAN), kInf = double(INFINITY);
+  if (status & kErrorBits) return row.fail(0);
+  const double K1 = k[2];
+  const double lse_p = k[0];
+  const double log_eps = s_log(eps);
+  if (!(K1 > eps)) {
+    // eta = 0: log_softmax(z / T). The exact-KL kernel forms lse_p as lse_q plus the centre of
+    // the log-ratio, so it carries ulp(max(|lse_q|, |lse_p|)) absolute (1e-13 for logits
+    // ~1e3 even when |log pi_new| ~ 1); one pass refines it to float64 accuracy about itself:
+    // lse = lse_p + log sum_i e^{z_i/T - lse_p} (the sum is 1 + O(1e-13), exact to an ulp).
+    const Norm np = row.norm(true, lse_p);
+    const double lse = lse_p + s_log(np.Aw);
+    row.write(lse, k[1], 1.0, 0.0, true);
+    const double st[kStats] = {0.0, 1.0, lse, k[1], 0.0, 0.0, 0.0, K1};
+    return row.finish(st);
+  }
+  // The solver works with b_i = w_i/T - lq, lq = the exact-KL kernel's normaliser, and
+  // Q = sum_i e^{b_i} from the norm pass (the same b_i, so Q is the exact normaliser of the
+  // b_i as rounded): pi_old_i = e^{b_i} / Q and g = Su/S - log S + log Q. Folding the rounding
+  // of log Q into a rounded lse_q instead would move g by up to ulp(lse_q) absolute (1e-13 for
+  // logits ~1e3: 1e-5 relative at eps = 1e-8). The per-element roundings of b_i perturb pi_old
+  // by ~ulp(w/T) relative, which moves g by at most TV(pi~, pi_old) times that.
+  const Norm nm = row.norm(false, k[1]);
+  const double lq = k[1], logQ = s_log(nm.Aw);
+  // The backward's normaliser of pi_old; its d is the solver's plus log Q, so the stored Lambda
+  // and mu are shifted to match (b + t d moves by -(1 - t) log Q).
+  const double lse_q_stat = lq + logQ;
+  // Infeasible: g(eta) -> -log pi_old(S) as eta -> inf.
+  const double lim = nm.AwS > 0 ? -s_log(nm.AwS / nm.Aw) : kInf;
+  if (!(lim < eps)) return row.fail(kInfeasible);
+  const double lse_q = lq;
+  const double cd = lse_p - lse_q;
+  // One evaluation of g = KL(pi~_t || pi_old) and the moments at t. Accuracy: with
+  // u_i = t d_i - c, g = Su/S - log S = E~[u] - log S is evaluated as the difference of two
+  // numbers of size |log S| + E~|u|, so its absolute error is a few ulps of that (plus the
+  // relative rounding of the sums). The rounding of each u_i itself (|t d_i| may be ~1e4) is
+  // harmless: it is a consistent perturbation of the input (the same u_i enters e_i and e_i u_i)
+  // and dg/du_i = pi~_i (r_i - g) with r_i = log(pi~_i / pi_old_i), so it moves g by at most
+  // ulp(t d) (E~|r| + g) ~ ulp(t d) sqrt(2 g). Hence c must be close to Lambda(t) (|log S| small):
+  //   * the first evaluation takes the tangent of Lambda at t = 1 (for finite KL(pi_new||pi_old));
+  //   * any whose S left [1e-250, 1e250] (and the first where KL = +inf) is redone with
+  //     c = max_i (b_i + t d_i) (a max pass, no exponential): 1 <= S <= V, |log S| <= log V;
+  //   * later ones predict c by the tangent Lambda(t') + mu (t - t'), a lower bound of the convex
+  //     Lambda, so S >= 1 up to rounding and log S = O(Var dt^2) -> 0 as Newton converges;
+  //   * a converged g with |log S| > 1 is re-evaluated at c = Lambda before it is accepted.
+  // The moments are centred at d0 (the previous mu, or d at the maximum of b + t d at the first
+  // evaluation): Var = Sd2/S - (Sd/S)^2 loses about (mean / sd)^2 ulps, at most V ulps at the
+  // first evaluation (the maximum carries >= 1/V of the mass, so mean^2 <= V Var) and O(1) once
+  // d0 = mu. A poor Var only slows the iteration: Newton steps are taken inside a bracket.
+  double t = 1.0, lam = 0.0, mu = 0.0, var = 0.0, g = 0.0, logS = 0.0;
+  bool have = false;  // lam, mu valid at t
+  auto eval = [&](double tn, bool force_max) {
+    double c, d0;
+    if (have && !force_max) {
+      c = lam + mu * (tn - t);
+      d0 = mu;
+    } else if (s_finite(K1) && !force_max) {
+      // The tangent at t = 1 (Lambda(1) = log pi_new(S) = 0, Lambda'(1) = E_new[d] = K1):
+      // S = e^{Lambda(t) + (1 - t) K1} lies in [1, e^{(1 - t) K1}] -- close to 1 on typical
+      // rows, and the max pass below takes over where it would overflow.
+      c = -(1.0 - tn) * K1;
+      d0 = K1;
+    } else {
+      const Max mx = row.max(lse_q, cd, tn);
+      c = mx.y;
+      d0 = mx.d;
+    }
+    Moments m = row.interp(lse_q, cd, tn, c, d0);
+    if (!(m.S >= 1e-250 && m.S <= 1e250) && !force_max) {
+      const Max mx = row.max(lse_q, cd, tn);
+      c = mx.y;
+      d0 = mx.d;
+      m = row.interp(lse_q, cd, tn, c, d0);
+    }
+    logS = s_log(m.S);
+    const double mean = m.Sd / m.S;
+    g = m.Su / m.S - logS + logQ;
+    t = tn;
+    lam = c + logS;
+    mu = d0 + mean;
+    var = s_max(m.Sd2 / m.S - mean * mean, 0.0);
+    have = true;
+  };
+  // g at the current t in the cancellation-free form of the phi pass (no absolute floor): used
+  // to accept the root, once the pass above has brought g to its own floor. lam may be a Taylor
+  // prediction: the pass returns its correction delta (see project.hpp).
+  auto g_exact = [&]() {
+    const Phi f = row.phi(lse_q, cd, t, lam - logQ);
+    const double P = nm.AwS + f.Sig;
+    const double x = (f.Sig - nm.Aout) / nm.Aw;
+    lam += s_log1p(x);
+    return (f.Phi + f.Sig) / P - s_log1p(x);
+  };
+  if (!s_finite(K1)) {
+    // pi_old = 0 where pi_new > 0. As eta -> 0+ the projection tends to pi_new restricted to
+    // the common support; if that is already in the ball it is the solution (eta = 0+).
+    eval(1.0, true);
+    g = g_exact();
+    if (g <= eps) {
+      row.write(lse_p, lse_q, 1.0, lam, false);
+      const double st[kStats] = {0.0, 1.0, lse_p, lse_q_stat, lam, mu + logQ, var, K1};
+      return row.finish(st);
+    }
+  }
+  // Root of h(u) = log g(e^u) - log eps, decreasing in u = log eta (h > 0: eta too small).
+  // Initial guess from g ~ t^2 K1 (exact to first order when pi_new is close to pi_old; it can
+  // be far off for distant rows, which the bracketing below absorbs); eta = 1 when K1 = +inf.
+  double u = s_finite(K1) ? s_log(s_max(s_expm1(0.5 * (s_log(K1) - log_eps)), 1e-300)) : 0.0;
+  u = s_min(s_max(u, -700.0), 700.0);
+  // Safeguards: [lo, hi] brackets the root once both ends are finite. While it is open, a
+  // Newton step (limited to 30 in u) or, without a usable derivative, a step that doubles each
+  // time (2, 4, 8, ...) searches for the other end; once closed, Newton is taken only when it
+  // lands inside and the step is at most half the one before last, else the bracket is
+  // bisected (so its width at least halves every two evaluations). t = 1/(1 + e^u) is a smooth
+  // function of u on the whole line, so bisection in u reaches float64 resolution of eta.
+  double lo = -kInf, hi = kInf, eta = s_exp(u), walk = 2.0;
+  double dx = kInf, dxold = kInf;
+  bool phi_only = false;
+  for (int it = 0; it < kMaxIter; ++it) {
+    eta = s_exp(u);
+    const double tn = 1.0 / (1.0 + eta);
+    const bool width = (hi - lo) <= 4e-16 * s_max(s_abs(u), 1.0);
+    bool exact = phi_only;
+    if (phi_only) {
+      // After a Newton step from |h| <= kPhiOnly: the next h is expected to be O(h^2), within
+      // the last-step range, so only the exact form is evaluated, about the Taylor prediction
+      // of Lambda (corrected by the pass) and mu, Var (approximate: they only shape the last
+      // step; the backward recomputes them).
+      const double dt = tn - t;
+      lam += mu * dt + 0.5 * var * dt * dt;
+      mu += var * dt;
+      t = tn;
+      g = g_exact();
+    } else {
+      eval(tn, false);
+      // Near the root (g within its absolute floor of eps) g is re-evaluated exactly, and only
+      // that value may end the iteration.
+      exact = width || s_abs(g - eps) <= kCheapRtol * eps + kCheapAtol;
+      if (exact) g = g_exact();
+    }
+    phi_only = false;
+    const double h = s_log(g) - log_eps;  // -inf or NaN if g underflowed or rounded to <= 0
+    const double dh = -eta * t * t * t * var / g;
+    const bool newton_ok = dh < 0 && s_finite(dh) && s_finite(h);
+    const bool last = newton_ok && s_abs(h) <= kLastStep * s_min(1.0, -dh);
+    if (exact && (last || width || s_abs(g - eps) <= kRtol * eps)) {
+      if (!last) break;
+      // Last Newton step without another pass (also taken when g already meets the tolerance,
+      // so that eta carries only the rounding error of g, not the tolerance): its error is
+      // O(h^2) (below 1e-15 relative here). Lambda and mu at the new t from their Taylor
+      // series (dLambda/dt = mu, dmu/dt = Var), truncation O(dt^3) and O(dt^2) with
+      // |dt| <= 1e-8 t; the backward recomputes Lambda, mu and Var exactly at the stored t.
+      const double un = u - h / dh;
+      const double etan = s_exp(un), tn2 = 1.0 / (1.0 + etan), dt = tn2 - t;
+      lam += mu * dt + 0.5 * var * dt * dt;
+      mu += var * dt;
+      u = un;
+      eta = etan;
+      t = tn2;
+      break;
+    }
+    if (h > 0) lo = u; else hi = u;
+    const double step = newton_ok ? -h / dh : kNaN;
+    const double cand = u + step;
+    if (s_finite(lo) && s_finite(hi)) {
+      if (newton_ok && cand > lo && cand < hi && s_abs(2.0 * step) <= dxold) {
+        dxold = dx;
+        dx = s_abs(step);
+        u = cand;
+        phi_only = s_abs(h) <= kPhiOnly * s_min(1.0, -dh);
+      } else {
+        dxold = dx;
+        dx = 0.5 * (hi - lo);
+        u = lo + dx;
+      }
+    } else if (newton_ok && s_finite(cand) && cand > lo && cand < hi) {
+      u += s_min(s_max(step, -30.0), 30.0);
+      phi_only = s_abs(h) <= kPhiOnly * s_min(1.0, -dh);
+    } else {
+      u = h > 0 ? u + walk : u - walk;
+      walk *= 2.0;
+    }
+    u = s_min(s_max(u, -740.0), 705.0);  // eta stays a positive finite double
+  }
+  row.write(lse_p, lse_q, t, lam, false);
+  const double st[kStats] = {eta, t, lse_p, lse_q_stat, lam - (1.0 - t) * logQ, mu + logQ, var, K1};
+  row.finish(st);
+}
+
+// What the backward's write pass needs beyond the forward's statistics.
+struct GradPlan {
+  bool inside;     // pi_new restricted to the common support (eta = 0 with KL = +inf)
+  double cd;       // lse_p - lse_q
+  double lam, mu;  // exact Lambda and mu at the forward's t
+  double SG;       // sum of the incoming gradient over the support
+  double kappa;    // the implicit term's coefficient (0 off the ball's boundary)
+};
+
+// Backward of one row (implicit gradient), given the forward's statistics S and the sums of the
+// first backward pass q (row.grad_sums(cd, inside)), which the caller computes with
+// grad_first(S) below. See docs/theory/projections.rst.
+TRMATH_SOLVE bool grad_inside(const double* S) { return !(S[0] > 0) && s_finite(S[7]); }
+TRMATH_SOLVE GradPlan grad_plan(const double* S, const GradSums& q) {
+  const double eta = S[0], t = S[1], lam = S[4], mu = S[5];
+  GradPlan p;
+  p.inside = grad_inside(S);
+  p.cd = S[2] - S[3];
+  p.lam = lam;
+  p.mu = mu;
+  p.SG = q.SG;
+  p.kappa = 0.0;
+  if (!p.inside && eta > 0) {
+    // Exact Lambda, mu and Var at the forward's t (the forward may have skipped the last pass).
+    const double m1 = q.Sd / q.S, var = q.Sd2 / q.S - m1 * m1;
+    p.lam = lam + s_log(q.S);
+    p.mu = mu + m1;
+    p.kappa = (q.SGd - q.SG * m1) / (t * var);
+  }
+  return p;
+}
+
+}  // namespace projsolve
+}  // namespace trmath
