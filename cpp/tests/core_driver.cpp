@@ -1,19 +1,24 @@
 // Standalone driver of the CPU kernels for the sanitizer build (ASan + UBSan + LeakSanitizer):
 // every entry point, every dtype, odd vocabulary sizes (1 .. two segments + 1), strided rows,
-// masked tokens, both execution modes (rows in parallel / segments in parallel). Checks the
-// results against a plain double-precision reference to catch gross errors; precision itself is
-// tested from Python against mpmath.
+// masked tokens, both execution modes (rows in parallel / segments in parallel), and the
+// KL-ball projection's solver and backward. Checks the results against a plain double-precision
+// reference to catch gross errors; precision itself is tested from Python against mpmath.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
 
+#include "project_args.hpp"
 #include "trmath/vec.hpp"
 #include "view.hpp"
 
 namespace trmath {
-namespace isa_generic { extern const KernelTable table; }
+namespace isa_generic {
+extern const KernelTable table;
+void project_kl_forward_rows(const ProjFwd& a, const double* kst);
+void project_kl_backward_rows(const ProjBwd& a);
+}  // namespace isa_generic
 }
 using namespace trmath;
 
@@ -110,6 +115,53 @@ void run_case(DType dt, int64_t N, int64_t V, int64_t vstride, std::mt19937_64& 
       if (!(std::fabs(s) <= 1e-2)) std::printf("op %d row %lld sum %g\n", op, (long long)r, s);
       check(std::fabs(s) <= 1e-2, "pair backward sums to 0 over the vocabulary", V);
     }
+  }
+  // KL-ball projection: the exact-KL kernel's statistics, then the solver and the backward. The
+  // returned rows must be normalised and meet the constraint (or equal log_softmax(z) when
+  // already inside the ball).
+  {
+    const double eps = 0.01;
+    PairFwd k;
+    k.z = z; k.w = w; k.T = 1.0; k.op = PairOp::kl;
+    k.out = out; k.stats = stats.data(); k.status = status.data();
+    isa_generic::table.pair_fwd(k);
+    std::vector<double> kl1(N);
+    for (int64_t r = 0; r < N; ++r) kl1[r] = stats[size_t(r * kPairStats + 2)];
+    std::vector<double> lpd(size_t(N * V)), pst(size_t(N * kProjStats));
+    std::vector<float> lpf(size_t(N * V));
+    for (int64_t r = 0; r < N; ++r) status[r] &= kErrorBits;
+    ProjFwd pa;
+    pa.z = z; pa.w = w; pa.eps = eps; pa.T = 1.0;
+    pa.out = f64 ? (void*)lpd.data() : (void*)lpf.data();
+    pa.stats = pst.data(); pa.status = status.data();
+    isa_generic::project_kl_forward_rows(pa, stats.data());
+    auto lp = [&](int64_t r, int64_t i) { return f64 ? lpd[size_t(r * V + i)] : double(lpf[size_t(r * V + i)]); };
+    for (int64_t r = 0; r < N; ++r) {
+      if (status[r] != 0) { check(false, "projection status", V); continue; }
+      double lw = -INFINITY, sw = 0, mass = 0, klv = 0;
+      for (int64_t i = 0; i < V; ++i) lw = std::fmax(lw, wd[r * V + i]);
+      for (int64_t i = 0; i < V; ++i) sw += std::exp(wd[r * V + i] - lw);
+      for (int64_t i = 0; i < V; ++i) {
+        const double l = lp(r, i);
+        if (!(l > -INFINITY)) continue;
+        const double pi = std::exp(l);
+        mass += pi;
+        klv += pi * (l - (wd[r * V + i] - lw - std::log(sw)));
+      }
+      const bool active = kl1[r] > eps;
+      check(std::fabs(mass - 1.0) <= 1e-5, "projection normalised", V);
+      check(active ? std::fabs(klv - eps) <= 1e-3 * eps : klv <= eps * (1 + 1e-3) + 1e-9, "projection constraint", V);
+    }
+    std::vector<T> pdz(size_t(N * V)), pdw(size_t(N * V));
+    std::vector<double> pg(size_t(N * V));
+    for (size_t i = 0; i < pg.size(); ++i) pg[i] = std::sin(double(i));
+    ProjBwd pb;
+    pb.z = z; pb.w = w; pb.T = 1.0; pb.stats = pst.data(); pb.g = pg.data();
+    pb.dz = pdz.data(); pb.dw = pdw.data();
+    isa_generic::project_kl_backward_rows(pb);
+    for (size_t i = 0; i < pdz.size(); ++i)
+      check(std::isfinite(simd::to_double(pdz[i])) && std::isfinite(simd::to_double(pdw[i])),
+            "projection backward finite", V);
   }
   for (int op = 0; op < 4; ++op) {
     SingleFwd a;
