@@ -170,6 +170,7 @@ def test_large_vocabulary_rows_meet_the_constraint():
             lp, eta = trmath.project_kl(zc, wc, eps, return_eta=True)
             assert bool((eta > 0).all())
             lp_c, eta_c = trmath.project_kl(zc.cpu(), wc.cpu(), eps, return_eta=True)
+            # TARGETS.md's bar for eta (1e-6 relative of the root); both sides solve to ~1e-12.
             torch.testing.assert_close(eta.cpu(), eta_c, rtol=1e-6, atol=0)
             kl = trmath.kl(lp.double(), wc.double())
             if dtype == torch.float64:
