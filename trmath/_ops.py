@@ -66,11 +66,30 @@ def _torch_status(z: Tensor, name_bits: int) -> Tensor:
     return (st * name_bits).reshape(z.shape[:-1])
 
 
+def direct_call(*tensors: Tensor) -> bool:
+    """Whether an eager forward may skip the custom-op dispatcher and run the op body directly.
+
+    The ``trmath::*`` custom ops exist for autograd and for tracing (``torch.compile``, fake
+    tensors, tensor subclasses); their dispatch costs ~50 us a call, more than the kernels on a
+    few short rows. A call that needs none of that -- plain tensors, no gradient wanted, no
+    tracing, no dispatch mode active -- gets the same body and the same results without it.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # single-row reductions: logsumexp, entropy, token_logprobs (+ entropy)
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("trmath::single_fwd", mutates_args=())
-def single_fwd(z: Tensor, tokens: Optional[Tensor], temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor, Tensor]:
+def single_fwd_impl(z: Tensor, tokens: Optional[Tensor], temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of the ``trmath::single_fwd`` op (see :func:`direct_call`)."""
     lead = tuple(z.shape[:-1])
     if use_cpp(z):
         out0, out1, stats, status = _cpp().single_forward(z, tokens, temperature, op)
@@ -105,6 +124,11 @@ def single_fwd(z: Tensor, tokens: Optional[Tensor], temperature: float, op: str,
         out0, h, stats = tb.token_logprobs_forward(z2, tok, temperature, op == "token_logprobs_entropy")
         out1 = h.reshape(lead) if op == "token_logprobs_entropy" else z.new_zeros(0, dtype=out0.dtype)
     return out0.reshape(lead), out1, stats.reshape(*lead, 2)
+
+
+@torch.library.custom_op("trmath::single_fwd", mutates_args=())
+def single_fwd(z: Tensor, tokens: Optional[Tensor], temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return single_fwd_impl(z, tokens, temperature, op, validate)
 
 
 @single_fwd.register_fake
@@ -169,8 +193,8 @@ _TB_PAIR = {
 }
 
 
-@torch.library.custom_op("trmath::pair_fwd", mutates_args=())
-def pair_fwd(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor]:
+def pair_fwd_impl(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor]:
+    """The body of the ``trmath::pair_fwd`` op (see :func:`direct_call`)."""
     lead = tuple(z.shape[:-1])
     if use_cpp(z):
         out, stats, status = _cpp().pair_forward(z, w, temperature, op)
@@ -192,6 +216,11 @@ def pair_fwd(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) 
     pad = torch.zeros(stats.shape[0], _PAIR_STATS - 5, dtype=stats.dtype, device=stats.device)
     stats = torch.cat([stats, centre, pad], dim=-1)
     return out.reshape(lead), stats.reshape(*lead, _PAIR_STATS)
+
+
+@torch.library.custom_op("trmath::pair_fwd", mutates_args=())
+def pair_fwd(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor]:
+    return pair_fwd_impl(z, w, temperature, op, validate)
 
 
 @pair_fwd.register_fake

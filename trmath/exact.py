@@ -28,7 +28,8 @@ def _single(logits, tokens, temperature, op, validate):
     check_logits(z, "logits")
     T = check_temperature(temperature)
     tok = check_tokens(tokens, z) if tokens is not None else None
-    out0, out1, _ = _ops.single_fwd(z, tok, T, op, bool(validate))
+    fwd = _ops.single_fwd_impl if _ops.direct_call(z, tok) else _ops.single_fwd
+    out0, out1, _ = fwd(z, tok, T, op, bool(validate))
     return back(out0), back(out1)
 
 
@@ -37,7 +38,8 @@ def _pair(p_logits, q_logits, temperature, op, validate):
     w, _ = as_tensor(q_logits, "q_logits")
     z, w = check_pair(z, w, "p_logits", "q_logits")
     T = check_temperature(temperature)
-    out, _ = _ops.pair_fwd(z, w, T, op, bool(validate))
+    fwd = _ops.pair_fwd_impl if _ops.direct_call(z, w) else _ops.pair_fwd
+    out, _ = fwd(z, w, T, op, bool(validate))
     return back(out)
 
 

@@ -1,6 +1,7 @@
 // trmath: a small persistent thread pool (no OpenMP, so it never clashes with torch's).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -9,6 +10,9 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #endif
 
 #include "view.hpp"
@@ -32,6 +36,32 @@ int default_threads() {
   return n ? int(n) : 1;
 }
 
+// Workers and the caller spin briefly (kSpin) before they block on a condition variable: a job
+// is one pass over the rows, a call runs one to four of them back to back, and waking a sleeping
+// thread costs tens of microseconds in a virtual machine -- as much as the work of a row of
+// 32768 logits. A job waits for every worker to check in (it owns the job's closure), so a
+// worker asleep when it starts would add its wake-up to every short call.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Spin until pred() holds or kSpin has passed; true if it holds.
+template <class Pred>
+bool spin_until(Pred pred) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+    cpu_relax();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() - t0 > kSpin) return pred();
+  }
+}
+
 class Pool {
  public:
   explicit Pool(int n) { resize(n); }
@@ -43,7 +73,7 @@ class Pool {
     std::lock_guard<std::mutex> run_lock(run_mu_);
     stop_all();
     nthreads_ = std::max(1, n);
-    stop_ = false;
+    stop_.store(false);
     for (int i = 0; i + 1 < nthreads_; ++i) workers_.emplace_back([this] { loop(); });
   }
 
@@ -59,13 +89,15 @@ class Pool {
       job_ = &f;
       njobs_ = n;
       next_.store(0);
-      active_ = int(workers_.size());
-      ++generation_;
+      active_.store(int(workers_.size()));
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work();
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [this] { return active_ == 0; });
+    if (!spin_until([this] { return active_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_cv_.wait(lk, [this] { return active_.load(std::memory_order_acquire) == 0; });
+    }
     job_ = nullptr;
   }
 
@@ -81,23 +113,28 @@ class Pool {
   void loop() {
     uint64_t seen = 0;
     for (;;) {
-      {
+      auto ready = [&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(ready)) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        cv_.wait(lk, ready);
+      }
+      if (stop_.load()) return;
+      {
+        // The job's fields were written under mu_ before the generation moved.
+        std::lock_guard<std::mutex> lk(mu_);
+        seen = generation_.load();
       }
       work();
-      {
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         std::lock_guard<std::mutex> lk(mu_);
-        if (--active_ == 0) done_cv_.notify_all();
+        done_cv_.notify_all();
       }
     }
   }
   void stop_all() {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -111,9 +148,9 @@ class Pool {
   const std::function<void(int64_t)>* job_ = nullptr;
   int64_t njobs_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
 };
 
 Pool& pool() {

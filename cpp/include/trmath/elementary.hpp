@@ -2,11 +2,14 @@
 //
 // Error budget (float lanes). Every exponential is evaluated as
 //     e^a = 2^n * P(r),   n = round(a / ln 2),   r = a - n ln 2,
-// with the range reduction done in double, so r carries no error from |a| (a logit gap of
-// 80 in float would otherwise cost 80 * 2^-24 = 5e-6 relative). P is the degree-7 Taylor
-// polynomial on |r| <= ln2/2 (truncation 5.6e-9) evaluated in float: |rel err| <= 2 ulp.
-// Series (expm1, phi, JS halves) are used only where they converge to float precision with
-// the stated number of terms (tools/gen_coefficients.py prints the truncation errors).
+// with a Cody-Waite reduction, so r carries no error from |a| (a logit gap of 80 in float
+// would otherwise cost 80 * 2^-24 = 5e-6 relative). P is the degree-6 Chebyshev interpolant
+// of e^r on |r| <= ln2/2 (relative error 2.5e-9; P(0) = 1 exactly) evaluated in float:
+// |rel err| <= 2 ulp. The series of the float lanes (expm1 - x, JS halves, log1p) are
+// Chebyshev interpolants too, of relative error <= 5.5e-9 (under a tenth of a float ulp) on
+// the intervals where they are used; tools/gen_coefficients.py prints every error. They need
+// 3 to 4 fewer terms than the Taylor series (kept for the double lanes and the CUDA kernels)
+// and these polynomials are most of the float kernels' latency and operations.
 #pragma once
 
 #include <cmath>
@@ -148,7 +151,7 @@ struct FloatLanes {
   static TRMATH_INLINE V shifted(V v, double M, double invT) {
     const float Mh = float(M), Ml = float(M - double(Mh));
     f8 s = (v - Mh) - Ml;
-    return invT == 1.0 ? s : s * float(invT);
+    return s * float(invT);  // exact for T = 1; a branch here stays in the loop
   }
   static TRMATH_INLINE V narrow(V a) { return a; }
 
@@ -165,7 +168,22 @@ struct FloatLanes {
     // or the sign of p - q on a peaked row's top token is lost.
     const float mh = float(m), ml = float(m - double(mh)), mlf = float(mlo);
     f8 x = (d - mh) + ((e - ml) - mlf);
-    return invT == 1.0 ? x : x * float(invT);
+    return x * float(invT);
+  }
+
+  // logratio() about two centres m + mlo1 and m + mlo2 at once (the exact split of z - w is
+  // shared); each result is bitwise the one logratio() returns for its centre.
+  template <bool kFinite = false>
+  static TRMATH_INLINE void logratio2(V z, V w, double m, double mlo1, double mlo2, double invT,
+                                      V& x1, V& x2) {
+    f8 d = z - w;
+    f8 bb = d - z;
+    f8 e = (z - (d - bb)) + (-w - bb);
+    if (!kFinite) e = finite_or_zero(d, e);
+    const float mh = float(m), ml = float(m - double(mh));
+    const f8 dm = d - mh, em = e - ml;
+    x1 = (dm + (em - float(mlo1))) * float(invT);
+    x2 = (dm + (em - float(mlo2))) * float(invT);
   }
 
   // e^a for a <= 88. Results below 2^-126 (a < -87.3) are flushed to 0: a probability under
@@ -179,16 +197,16 @@ struct FloatLanes {
     i8 ni = (i8)t - (i8)magic;
     f8 r = hi - n * 0.693359375f;  // Cody-Waite: ln2_hi has 9 bits, n*ln2_hi is exact
     r = r - n * -2.12194440e-4f;
-    f8 p = estrin(r, coef::exp_f);
+    f8 p = estrin(r, coef::exp_fc);
     f8 res = p * (f8)((ni + 127) << 23);
     return a < -87.0f ? splat<f8>(0.0f) : res;
   }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
-  static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_f); }
+  static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_fc); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
-  static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_f); }
-  static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_f); }
-  static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_f); }
+  static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_fc); }
+  static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_fc); }
+  static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_fc); }
   // Accumulate 8 float terms into 4 double lanes.
   static TRMATH_INLINE d4 to_acc(V v) {
     return __builtin_convertvector(lo_half(v), d4) + __builtin_convertvector(hi_half(v), d4);
@@ -228,6 +246,17 @@ struct DoubleLanes {
     d4 e = (z - (s - bb)) + (-w - bb);
     if (!kFinite) e = vabs(s) < std::numeric_limits<double>::infinity() ? e : d4{};  // masked: x = +-inf, not NaN
     return (((s - m) + (e - mres)) - mlo) * invT;
+  }
+  template <bool kFinite = false>
+  static TRMATH_INLINE void logratio2(V z, V w, double m, double mlo1, double mlo2, double invT,
+                                      V& x1, V& x2) {
+    d4 s = z - w;
+    d4 bb = s - z;
+    d4 e = (z - (s - bb)) + (-w - bb);
+    if (!kFinite) e = vabs(s) < std::numeric_limits<double>::infinity() ? e : d4{};
+    const d4 c = (s - m) + (e - 0.0);
+    x1 = (c - mlo1) * invT;
+    x2 = (c - mlo2) * invT;
   }
 };
 

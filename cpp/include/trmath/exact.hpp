@@ -178,46 +178,49 @@ TRMATH_INLINE void seg_sum1(const typename L::Storage* z, int64_t n, double M, d
 // and the lanes are merged at the segment's maximum at the end. A lane's maximum grows about
 // log(n / W) times, so the moves cost little; the float blocks hold 16 terms (relative error
 // <= 16 u of non-negative sums) before they are flushed into per-lane doubles.
+// A lane's maximum starts at the most negative finite value, not -inf: a masked (-inf) token
+// then gives a = -inf and e^a = 0 with no test, and a lane is live exactly when it has counted
+// a maximum (k >= 1: the element that last raised m_l counts itself). NaN and +inf share one
+// test in the loop; which of the two was seen is settled by a rescan of the (rare) bad segment.
 // out: v[0] = R, v[1] = B, v[2] = k about the returned maximum mx (as seg_sum1 about M).
-template <class L, bool kEntropy>
-TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double invT, double& mx,
-                               Partial& out, int& flags, int nan_bit, int inf_bit,
-                               const typename L::Storage* pf = nullptr) {
+template <class L, bool kEntropy, bool kUnitT>
+TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double invT, double& mx,
+                                 Partial& out, int& flags, int nan_bit, int inf_bit,
+                                 const typename L::Storage* pf) {
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
   constexpr int W = L::W;
   const S inf = std::numeric_limits<S>::infinity();
   const double dinf = std::numeric_limits<double>::infinity();
-  const V zero = splat<V>(S(0)), one = splat<V>(S(1)), vninf = splat<V>(-inf);
-  const bool unitT = invT == 1.0;
+  const V zero = splat<V>(S(0)), vinf = splat<V>(inf);
   const S sinvT = S(invT);
-  V m = vninf;
-  V bR = zero, bK = zero, bB = zero;
+  V m = splat<V>(std::numeric_limits<S>::lowest());
+  V bR = zero, bB = zero;
+  Mask bK{};  // minus the count of maxima (a true mask lane is -1)
   double R[W] = {}, K[W] = {}, B[W] = {};
-  Mask bad_nan{}, bad_inf{};
+  Mask bad{};
   int cnt = 0;
   auto flush = [&]() TRMATH_LAMBDA_INLINE {
     for (int i = 0; i < W; ++i) {
       R[i] += double(bR[i]);
-      K[i] += double(bK[i]);
+      K[i] -= double(bK[i]);
       if (kEntropy) B[i] += double(bB[i]);
     }
     bR = zero;
-    bK = zero;
+    bK = Mask{};
     bB = zero;
     cnt = 0;
   };
   for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
-    bad_nan |= (v != v);
-    bad_inf |= (v == inf);
+    bad |= ~(v < vinf);  // NaN or +inf
     const Mask up = v > m;
     if (any_lane(up)) {
       flush();
       for (int i = 0; i < W; ++i) {
         if (!up[i]) continue;
         const double Mo = double(m[i]), Mn = double(v[i]);
-        if (Mo == -dinf || (K[i] == 0 && R[i] == 0)) {
+        if (K[i] == 0 && R[i] == 0) {
           R[i] = K[i] = B[i] = 0.0;
         } else {
           const double d = (Mn - Mo) * invT, f = std::exp(-d), A = K[i] + R[i];
@@ -228,27 +231,33 @@ TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double i
       }
       m = up ? v : m;
     }
-    V a = v - m;  // exact near the lane's maximum; relative 2^-24 (float) elsewhere
-    if (!unitT) a = a * sinvT;
+    V a = v - m;  // exact near the lane's maximum; relative 2^-24 (float) elsewhere; -inf masked
+    if constexpr (!kUnitT) a = a * sinvT;
     const V e = L::exp(a);
-    const Mask live = v > vninf;
-    const Mask top = (v == m) & live;
-    bR += (top | ~live) ? zero : e;
-    bK += top ? one : zero;
-    if constexpr (kEntropy) bB += (live & ~top) ? e * (-a) : zero;
+    const Mask top = v == m;
+    bR += (V)((Mask)e & ~top);
+    bK += top;
+    if constexpr (kEntropy) {
+      const V ac = vmax(a, splat<V>(S(-1e4)));  // -inf -> finite, so e (-a) = 0 there
+      bB += (V)((Mask)(e * (-ac)) & ~top);
+    }
     if (++cnt == 16) flush();
   }, pf);
   flush();
-  double Ms = -dinf;
-  for (int i = 0; i < W; ++i) {
-    if (bad_nan[i]) flags |= nan_bit;
-    if (bad_inf[i]) flags |= inf_bit;
-    Ms = double(m[i]) > Ms ? double(m[i]) : Ms;
+  if (any_lane(bad)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = to_double(z[i]);
+      if (x != x) flags |= nan_bit;
+      if (x == dinf) flags |= inf_bit;
+    }
   }
+  double Ms = -dinf;
+  for (int i = 0; i < W; ++i)
+    if (K[i] > 0 && double(m[i]) > Ms) Ms = double(m[i]);
   double Rs = 0.0, Ks = 0.0, Bs = 0.0;
   for (int i = 0; i < W; ++i) {
+    if (!(K[i] > 0)) continue;  // a lane of masked tokens only
     const double Mi = double(m[i]);
-    if (Mi == -dinf) continue;
     if (Mi == Ms) {
       Rs += R[i];
       Ks += K[i];
@@ -263,6 +272,14 @@ TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double i
   out.v[0] = Rs;
   out.v[1] = kEntropy ? Bs : 0.0;
   out.v[2] = Ks;
+}
+
+template <class L, bool kEntropy>
+TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double invT, double& mx,
+                               Partial& out, int& flags, int nan_bit, int inf_bit,
+                               const typename L::Storage* pf = nullptr) {
+  if (invT == 1.0) seg_online1_t<L, kEntropy, true>(z, n, invT, mx, out, flags, nan_bit, inf_bit, pf);
+  else seg_online1_t<L, kEntropy, false>(z, n, invT, mx, out, flags, nan_bit, inf_bit, pf);
 }
 
 // ---- pass B, two rows ---------------------------------------------------------------------
@@ -318,18 +335,30 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     V e2 = L::em2_series(x);
     V em1_s = x + e2;
     // p's own exponential is needed only where |x| >= 1 or q = 0 < p; near-identical rows
-    // (the trust-region regime) skip it and cost one exponential per element.
-    V ez = zero;
-    if (any_lane(kMasked ? (~small | only_p) : ~small)) ez = L::exp(L::shifted(zv, P.Mz, P.invT));
-    V pt = ez * g;
-    if (kMasked) pt = wneg ? zero : pt;       // q_i = 0 is reported through the flag
-    V em1 = small ? qt * em1_s : pt - qt;     // q (e^x - 1)
-    V pfull = small ? qt + qt * em1_s : pt;   // q e^x, from the series where |x| < 1
+    // (the trust-region regime) skip it and cost one exponential per element. The terms of
+    // such lanes are formed only in that (rare) branch, so the common path carries no selects.
+    const V qe = qt * em1_s;                  // q (e^x - 1) from the series
+    V ez, pt, em1, pfull, phi;
+    if (__builtin_expect(any_lane(kMasked ? (~small | only_p) : ~small), 0)) {
+      ez = L::exp(L::shifted(zv, P.Mz, P.invT));
+      pt = ez * g;
+      if (kMasked) pt = wneg ? zero : pt;     // q_i = 0 is reported through the flag
+      em1 = small ? qe : pt - qt;             // q (e^x - 1)
+      pfull = small ? qt + qe : pt;           // q e^x, from the series where |x| < 1
+      if constexpr (kTerms == kKL) {
+        V xc = vmax(x, splat<V>(S(-200)));  // x = -inf only where p_i = 0, then pt = 0
+        phi = small ? qt * (x * em1_s - e2) : pt * (xc - S(1)) + qt;
+      }
+    } else {
+      ez = zero;
+      pt = zero;
+      em1 = qe;
+      pfull = qt + qe;
+      if constexpr (kTerms == kKL) phi = qt * (x * em1_s - e2);
+    }
     acc.blk[0] += qt;
     acc.blk[1] += em1;
     if constexpr (kTerms == kKL) {
-      V xc = vmax(x, splat<V>(S(-200)));  // x = -inf only where p_i = 0, then pt = 0
-      V phi = small ? qt * (x * em1_s - e2) : pt * (xc - S(1)) + qt;
       acc.blk[2] += phi;
     } else if constexpr (kTerms == kTV) {
       Mask pos = x > zero;
