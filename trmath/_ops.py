@@ -211,9 +211,16 @@ def pair_fwd_impl(z: Tensor, w: Tensor, temperature: float, op: str, validate: b
         raise_for_status(status.cpu(), lead, _PAIR_NAMES)
     V = z.shape[-1]
     out, stats = _TB_PAIR[op][0](z.reshape(-1, V), w.reshape(-1, V), temperature)
-    # Columns 4-5 (the C++ kernels' log-ratio centre) are unused by the torch backward.
+    # Columns 4-5 (the C++ kernels' log-ratio centre) are unused by the torch backward; so are
+    # 6-8, where the CPU kernels' TV backward (which these statistics may also feed) finds the
+    # row maxima and the centre correction its side-mass pass works about (cpp/src/kernels.cpp).
+    # (The CUDA TV backward reads the side masses its own forward stores there: zeros tell it
+    # that they are missing.)
     centre = ((stats[:, 0] - stats[:, 1]) * temperature).unsqueeze(-1)
     pad = torch.zeros(stats.shape[0], _PAIR_STATS - 5, dtype=stats.dtype, device=stats.device)
+    if op == "tv" and z.device.type == "cpu":
+        pad[:, 1] = z.reshape(-1, V).amax(-1).to(stats.dtype)  # column 6
+        pad[:, 2] = w.reshape(-1, V).amax(-1).to(stats.dtype)  # column 7
     stats = torch.cat([stats, centre, pad], dim=-1)
     return out.reshape(lead), stats.reshape(*lead, _PAIR_STATS)
 

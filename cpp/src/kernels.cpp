@@ -139,7 +139,9 @@ template <class L, PairTerms kTerms, bool kMasked>
 __attribute__((noinline)) void sum2(const typename L::Storage* z, const typename L::Storage* w,
                                     int64_t n, const PairParams& P, Partial& out,
                                     const typename L::Storage* pf, const typename L::Storage* pg) {
-  seg_sum2<L, kTerms, kMasked>(z, w, n, P, out, pf, pg);
+  // T = 1 (the common case) skips the exact-but-serial scaling of every logit difference.
+  if (P.invT == 1.0) seg_sum2<L, kTerms, kMasked, true>(z, w, n, P, out, pf, pg);
+  else seg_sum2<L, kTerms, kMasked, false>(z, w, n, P, out, pf, pg);
 }
 
 template <class L, bool kEntropy>
@@ -354,6 +356,7 @@ struct PairAlgo {
     bool masked = true;     // some logit is -inf or huge: the passes keep their guards
     double mag = 0;         // sum of |terms| of the combined Phi (cancellation check)
     double Mz = 0, Mw = 0, m = 0, mlo = 0;  // centre m + mlo (logit units)
+    double mlo_pass = 0;                     // mlo of the last full pass (TV's backward)
     double s[12] = {};
   };
   const PairFwd& a;
@@ -385,6 +388,7 @@ struct PairAlgo {
           if (s.mag <= kMerge * s.s[2] && accept(s, s.s[2] > 0 ? s.mag / s.s[2] : 1.0)) return finish(r);
           if (s.mag > kMerge * s.s[2]) s.mlo = a.T * std::log1p(s.s[1] / s.s[0]);
           s.stage = kFull;
+          s.mlo_pass = s.mlo;
           return true;
         }
         s.stage = kRecentre;
@@ -398,11 +402,13 @@ struct PairAlgo {
         double Zt = (s.s[1] + s.s[7]) / s.s[0];
         s.mlo += a.T * std::log1p(Zt);
         s.stage = kFull;
+        s.mlo_pass = s.mlo;
         return true;
       }
       case kFull: {
         if (accept(s) || s.iter >= 3) return finish(r);
         ++s.iter;
+        s.mlo_pass = s.mlo;
         return true;
       }
       default: return false;
@@ -464,7 +470,9 @@ struct PairAlgo {
     }
     switch (a.op) {
       case PairOp::kl: sum2<L, kKL, kMasked>(z, w, n, P, p, pf, pg); break;
-      case PairOp::tv: sum2<L, kTV, kMasked>(z, w, n, P, p, pf, pg); break;
+      // TV's value alone: the side masses only its backward needs are summed there
+      // (tv_side_masses), at the centre this pass used.
+      case PairOp::tv: sum2<L, kTVv, kMasked>(z, w, n, P, p, pf, pg); break;
       case PairOp::js: sum2<L, kJS, kMasked>(z, w, n, P, p, pf, pg); break;
     }
   }
@@ -572,8 +580,16 @@ struct PairAlgo {
     St& s = st[r];
     s.stage = kDone;
     if (a.status) a.status[r] = s.flags & kErrorBits;
-    double out = pair_finish(int(a.op), a.T, s.s, s.flags, s.Mz, s.Mw, s.m, s.mlo,
-                             a.stats ? a.stats + kPairStats * r : nullptr);
+    double* stats = a.stats ? a.stats + kPairStats * r : nullptr;
+    double out = pair_finish(int(a.op), a.T, s.s, s.flags, s.Mz, s.Mw, s.m, s.mlo, stats);
+    if (stats && a.op == PairOp::tv) {
+      // The side masses are left to the backward: it needs the pass's maxima and centre.
+      const bool ok = !(s.flags & kErrorBits);
+      stats[6] = ok ? s.Mz : kNaN;
+      stats[7] = ok ? s.Mw : kNaN;
+      stats[8] = ok ? s.mlo_pass : kNaN;
+      stats[9] = stats[10] = stats[11] = kNaN;
+    }
     put<OutT>(a.out, r, out);
     return false;
   }
@@ -687,13 +703,8 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
   const S zero(0), half(0.5), one(1);
   const S ninf = -std::numeric_limits<S>::infinity();
   const bool bad = std::isnan(lse_p) || std::isnan(lse_q);
-  // TV: s_j - sum_i p_i s_i from the stored side masses (no cancellation). Statistics from the
-  // pure-torch forward carry no side masses (all zero; a C++ forward never stores
-  // 2P- + P0 = 2P+ + P0 = 0): fall back to s_j - a, s_j - b.
-  const bool masses = t[6] != 0.0 || t[7] != 0.0;
-  const double d[6] = {masses ? t[6] : 1.0 - t[2], masses ? t[7] : -1.0 - t[2],
-                       masses ? t[8] : -t[2], masses ? t[9] : 1.0 - t[3],
-                       masses ? t[10] : -1.0 - t[3], masses ? t[11] : -t[3]};
+  // TV: s_j - sum_i p_i s_i from the side masses (no cancellation; tv_side_masses).
+  const double d[6] = {t[6], t[7], t[8], t[9], t[10], t[11]};
   for (int64_t i = 0; i < n; i += L::W) {
     V zv = load_at<L>(z, n, i), wv = load_at<L>(w, n, i);
     Mask zl = zv > ninf, wl = wv > ninf;
@@ -763,11 +774,58 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
   }
 }
 
+// TV backward, first pass: each row's side masses, as s_j - sum_i p_i s_i needs them (2P- + P0,
+// -(2P+ + P0), P- - P+ and the same for q; never 1 - (P+ - P-), which cancels), summed by the
+// forward's kernel at the maxima and centre of the forward's last pass (stats 6-8, with m in
+// stats 4), so the signs are classified as the forward classified them. Written into
+// columns 6-11 of a copy of the statistics.
+template <class In>
+void tv_side_masses(const PairBwd& a, std::vector<double>& out) {
+  using L = typename LanesFor<In>::type;
+  RowReader<In> rz(a.z), rw(a.w);
+  const int64_t N = a.z.rows(), nseg = rz.nseg;
+  const double invT = 1.0 / a.T;
+  out.assign(a.stats, a.stats + N * kPairStats);
+  std::vector<Partial> parts(N * nseg);
+  parallel_for(N * nseg, [&](int64_t u) {
+    const int64_t r = u / nseg, sg = u % nseg;
+    const double* t = a.stats + kPairStats * r;
+    partial_zero(parts[u]);
+    if (std::isnan(t[0]) || std::isnan(t[1]) || std::isnan(t[6])) return;
+    PairParams P{t[6], t[7], invT, t[4], t[8], std::exp((((t[6] - t[7]) - t[4]) - t[8]) * invT)};
+    const In* z = rz.seg(r, sg, scratch<In>(0));
+    const In* w = rw.seg(r, sg, scratch<In>(1));
+    sum2<L, kTV, true>(z, w, rz.seg_len(sg), P, parts[u], nullptr, nullptr);
+  });
+  for (int64_t r = 0; r < N; ++r) {
+    double* t = out.data() + kPairStats * r;
+    if (std::isnan(t[0]) || std::isnan(t[1]) || std::isnan(t[6])) {
+      for (int j = 6; j < kPairStats; ++j) t[j] = kNaN;
+      continue;
+    }
+    double s[12] = {};
+    for (int64_t k = 0; k < nseg; ++k)
+      for (int j = 0; j < 12; ++j) s[j] += parts[r * nseg + k].v[j];
+    const double Aw = s[0], R = s[7] / Aw, G = 1.0 + s[1] / Aw + R;
+    const double Pp = (s[4] / Aw + R) / G, Pm = s[5] / Aw / G, P0 = s[6] / Aw / G;
+    const double Qp = s[3] / Aw, Qm = s[8] / Aw, Q0 = s[9] / Aw;
+    t[6] = 2.0 * Pm + P0;
+    t[7] = -(2.0 * Pp + P0);
+    t[8] = Pm - Pp;
+    t[9] = 2.0 * Qm + Q0;
+    t[10] = -(2.0 * Qp + Q0);
+    t[11] = Qm - Qp;
+  }
+}
+
 template <class In, PairOp kOp, bool kZ, bool kW>
 void pair_bwd_run(const PairBwd& a) {
   using L = typename LanesFor<In>::type;
   RowReader<In> rz(a.z), rw(a.w);
   const int64_t N = a.z.rows(), nseg = rz.nseg, Vn = rz.V;
+  std::vector<double> tv_stats;
+  if constexpr (kOp == PairOp::tv) tv_side_masses<In>(a, tv_stats);
+  const double* stats = kOp == PairOp::tv ? tv_stats.data() : a.stats;
   In* dz = static_cast<In*>(a.dz);
   In* dw = static_cast<In*>(a.dw);
   parallel_for(N * nseg, [&](int64_t u) {
@@ -778,7 +836,7 @@ void pair_bwd_run(const PairBwd& a) {
     In* oz = kZ ? dz + off : nullptr;
     In* ow = kW ? dw + off : nullptr;
     const int64_t n = rz.seg_len(sg);
-    const double* t = a.stats + kPairStats * r;
+    const double* t = stats + kPairStats * r;
     pair_bwd_seg<L, kOp, kZ, kW>(z, w, n, t, a.T, a.g[r], oz, ow);
   });
 }

@@ -148,16 +148,18 @@ struct FloatLanes {
 
   // (v - M) * invT: exact near the maximum (Sterbenz), else relative 2^-24 per rounding. M as
   // two floats keeps a float64 normaliser (the backward's) to float64 accuracy.
+  // kUnitT: the caller knows T = 1 and the scaling (exact, but on the critical path) is skipped.
+  template <bool kUnitT = false>
   static TRMATH_INLINE V shifted(V v, double M, double invT) {
     const float Mh = float(M), Ml = float(M - double(Mh));
     f8 s = (v - Mh) - Ml;
-    return s * float(invT);  // exact for T = 1; a branch here stays in the loop
+    return kUnitT ? s : s * float(invT);
   }
   static TRMATH_INLINE V narrow(V a) { return a; }
 
   // x = (z - w - m - mlo) / T: z - w split exactly, then reduced about the centre.
   // kFinite: every z - w is finite (no -inf, no overflow), so the guard is not needed.
-  template <bool kFinite = false>
+  template <bool kFinite = false, bool kUnitT = false>
   static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT, double = 0.0) {
     f8 d = z - w;
     f8 bb = d - z;
@@ -168,7 +170,7 @@ struct FloatLanes {
     // or the sign of p - q on a peaked row's top token is lost.
     const float mh = float(m), ml = float(m - double(mh)), mlf = float(mlo);
     f8 x = (d - mh) + ((e - ml) - mlf);
-    return x * float(invT);
+    return kUnitT ? x : x * float(invT);
   }
 
   // logratio() about two centres m + mlo1 and m + mlo2 at once (the exact split of z - w is
@@ -223,6 +225,7 @@ struct DoubleLanes {
   using Storage = In;
 
   static TRMATH_INLINE V load(const In* p) { return Load4<In>::load(p); }
+  template <bool kUnitT = false>
   static TRMATH_INLINE d4 shifted(V v, double M, double invT) { return (v - M) * invT; }
   static TRMATH_INLINE V narrow(Wide w) { return w; }
   static TRMATH_INLINE V exp(Wide a) { return exp_d(a); }
@@ -239,7 +242,7 @@ struct DoubleLanes {
   // The centre is a double-double (m + mlo) for the same reason.
   // mres: the rounding residual of the centre m itself (m = fl(Mz - Mw)), kept apart from the
   // re-centring correction mlo so that a correction of 1e-32 is not lost next to it.
-  template <bool kFinite = false>
+  template <bool kFinite = false, bool kUnitT = false>
   static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT, double mres = 0.0) {
     d4 s = z - w;
     d4 bb = s - z;

@@ -283,7 +283,8 @@ TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double i
 }
 
 // ---- pass B, two rows ---------------------------------------------------------------------
-enum PairTerms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3 };
+// kTVv: TV's value alone (A_w, Z1, T+, Q+ and R), for a forward whose backward will not run.
+enum PairTerms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3, kTVv = 4 };
 
 struct PairParams {
   double Mz, Mw, invT;
@@ -299,7 +300,7 @@ struct PairParams {
 // flags: kQZeroP = some q_i = 0 < p_i.
 // kMasked = false: the caller knows every z and w of the segment is finite and below kHuge in
 // magnitude (no masked token, no overflowing z - w), and the masks are skipped.
-template <class L, PairTerms kTerms, bool kMasked = true>
+template <class L, PairTerms kTerms, bool kMasked = true, bool kUnitT = false>
 TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Storage* w, int64_t n,
                             const PairParams& P, Partial& out,
                             const typename L::Storage* pf = nullptr,
@@ -307,7 +308,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
-  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 10 : 5;
+  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 10 : 5;  // kJS, kTVv: 5
   const S ninf = -std::numeric_limits<S>::infinity();
   const V zero = splat<V>(S(0));
   const S g = S(P.g);
@@ -319,7 +320,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   Accs<L, K> acc;
   Mask infq{};
   for_lanes2<L>(z, w, n, [&](V zv, V wv) TRMATH_LAMBDA_INLINE {
-    auto b = L::shifted(wv, P.Mw, P.invT);
+    auto b = L::template shifted<kUnitT>(wv, P.Mw, P.invT);
     V qt = L::exp(b);
     Mask wneg{}, only_p{};
     if (kMasked) {
@@ -327,7 +328,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
       only_p = wneg & ~(zv == ninf);
       infq |= only_p;
     }
-    V x = L::template logratio<!kMasked>(zv, wv, P.m, P.mlo, P.invT, mres);
+    V x = L::template logratio<!kMasked, kUnitT>(zv, wv, P.m, P.mlo, P.invT, mres);
     if (kMasked) x = wneg ? zero : x;         // both masked -> no contribution
     Mask small = vabs(x) < S(1);
     // |x| < 1: one series E2 = expm1(x) - x gives expm1 = x + E2 and
@@ -340,7 +341,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     const V qe = qt * em1_s;                  // q (e^x - 1) from the series
     V ez, pt, em1, pfull, phi;
     if (__builtin_expect(any_lane(kMasked ? (~small | only_p) : ~small), 0)) {
-      ez = L::exp(L::shifted(zv, P.Mz, P.invT));
+      ez = L::exp(L::template shifted<kUnitT>(zv, P.Mz, P.invT));
       pt = ez * g;
       if (kMasked) pt = wneg ? zero : pt;     // q_i = 0 is reported through the flag
       em1 = small ? qe : pt - qt;             // q (e^x - 1)
@@ -371,6 +372,10 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
       acc.blk[6] += tie ? pfull : zero;  // P0
       acc.blk[7] += neg ? qt : zero;     // Q-
       acc.blk[8] += tie ? qt : zero;     // Q0
+    } else if constexpr (kTerms == kTVv) {
+      const Mask pos = x > zero;
+      acc.blk[2] += pos ? em1 : zero;  // T+
+      acc.blk[3] += pos ? qt : zero;   // Q+
     } else if constexpr (kTerms == kJS) {
       // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0.
       Mask js_small = vabs(x) < S(0.5);
