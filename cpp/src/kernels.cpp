@@ -583,7 +583,9 @@ struct PairAlgo {
     double* stats = a.stats ? a.stats + kPairStats * r : nullptr;
     double out = pair_finish(int(a.op), a.T, s.s, s.flags, s.Mz, s.Mw, s.m, s.mlo, stats);
     if (stats && a.op == PairOp::tv) {
-      // The side masses are left to the backward: it needs the pass's maxima and centre.
+      // The side masses are left to the backward: it needs the pass's maxima and centre. (Without
+      // them columns 2-3 do not hold a = P+ - P-, b = Q+ - Q- either; no TV backward reads them,
+      // and they stay finite for the torch backward's check of bad rows.)
       const bool ok = !(s.flags & kErrorBits);
       stats[6] = ok ? s.Mz : kNaN;
       stats[7] = ok ? s.Mw : kNaN;
@@ -806,15 +808,7 @@ void tv_side_masses(const PairBwd& a, std::vector<double>& out) {
     double s[12] = {};
     for (int64_t k = 0; k < nseg; ++k)
       for (int j = 0; j < 12; ++j) s[j] += parts[r * nseg + k].v[j];
-    const double Aw = s[0], R = s[7] / Aw, G = 1.0 + s[1] / Aw + R;
-    const double Pp = (s[4] / Aw + R) / G, Pm = s[5] / Aw / G, P0 = s[6] / Aw / G;
-    const double Qp = s[3] / Aw, Qm = s[8] / Aw, Q0 = s[9] / Aw;
-    t[6] = 2.0 * Pm + P0;
-    t[7] = -(2.0 * Pp + P0);
-    t[8] = Pm - Pp;
-    t[9] = 2.0 * Qm + Q0;
-    t[10] = -(2.0 * Qp + Q0);
-    t[11] = Qm - Qp;
+    tv_side_terms(s, t + 6);
   }
 }
 

@@ -83,6 +83,22 @@ TRMATH_ROW bool pair_accept(int op, bool wide, double T, const double* s, int fl
   return false;
 }
 
+// TV's side terms s_j - sum_i p_i s_i for s_j = +1, -1, 0 (sd[0..2]) and the same for q
+// (sd[3..5]) from a TV pass's sums s[] (q-units, slots as above): 2P- + P0, -(2P+ + P0), P- - P+,
+// formed from the masses on each side (q = 0 < p counts on the + side), never as
+// 1 - (P+ - P-) (which cancels).
+TRMATH_ROW void tv_side_terms(const double* s, double* sd) {
+  const double Aw = s[0], R = s[7] / Aw, G = 1.0 + (s[1] / Aw + R);
+  const double Pp = (s[4] / Aw + R) / G, Pm = s[5] / Aw / G, P0 = s[6] / Aw / G;
+  const double Qp = s[3] / Aw, Qm = s[8] / Aw, Q0 = s[9] / Aw;
+  sd[0] = 2.0 * Pm + P0;
+  sd[1] = -(2.0 * Pp + P0);
+  sd[2] = Pm - Pp;
+  sd[3] = 2.0 * Qm + Q0;
+  sd[4] = -(2.0 * Qp + Q0);
+  sd[5] = Qm - Qp;
+}
+
 // The divergence of a row and the statistics its backward needs (kPairStats = 12 values):
 // [lse_p, lse_q, a, b, m, centre correction, (TV) 2P- + P0, -(2P+ + P0), P- - P+, the same for
 // q]. Rows with an error bit in flags get NaN everywhere.
@@ -111,19 +127,10 @@ TRMATH_ROW double pair_finish(int op, double T, const double* s, int flags, doub
     } else if (op == 1) {
       // Both terms are >= 0 up to the (bounded) misclassification error; clamp the rounding.
       out = std::fmin(std::fmax((s[2] / Aw - Zt * (s[3] / Aw)) / G, 0.0) + R / G, 1.0);
-      // p- and q-masses on each side (q = 0 < p counts on the + side). The backward needs
-      // s_j - sum p s for s_j = +1, -1, 0, i.e. 2P- + P0, -(2P+ + P0), P- - P+: formed from the
-      // masses themselves, never as 1 - (P+ - P-) (which cancels).
-      const double Pp = (s[4] / Aw + R) / G, Pm = s[5] / Aw / G, P0 = s[6] / Aw / G;
-      const double Qp = s[3] / Aw, Qm = s[8] / Aw, Q0 = s[9] / Aw;
-      sa = Pp - Pm;
-      sb = Qp - Qm;
-      sd[0] = 2.0 * Pm + P0;
-      sd[1] = -(2.0 * Pp + P0);
-      sd[2] = Pm - Pp;
-      sd[3] = 2.0 * Qm + Q0;
-      sd[4] = -(2.0 * Qp + Q0);
-      sd[5] = Qm - Qp;
+      // a = P+ - P-, b = Q+ - Q-, and the backward's side terms (tv_side_terms).
+      tv_side_terms(s, sd);
+      sa = -sd[2];
+      sb = -sd[5];
     } else {
       sa = s[2] / Aw;
       sb = s[3] / Aw;
