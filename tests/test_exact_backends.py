@@ -190,6 +190,41 @@ def test_forward_on_one_backend_backward_on_the_other(func, dtype):
                               logit_scale(z, w, 0.7))
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
+@pytest.mark.parametrize("func", FUNCS)
+def test_direct_call_matches_the_custom_op(func, dtype):
+    """An eager call that wants no gradient skips the custom-op dispatcher (``direct_call``):
+    its results are those of the operator, bit for bit, with and without gradients wanted."""
+    z, w, tokens = make_inputs((5, 3000), dtype, seed=11)
+    z, w = torch.as_tensor(z), torch.as_tensor(w)
+    assert _ops.direct_call(z, w, tokens)
+    direct = call(func, z, w, tokens, temperature=0.7)
+    zz, ww = z.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    assert not _ops.direct_call(zz, ww)
+    via_op = call(func, zz, ww, tokens, temperature=0.7)
+    for a, b in zip(direct, via_op):
+        assert torch.equal(a, b.detach()), func
+    with torch.no_grad():
+        assert _ops.direct_call(zz, ww)
+        for a, b in zip(direct, call(func, zz, ww, tokens, temperature=0.7)):
+            assert torch.equal(a, b), func
+
+
+def test_direct_call_declines_tracing_and_transforms():
+    """Fake tensors, dispatch modes and functorch transforms need the registered operator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    z = torch.randn(2, 50)
+    with FakeTensorMode() as mode:
+        fz = mode.from_tensor(z)
+        assert not _ops.direct_call(fz)
+        out = trmath.kl(fz, fz)  # the operator's fake implementation
+        assert out.shape == (2,)
+    seen = []
+    torch.func.vmap(lambda r: seen.append(_ops.direct_call(r)) or r.sum())(z)
+    assert seen == [False]
+
+
 # ------------------------------------------------------------------------------------------------
 # layouts
 # ------------------------------------------------------------------------------------------------

@@ -70,11 +70,14 @@ def direct_call(*tensors: Tensor) -> bool:
     """Whether an eager forward may skip the custom-op dispatcher and run the op body directly.
 
     The ``trmath::*`` custom ops exist for autograd and for tracing (``torch.compile``, fake
-    tensors, tensor subclasses); their dispatch costs ~50 us a call, more than the kernels on a
-    few short rows. A call that needs none of that -- plain tensors, no gradient wanted, no
-    tracing, no dispatch mode active -- gets the same body and the same results without it.
+    tensors, tensor subclasses, ``torch.func`` transforms); their dispatch costs ~50 us a call,
+    more than the kernels on a few short rows. A call that needs none of that -- plain tensors,
+    no gradient wanted, no tracing, no dispatch mode or functorch transform active -- gets the
+    same body and the same results without it.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func transforms
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

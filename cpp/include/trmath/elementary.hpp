@@ -93,7 +93,7 @@ TRMATH_INLINE d4 exp_d(d4 a) {
   d4 nd = t - magic;
   d4 r = ac - nd * kLn2Hi;  // exact: n*ln2_hi has 43 bits, and Sterbenz
   r = r - nd * kLn2Lo;
-  d4 p = horner(r, coef::exp_d);
+  d4 p = estrin(r, coef::exp_dc);  // Chebyshev, degree 11: relative error 4.2e-18
   l4 n = (l4)t - (l4)magic;
   d4 res = ldexp_d(p, n);
   return a < -745.2 ? splat<d4>(0.0) : res;
