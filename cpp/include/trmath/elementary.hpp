@@ -119,6 +119,26 @@ TRMATH_INLINE bool any_lane(l4 m) {
 #endif
 }
 
+// True if every lane of the mask is set.
+TRMATH_INLINE bool all_lanes(i8 m) {
+#if defined(__AVX2__)
+  return _mm256_movemask_ps((__m256)m) == 0xff;
+#else
+  int r = -1;
+  for (int i = 0; i < 8; ++i) r &= m[i];
+  return r != 0;
+#endif
+}
+TRMATH_INLINE bool all_lanes(l4 m) {
+#if defined(__AVX2__)
+  return _mm256_movemask_pd((__m256d)m) == 0xf;
+#else
+  int64_t r = -1;
+  for (int i = 0; i < 4; ++i) r &= m[i];
+  return r != 0;
+#endif
+}
+
 // ---- lane policies --------------------------------------------------------------------
 // Float lanes form a logit gap a = (z - M)/T with one or two roundings (relative 2^-24 each)
 // and exponentiate it with a Cody-Waite reduction (<= 2 ulp for an exact argument), so
@@ -163,7 +183,7 @@ struct FloatLanes {
   static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT, double = 0.0) {
     f8 d = z - w;
     f8 bb = d - z;
-    f8 e = (z - (d - bb)) + (-w - bb);
+    f8 e = (z - (d - bb)) - (w + bb);
     if (!kFinite) e = finite_or_zero(d, e);
     // The centre as three floats (m = mh + ml exactly for a float-input centre, and the
     // re-centring correction mlo apart): a correction of 1e-19 must survive next to ml ~ 1e-7,
@@ -180,7 +200,7 @@ struct FloatLanes {
                                       V& x1, V& x2) {
     f8 d = z - w;
     f8 bb = d - z;
-    f8 e = (z - (d - bb)) + (-w - bb);
+    f8 e = (z - (d - bb)) - (w + bb);
     if (!kFinite) e = finite_or_zero(d, e);
     const float mh = float(m), ml = float(m - double(mh));
     const f8 dm = d - mh, em = e - ml;
@@ -191,8 +211,14 @@ struct FloatLanes {
   // e^a for a <= 88. Results below 2^-126 (a < -87.3) are flushed to 0: a probability under
   // 1e-38 changes no reduction by more than V * 1e-38, far below the 1e-30 absolute slack, and
   // this keeps every intermediate normal (subnormals would cost microcode assists).
-  static TRMATH_INLINE V exp(V a) {
-    f8 hi = vmax(a, splat<f8>(-88.0f));
+  // zero: lanes whose result is set to 0 (folded into the power of two, so it costs no
+  // operation after the polynomial).
+  // kFloor: the caller knows a is finite (no masked token) and accepts e^-87 = 1.6e-38 in
+  // place of any smaller result (V * 1.6e-38 <= 5e-33 in a sum of weights >= 1, under the
+  // 1e-30 absolute slack); the flush to 0 and its compare are skipped.
+  template <bool kFloor = false>
+  static TRMATH_INLINE V exp(V a, Mask zero = Mask{}) {
+    f8 hi = vmax(a, splat<f8>(kFloor ? -87.0f : -88.0f));
     const f8 magic = splat<f8>(12582912.0f);  // 1.5 * 2^23
     f8 t = hi * float(kLog2e) + magic;
     f8 n = t - magic;
@@ -200,8 +226,8 @@ struct FloatLanes {
     f8 r = hi - n * 0.693359375f;  // Cody-Waite: ln2_hi has 9 bits, n*ln2_hi is exact
     r = r - n * -2.12194440e-4f;
     f8 p = estrin(r, coef::exp_fc);
-    f8 res = p * (f8)((ni + 127) << 23);
-    return a < -87.0f ? splat<f8>(0.0f) : res;
+    if constexpr (!kFloor) zero |= a < -87.0f;
+    return p * (f8)andnot(zero, (ni + 127) << 23);
   }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
   static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_fc); }
@@ -228,7 +254,8 @@ struct DoubleLanes {
   template <bool kUnitT = false>
   static TRMATH_INLINE d4 shifted(V v, double M, double invT) { return (v - M) * invT; }
   static TRMATH_INLINE V narrow(Wide w) { return w; }
-  static TRMATH_INLINE V exp(Wide a) { return exp_d(a); }
+  template <bool kFloor = false>
+  static TRMATH_INLINE V exp(Wide a, Mask zero = Mask{}) { return zero_where(zero, exp_d(a)); }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_d); }
   static TRMATH_INLINE V em2_series(V x) { return x * x * horner(x, coef::em2_d); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_d); }
@@ -246,7 +273,7 @@ struct DoubleLanes {
   static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT, double mres = 0.0) {
     d4 s = z - w;
     d4 bb = s - z;
-    d4 e = (z - (s - bb)) + (-w - bb);
+    d4 e = (z - (s - bb)) - (w + bb);
     if (!kFinite) e = vabs(s) < std::numeric_limits<double>::infinity() ? e : d4{};  // masked: x = +-inf, not NaN
     return (((s - m) + (e - mres)) - mlo) * invT;
   }
@@ -255,7 +282,7 @@ struct DoubleLanes {
                                       V& x1, V& x2) {
     d4 s = z - w;
     d4 bb = s - z;
-    d4 e = (z - (s - bb)) + (-w - bb);
+    d4 e = (z - (s - bb)) - (w + bb);
     if (!kFinite) e = vabs(s) < std::numeric_limits<double>::infinity() ? e : d4{};
     const d4 c = (s - m) + (e - 0.0);
     x1 = (c - mlo1) * invT;

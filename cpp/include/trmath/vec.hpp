@@ -17,7 +17,7 @@
 
 #include "trmath/config.hpp"
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -120,10 +120,31 @@ TRMATH_INLINE i8 join(i4 a, i4 b) { return __builtin_shufflevector(a, b, 0, 1, 2
 
 TRMATH_INLINE f8 vabs(f8 x) { return (f8)((i8)x & 0x7fffffff); }
 TRMATH_INLINE d4 vabs(d4 x) { return (d4)((l4)x & 0x7fffffffffffffffLL); }
+// vmax(a, b) = a > b ? a : b and vmin(a, b) = a < b ? a : b, NaN included (b is returned):
+// exactly what the AVX max/min instructions compute, which the compiler does not emit for the
+// select without -ffast-math (it emits a compare and a blend: one more operation).
+#if defined(__AVX__)
+TRMATH_INLINE f8 vmax(f8 a, f8 b) { return (f8)_mm256_max_ps((__m256)a, (__m256)b); }
+TRMATH_INLINE d4 vmax(d4 a, d4 b) { return (d4)_mm256_max_pd((__m256d)a, (__m256d)b); }
+TRMATH_INLINE f8 vmin(f8 a, f8 b) { return (f8)_mm256_min_ps((__m256)a, (__m256)b); }
+TRMATH_INLINE d4 vmin(d4 a, d4 b) { return (d4)_mm256_min_pd((__m256d)a, (__m256d)b); }
+#else
 TRMATH_INLINE f8 vmax(f8 a, f8 b) { return a > b ? a : b; }
 TRMATH_INLINE d4 vmax(d4 a, d4 b) { return a > b ? a : b; }
 TRMATH_INLINE f8 vmin(f8 a, f8 b) { return a < b ? a : b; }
 TRMATH_INLINE d4 vmin(d4 a, d4 b) { return a < b ? a : b; }
+#endif
+// ~m & v, and v where the mask m is clear, 0 where it is set: one and-not (the compiler turns
+// the plain expression into a blend with zero, two operations).
+#if defined(__AVX2__)
+TRMATH_INLINE i8 andnot(i8 m, i8 v) { return (i8)_mm256_andnot_si256((__m256i)m, (__m256i)v); }
+TRMATH_INLINE l4 andnot(l4 m, l4 v) { return (l4)_mm256_andnot_si256((__m256i)m, (__m256i)v); }
+#else
+TRMATH_INLINE i8 andnot(i8 m, i8 v) { return ~m & v; }
+TRMATH_INLINE l4 andnot(l4 m, l4 v) { return ~m & v; }
+#endif
+TRMATH_INLINE f8 zero_where(i8 m, f8 v) { return (f8)andnot(m, (i8)v); }
+TRMATH_INLINE d4 zero_where(l4 m, d4 v) { return (d4)andnot(m, (l4)v); }
 
 TRMATH_INLINE double hsum(d4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 TRMATH_INLINE double hsum(f8 v) {
