@@ -175,6 +175,13 @@ struct FloatLanes {
     f8 s = (v - Mh) - Ml;
     return kUnitT ? s : s * float(invT);
   }
+  // shifted() about a float value M (a row or segment maximum of the input itself, so the low
+  // part is 0 and its subtraction is skipped).
+  template <bool kUnitT = false>
+  static TRMATH_INLINE V shifted_max(V v, double M, double invT) {
+    f8 s = v - float(M);
+    return kUnitT ? s : s * float(invT);
+  }
   static TRMATH_INLINE V narrow(V a) { return a; }
 
   // x = (z - w - m - mlo) / T: z - w split exactly, then reduced about the centre.
@@ -253,6 +260,8 @@ struct DoubleLanes {
   static TRMATH_INLINE V load(const In* p) { return Load4<In>::load(p); }
   template <bool kUnitT = false>
   static TRMATH_INLINE d4 shifted(V v, double M, double invT) { return (v - M) * invT; }
+  template <bool kUnitT = false>
+  static TRMATH_INLINE d4 shifted_max(V v, double M, double invT) { return (v - M) * invT; }
   static TRMATH_INLINE V narrow(Wide w) { return w; }
   template <bool kFloor = false>
   static TRMATH_INLINE V exp(Wide a, Mask zero = Mask{}) { return zero_where(zero, exp_d(a)); }

@@ -174,7 +174,7 @@ TRMATH_INLINE void seg_sum1(const typename L::Storage* z, int64_t n, double M, d
   const S Ms = S(M);
   Accs<L, 3> acc;
   for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
-    auto a = L::shifted(v, M, invT);
+    auto a = L::shifted_max(v, M, invT);
     V e = L::exp(a);
     auto top = v == Ms;
     acc.blk[0] += top ? zero : e;
@@ -331,7 +331,8 @@ TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double i
 enum PairTerms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3, kTVv = 4 };
 
 struct PairParams {
-  double Mz, Mw, invT;
+  double Mz, Mw, invT;  // Mz, Mw: maxima of the rows (or segments) themselves, so input values
+                        // (floats for the float lanes, which subtract them in one float step)
   double m, mlo;  // centre m + mlo, in logit units (x = (z - w - m - mlo) / T)
   double g;       // exp((Mz - Mw - m - mlo) / T), so that pt = exp(a) * g
 };
@@ -364,7 +365,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   Accs<L, K> acc;
   Mask infq{};
   for_lanes2<L>(z, w, n, [&](V zv, V wv) TRMATH_LAMBDA_INLINE {
-    auto b = L::template shifted<kUnitT>(wv, P.Mw, P.invT);
+    auto b = L::template shifted_max<kUnitT>(wv, P.Mw, P.invT);
     V qt = L::template exp<!kMasked>(b);
     Mask wneg{}, only_p{};
     if (kMasked) {
@@ -385,7 +386,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     const V qe = qt * em1_s;                  // q (e^x - 1) from the series
     V ez, pt, em1, pfull, phi;
     if (__builtin_expect((kMasked ? any_lane(~small | only_p) : !all_lanes(small)), 0)) {
-      ez = L::exp(L::template shifted<kUnitT>(zv, P.Mz, P.invT));
+      ez = L::exp(L::template shifted_max<kUnitT>(zv, P.Mz, P.invT));
       pt = ez * g;
       if (kMasked) pt = wneg ? zero : pt;     // q_i = 0 is reported through the flag
       em1 = small ? qe : pt - qt;             // q (e^x - 1)
