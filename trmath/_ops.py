@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_backend as tb
-from ._validation import raise_for_status
+from ._validation import raise_for_code, raise_for_status
 
 _PAIR_NAMES = ("p_logits", "q_logits")
 _PAIR_STATS = 12
@@ -91,13 +91,25 @@ def direct_call(*tensors: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------
 # single-row reductions: logsumexp, entropy, token_logprobs (+ entropy)
 # ---------------------------------------------------------------------------------------------
+def single_value(z: Tensor, tokens: Optional[Tensor], temperature: float, op: str, validate: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """The values of :func:`single_fwd_impl` alone, for a :func:`direct_call` (no statistics for
+    a backward are kept; on the C++ backend, no tensor beyond the outputs is allocated)."""
+    if use_cpp(z):
+        out0, out1, (r, code) = _cpp().single_value(z, tokens, temperature, op)
+        if validate and r >= 0:
+            raise_for_code(r, code, tuple(z.shape[:-1]), ("logits",), tokens, z.shape[-1])
+        return out0, out1
+    out0, out1, _ = single_fwd_impl(z, tokens, temperature, op, validate)
+    return out0, (out1 if op == "token_logprobs_entropy" else None)
+
+
 def single_fwd_impl(z: Tensor, tokens: Optional[Tensor], temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The body of the ``trmath::single_fwd`` op (see :func:`direct_call`)."""
     lead = tuple(z.shape[:-1])
     if use_cpp(z):
-        out0, out1, stats, status = _cpp().single_forward(z, tokens, temperature, op)
-        if validate:
-            raise_for_status(status, lead, ("logits",), tokens, z.shape[-1])
+        out0, out1, stats, _, (r, code) = _cpp().single_forward(z, tokens, temperature, op)
+        if validate and r >= 0:
+            raise_for_code(r, code, lead, ("logits",), tokens, z.shape[-1])
         if out1 is None:
             out1 = torch.zeros(0, dtype=out0.dtype)
         return out0, out1, stats
@@ -196,13 +208,24 @@ _TB_PAIR = {
 }
 
 
+def pair_value(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) -> Tensor:
+    """The value of :func:`pair_fwd_impl` alone, for a :func:`direct_call` (see
+    :func:`single_value`)."""
+    if use_cpp(z):
+        out, (r, code) = _cpp().pair_value(z, w, temperature, op)
+        if validate and r >= 0:
+            raise_for_code(r, code, tuple(z.shape[:-1]), _PAIR_NAMES)
+        return out
+    return pair_fwd_impl(z, w, temperature, op, validate)[0]
+
+
 def pair_fwd_impl(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool) -> tuple[Tensor, Tensor]:
     """The body of the ``trmath::pair_fwd`` op (see :func:`direct_call`)."""
     lead = tuple(z.shape[:-1])
     if use_cpp(z):
-        out, stats, status = _cpp().pair_forward(z, w, temperature, op)
-        if validate:
-            raise_for_status(status, lead, _PAIR_NAMES)
+        out, stats, _, (r, code) = _cpp().pair_forward(z, w, temperature, op)
+        if validate and r >= 0:
+            raise_for_code(r, code, lead, _PAIR_NAMES)
         return out, stats
     if use_cuda(z):
         out, stats, status = _cpp().cuda_pair_forward(z, w, temperature, op)

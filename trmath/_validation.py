@@ -114,7 +114,11 @@ def raise_for_status(status: torch.Tensor, lead: tuple[int, ...], names: tuple[s
     if bad.numel() == 0:
         return
     r = int(bad[0])
-    code = int(status.reshape(-1)[r])
+    raise_for_code(r, int(status.reshape(-1)[r]), lead, names, tokens, V)
+
+
+def raise_for_code(r: int, code: int, lead: tuple[int, ...], names: tuple[str, ...], tokens=None, V=None):
+    """Raise ``ValueError`` for row ``r`` (flat index) with the nonzero status ``code``."""
     for bit, arg, what in _STATUS:
         if code & bit:
             if arg == 2:

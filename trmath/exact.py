@@ -28,9 +28,11 @@ def _single(logits, tokens, temperature, op, validate):
     check_logits(z, "logits")
     T = check_temperature(temperature)
     tok = check_tokens(tokens, z) if tokens is not None else None
-    fwd = _ops.single_fwd_impl if _ops.direct_call(z, tok) else _ops.single_fwd
-    out0, out1, _ = fwd(z, tok, T, op, bool(validate))
-    return back(out0), back(out1)
+    if _ops.direct_call(z, tok):
+        out0, out1 = _ops.single_value(z, tok, T, op, bool(validate))
+    else:
+        out0, out1, _ = _ops.single_fwd(z, tok, T, op, bool(validate))
+    return back(out0), (back(out1) if out1 is not None else None)
 
 
 def _pair(p_logits, q_logits, temperature, op, validate):
@@ -38,8 +40,9 @@ def _pair(p_logits, q_logits, temperature, op, validate):
     w, _ = as_tensor(q_logits, "q_logits")
     z, w = check_pair(z, w, "p_logits", "q_logits")
     T = check_temperature(temperature)
-    fwd = _ops.pair_fwd_impl if _ops.direct_call(z, w) else _ops.pair_fwd
-    out, _ = fwd(z, w, T, op, bool(validate))
+    if _ops.direct_call(z, w):
+        return back(_ops.pair_value(z, w, T, op, bool(validate)))
+    out, _ = _ops.pair_fwd(z, w, T, op, bool(validate))
     return back(out)
 
 

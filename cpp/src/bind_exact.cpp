@@ -10,6 +10,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "desc.hpp"
@@ -21,6 +22,13 @@ namespace py = pybind11;
 namespace trmath {
 
 const KernelTable& kernels();
+
+// (index, value) of the first nonzero status, or (-1, 0).
+static std::pair<int64_t, int> first_nonzero(const int* status, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (status[i] != 0) return {i, status[i]};
+  return {-1, 0};
+}
 
 void register_exact(py::module_& m) {
   m.def("isa", [] { return std::string(kernels().isa); }, "Instruction set of the kernels in use.");
@@ -44,18 +52,45 @@ void register_exact(py::module_& m) {
     return false;
   });
 
+  // The forwards return (row, status) of the first row whose status is not 0, or (-1, 0): the
+  // caller needs no tensor operation to learn that every row was valid. A null stats or status
+  // address means the caller does not want them (an eager call without gradients): they go to
+  // scratch here, which saves the caller a tensor allocation each (a short call's largest fixed
+  // costs).
   m.def("single_forward",
         [](const Desc& z, uintptr_t tokens, double T, int op, uintptr_t out0, uintptr_t out1,
            uintptr_t stats, uintptr_t status) {
           SingleFwd a = single_fwd_args(z, tokens, T, op, out0, out1, stats, status);
           py::gil_scoped_release nogil;
+          std::vector<double> st;
+          std::vector<int> ss;
+          if (!a.stats) {
+            st.resize(2 * a.z.rows());
+            a.stats = st.data();
+          }
+          if (!a.status) {
+            ss.resize(a.z.rows());
+            a.status = ss.data();
+          }
           kernels().single_fwd(a);
+          return first_nonzero(a.status, a.z.rows());
         });
   m.def("pair_forward", [](const Desc& z, const Desc& w, double T, int op, uintptr_t out,
                            uintptr_t stats, uintptr_t status) {
     PairFwd a = pair_fwd_args(z, w, T, op, out, stats, status);
     py::gil_scoped_release nogil;
+    std::vector<double> st;
+    std::vector<int> ss;
+    if (!a.stats) {
+      st.resize(kPairStats * a.z.rows());
+      a.stats = st.data();
+    }
+    if (!a.status) {
+      ss.resize(a.z.rows());
+      a.status = ss.data();
+    }
     kernels().pair_fwd(a);
+    return first_nonzero(a.status, a.z.rows());
   });
   m.def("single_backward", [](const Desc& z, uintptr_t tokens, double T, int op, uintptr_t stats,
                               uintptr_t g0, uintptr_t g1, uintptr_t dz) {
