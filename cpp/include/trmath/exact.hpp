@@ -142,19 +142,25 @@ TRMATH_INLINE void seg_max(const typename L::Storage* z, int64_t n, double& mx, 
   using S = typename L::S;
   const S inf = std::numeric_limits<S>::infinity();
   V m = splat<V>(-inf);
-  typename L::Mask bad_nan{}, bad_inf{}, low{};
+  const V vinf = splat<V>(inf);
+  // NaN and +inf share one test; a rescan of the (rare) bad segment tells which was seen.
+  typename L::Mask bad{}, low{};
   for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
-    bad_nan |= (v != v);
-    bad_inf |= (v == inf);
+    bad |= ~(v < vinf);
     low |= (v < -kHuge<S>);
-    m = v > m ? v : m;
+    m = vmax(v, m);  // v > m ? v : m: a NaN v leaves m as it is
   });
   double r = -std::numeric_limits<double>::infinity();
   for (int i = 0; i < L::W; ++i) {
-    if (bad_nan[i]) flags |= nan_bit;
-    if (bad_inf[i]) flags |= inf_bit;
     if (low[i]) flags |= low_bit;
     r = double(m[i]) > r ? double(m[i]) : r;
+  }
+  if (any_lane(bad)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = to_double(z[i]);
+      if (x != x) flags |= nan_bit;
+      if (x == std::numeric_limits<double>::infinity()) flags |= inf_bit;
+    }
   }
   if (r > double(kHuge<S>)) flags |= low_bit;
   mx = r;
