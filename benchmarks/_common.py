@@ -193,7 +193,9 @@ class MemProbe:
     ``VmRSS``; the call runs; ``VmHWM - VmRSS_before`` is the peak of memory *touched* during the
     call, by any thread. glibc's mmap threshold is pinned at 128 KiB (``mallopt``), so every
     buffer larger than that is a fresh mapping that counts in full when written and leaves when
-    freed -- a reused, already-resident heap block cannot hide an allocation. The page
+    freed -- a reused, already-resident heap block cannot hide an allocation. For the same
+    reason trmath's cache of large outputs (``trmath.empty_buffer_cache``) is emptied before the
+    call, so a gradient taken from it counts as the fresh allocation it would otherwise be. The page
     granularity (4 KiB) is far below the 1 % bar on the benchmark's inputs (>= 100 MB).
     ``tracemalloc`` is useless here: torch allocates outside Python's allocator.
     """
@@ -241,6 +243,12 @@ class MemProbe:
         # Tensors are freed by reference counting; a young-generation pass catches recent cycles
         # without the ~0.4 s of a full collection once torch.compile's objects are alive.
         gc.collect(1)
+        try:
+            import trmath
+
+            trmath.empty_buffer_cache()
+        except (ImportError, AttributeError):
+            pass
         if self.libc is not None:
             self.libc.malloc_trim(0)
         self._reset()

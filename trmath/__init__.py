@@ -43,8 +43,43 @@ def set_num_threads(n: int) -> None:
     _s(n)
 
 
+def set_buffer_cache(max_bytes: int) -> None:
+    """Set how many bytes of freed large CPU outputs trmath keeps for reuse.
+
+    Gradients of the exact reductions and the rows :func:`project_kl` returns are ``[N, V]``
+    arrays. A fresh one of 100+ MB is mapped and zeroed by the operating system page by page on
+    first touch, which costs about as much as a KL backward itself; trmath therefore takes them
+    from a cache of buffers that earlier outputs returned when they were freed (like the CUDA
+    caching allocator, for these outputs only). The default limit is 1 GiB, or the environment
+    variable ``TRMATH_BUFFER_CACHE_MB``; ``0`` disables the cache and frees what it holds.
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes: expected an integer >= 0, got {max_bytes!r}")
+    from ._backend import set_buffer_cache as _s
+
+    _s(max_bytes)
+
+
+def buffer_cache_info() -> dict:
+    """The buffer cache's state: ``limit``, ``cached_bytes``, ``cached_buffers`` (free buffers
+    held), ``reused`` and ``fresh`` (outputs served from the cache or newly allocated)."""
+    from ._backend import buffer_cache_info as _i
+
+    return _i()
+
+
+def empty_buffer_cache() -> None:
+    """Free the buffers the cache holds (outputs still alive keep their memory)."""
+    from ._backend import empty_buffer_cache as _e
+
+    _e()
+
+
 __all__ = [
     "__version__",
+    "buffer_cache_info",
+    "empty_buffer_cache",
+    "set_buffer_cache",
     "entropy",
     "js",
     "kl",

@@ -7,6 +7,8 @@ without a copy or an upcast. Outputs are allocated here and filled by the core.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _core
@@ -24,6 +26,7 @@ __all__ = [
 
 #: torch dtype -> the core's dtype code
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
 #: per-row statistics: [lse, H]; [lse_p, lse_q, a, b, m, m_lo, 6 TV side masses]
 #: (see cpp/src/view.hpp)
@@ -49,16 +52,47 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(int(n))
 
 
-_HUGE = 1 << 23  # bytes: outputs this large get transparent-huge-page advice
+_HUGE = 1 << 23  # bytes: outputs this large come from the buffer cache, or get huge-page advice
+
+
+def _empty_large(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``[N, V]`` output (a gradient, projected rows) of ``shape`` and ``dtype``.
+
+    Large ones come from the core's buffer cache (see :func:`trmath.set_buffer_cache`): memory
+    freed by an earlier output is reused already mapped, instead of being mapped and zeroed by
+    the kernel page by page on first touch, which costs about as much as a KL backward itself.
+    With the cache disabled they are advised to use transparent huge pages before first touch.
+    """
+    nbytes = math.prod(shape) * _ELEMENT_SIZE[dtype]
+    if nbytes < _HUGE:
+        return torch.empty(shape, dtype=dtype)
+    if _core.buffer_cache_limit() > 0:
+        return torch.from_dlpack(_core.pooled_empty(list(shape), DTYPE_CODES[dtype]))
+    out = torch.empty(shape, dtype=dtype)
+    _core.advise_hugepages(out.data_ptr(), nbytes)
+    return out
 
 
 def _empty_like_input(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous gradient buffer; large ones are advised to use huge pages before first touch."""
-    out = torch.empty(t.shape, dtype=t.dtype)
-    nbytes = out.numel() * out.element_size()
-    if nbytes >= _HUGE:
-        _core.advise_hugepages(out.data_ptr(), nbytes)
-    return out
+    """A contiguous gradient buffer of ``t``'s shape and dtype (:func:`_empty_large`)."""
+    return _empty_large(t.shape, t.dtype)
+
+
+def set_buffer_cache(max_bytes: int) -> None:
+    """Bytes of freed large outputs the core keeps for reuse (0: none, and empty the cache)."""
+    _core.set_buffer_cache_limit(int(max_bytes))
+
+
+def buffer_cache_info() -> dict:
+    """The buffer cache's limit, content and counts of reused and fresh buffers."""
+    cached, buffers, hits, misses = _core.buffer_cache_info()
+    return {"limit": _core.buffer_cache_limit(), "cached_bytes": cached, "cached_buffers": buffers,
+            "reused": hits, "fresh": misses}
+
+
+def empty_buffer_cache() -> None:
+    """Free every buffer the cache holds (outputs still in use are not affected)."""
+    _core.empty_buffer_cache()
 
 
 def _desc(t: torch.Tensor):
@@ -178,7 +212,7 @@ def project_kl_forward(z: torch.Tensor, w: torch.Tensor, epsilon: float, tempera
     """KL projection of each row of ``z`` onto the ball around ``w``; returns
     ``(log-probs [..., V], stats [..., PROJECT_STATS], status [...])``."""
     lead = z.shape[:-1]
-    out = torch.empty(z.shape, dtype=out_dtype(z.dtype))
+    out = _empty_large(z.shape, out_dtype(z.dtype))
     stats = torch.empty((*lead, PROJECT_STATS), dtype=torch.float64)
     status = torch.zeros(lead, dtype=torch.int32)
     if status.numel() == 0:

@@ -7,6 +7,7 @@ namespace trmath {
 void register_exact(py::module_& m);
 void register_coarse(py::module_& m);
 void register_project(py::module_& m);
+void register_bufpool(py::module_& m);
 #if defined(TRMATH_WITH_CUDA)
 void register_cuda(py::module_& m);
 #endif
@@ -17,6 +18,7 @@ PYBIND11_MODULE(_core, m) {
   trmath::register_exact(m);
   trmath::register_coarse(m);
   trmath::register_project(m);
+  trmath::register_bufpool(m);
 #if defined(TRMATH_WITH_CUDA)
   trmath::register_cuda(m);
 #endif
