@@ -51,7 +51,8 @@ struct DLManagedTensor {
 constexpr int32_t kDLCPU = 1;
 constexpr uint8_t kDLFloat = 2, kDLBfloat = 4;
 
-constexpr size_t kAlign = size_t(1) << 21;  // 2 MiB: huge-page aligned
+constexpr size_t kAlign = size_t(1) << 21;  // 2 MiB: huge-page aligned start
+constexpr size_t kPage = 4096;              // capacities are whole small pages
 
 struct Free {
   void* p;
@@ -80,17 +81,20 @@ Pool& pool() {
   return *p;
 }
 
+// Huge pages are advised for the whole 2 MiB pages of the buffer only: a partly used last huge
+// page would be made resident in full by its first touch, up to 2 MiB the caller never asked for.
 void* fresh(size_t cap) {
-  void* p = std::aligned_alloc(kAlign, cap);
-  if (!p) throw std::bad_alloc();
+  void* p = nullptr;
+  if (posix_memalign(&p, kAlign, cap) != 0 || !p) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(p, cap, MADV_HUGEPAGE);  // before first touch; harmless where THP is off
+  const size_t whole = cap / kAlign * kAlign;
+  if (whole) madvise(p, whole, MADV_HUGEPAGE);  // before first touch; harmless where THP is off
 #endif
   return p;
 }
 
 // A buffer of at least `nbytes`: the smallest free one no larger than twice the request, or a
-// fresh one (capacity rounded up to 2 MiB).
+// fresh one (capacity rounded up to a whole small page).
 void* acquire(size_t nbytes, size_t& cap) {
   Pool& P = pool();
   {
@@ -98,7 +102,7 @@ void* acquire(size_t nbytes, size_t& cap) {
     int best = -1;
     for (int i = 0; i < int(P.free.size()); ++i) {
       const size_t c = P.free[i].cap;
-      if (c >= nbytes && c <= 2 * nbytes + kAlign && (best < 0 || c < P.free[best].cap)) best = i;
+      if (c >= nbytes && c <= 2 * nbytes && (best < 0 || c < P.free[best].cap)) best = i;
     }
     if (best >= 0) {
       void* p = P.free[best].p;
@@ -110,7 +114,7 @@ void* acquire(size_t nbytes, size_t& cap) {
     }
     ++P.misses;
   }
-  cap = (nbytes + kAlign - 1) / kAlign * kAlign;
+  cap = (nbytes + kPage - 1) / kPage * kPage;
   return fresh(cap);
 }
 
