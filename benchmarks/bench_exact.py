@@ -647,27 +647,52 @@ class Bench:
             n_sweep = [(N, 32768) for N in (1, 16, 256, 8192)]
             reps, min_s = 7, 0.1
         self.log("\n== scaling: trmath.kl float32, time per element ==")
-        for sweep, (N, V) in [("V at fixed N*V", s) for s in v_sweep] + [("N at V=32768", s) for s in n_sweep]:
-            z, w, t = make_inputs(N, V, torch.float32, self.a.seed)
-            ref = reference("kl", (z, w))
-            out = trmath.kl(z, w)
-            ok, err, where = check_values(out, ref, FWD_RTOL["trmath"])
-            row = {"sweep": sweep, "N": N, "V": V, "err": err, "ok": ok}
-            if not ok:
-                self.fail(f"scaling kl N={N} V={V}: trmath disagrees with float64: {where}; "
-                          "not timed")
-            else:
-                tt = C.time_adaptive(lambda: trmath.kl(z, w), reps, min_s)
-                tr = C.time_adaptive(lambda: (z.sum(), w.sum()), reps, min_s)
-                row.update(trmath=tt, read=tr)
-                self.add_time_row("scaling", "kl", "fwd", "trmath", "float32", N, V, tt, "ok", err,
-                                  note=f"sweep: {sweep}; per call, adaptive inner loop")
-                self.add_time_row("scaling", "kl", "fwd", "read-once", "float32", N, V, tr, "ok",
-                                  note=f"sweep: {sweep}")
-                self.log(f"  {sweep:<16} N={N:>6} V={V:>6}  trmath {1e9 * C.median(tt) / (N * V):.3f} ns/elem"
-                         f"  read-once {1e9 * C.median(tr) / (N * V):.3f} ns/elem")
-            self.scaling.append(row)
-            del z, w, t, ref, out
+        # The points of a sweep are timed interleaved, round-robin (C.run_interleaved), so a
+        # drift of the shared machine's speed hits all of them alike: flatness compares
+        # absolute times of different shapes, which a sweep timed point after point confounds
+        # with the drift.
+        for sweep, shapes in (("V at fixed N*V", v_sweep), ("N at V=32768", n_sweep)):
+            pts = []
+            for N, V in shapes:
+                z, w, t = make_inputs(N, V, torch.float32, self.a.seed)
+                ref = reference("kl", (z, w))
+                out = trmath.kl(z, w)
+                ok, err, where = check_values(out, ref, FWD_RTOL["trmath"])
+                row = {"sweep": sweep, "N": N, "V": V, "err": err, "ok": ok}
+                del t, ref, out
+                if not ok:
+                    self.fail(f"scaling kl N={N} V={V}: trmath disagrees with float64: {where}; "
+                              "not timed")
+                    row["skip"] = True
+                pts.append((row, z, w))
+            methods, inner = {}, {}
+            for i, (row, z, w) in enumerate(pts):
+                if row.get("skip"):
+                    continue
+                for kind, fn in (("trmath", lambda z=z, w=w: trmath.kl(z, w)),
+                                 ("read", lambda z=z, w=w: (z.sum(), w.sum()))):
+                    fn()
+                    t0 = time.perf_counter()
+                    fn()
+                    k = max(1, math.ceil(min_s / max(time.perf_counter() - t0, 1e-7)))
+                    inner[(i, kind)] = k
+                    methods[f"{i}:{kind}"] = lambda fn=fn, k=k: [fn() for _ in range(k)]
+            times = C.run_interleaved(methods, {m: reps for m in methods})
+            for i, (row, z, w) in enumerate(pts):
+                row.pop("skip", None)
+                if f"{i}:trmath" in times:
+                    N, V = row["N"], row["V"]
+                    tt = [x / inner[(i, "trmath")] for x in times[f"{i}:trmath"]]
+                    tr = [x / inner[(i, "read")] for x in times[f"{i}:read"]]
+                    row.update(trmath=tt, read=tr)
+                    self.add_time_row("scaling", "kl", "fwd", "trmath", "float32", N, V, tt, "ok",
+                                      row["err"], note=f"sweep: {sweep}; per call, interleaved")
+                    self.add_time_row("scaling", "kl", "fwd", "read-once", "float32", N, V, tr, "ok",
+                                      note=f"sweep: {sweep}")
+                    self.log(f"  {sweep:<16} N={N:>6} V={V:>6}  trmath {1e9 * C.median(tt) / (N * V):.3f} ns/elem"
+                             f"  read-once {1e9 * C.median(tr) / (N * V):.3f} ns/elem")
+                self.scaling.append(row)
+            del pts, methods
             gc.collect(1)
 
     def run_threads(self, dtypes: list[str]) -> None:
