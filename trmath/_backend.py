@@ -103,16 +103,19 @@ def out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str):
+def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str,
+                   keep: bool = True):
     """Run a single-row reduction; returns ``(out0, out1 or None, stats[..., 2], status, bad)``
-    (``bad``: ``(row, status)`` of the first row whose status is not 0, or ``(-1, 0)``)."""
+    (``bad``: ``(row, status)`` of the first row whose status is not 0, or ``(-1, 0)``).
+    ``keep=False`` (an eager call that wants no gradient): no statistics or status tensors are
+    allocated, the core writes them to scratch, and both come back as ``None``."""
     lead = z.shape[:-1]
     odt = out_dtype(z.dtype)
     out0 = torch.empty(lead, dtype=odt)
     out1 = torch.empty(lead, dtype=odt) if op == "token_logprobs_entropy" else None
-    stats = torch.empty((*lead, 2), dtype=torch.float64)
-    status = torch.empty(lead, dtype=torch.int32)
-    if status.numel() == 0:  # no rows (empty buffers may have a null address)
+    stats = torch.empty((*lead, 2), dtype=torch.float64) if keep else None
+    status = torch.empty(lead, dtype=torch.int32) if keep else None
+    if out0.numel() == 0:  # no rows (empty buffers may have a null address)
         return out0, out1, stats, status, (-1, 0)
     tok_ptr = 0
     if tokens is not None:
@@ -120,29 +123,10 @@ def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: fl
         tok_ptr = tokens.data_ptr()
     bad = _core.single_forward(
         _desc(z), tok_ptr, float(temperature), SINGLE_OPS[op], out0.data_ptr(),
-        out1.data_ptr() if out1 is not None else 0, stats.data_ptr(), status.data_ptr(),
+        out1.data_ptr() if out1 is not None else 0, stats.data_ptr() if keep else 0,
+        status.data_ptr() if keep else 0,
     )
     return out0, out1, stats, status, bad
-
-
-def single_value(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str):
-    """:func:`single_forward` without the statistics and status tensors (an eager call that wants
-    no gradient): returns ``(out0, out1 or None, bad)``."""
-    lead = z.shape[:-1]
-    odt = out_dtype(z.dtype)
-    out0 = torch.empty(lead, dtype=odt)
-    out1 = torch.empty(lead, dtype=odt) if op == "token_logprobs_entropy" else None
-    if out0.numel() == 0:
-        return out0, out1, (-1, 0)
-    tok_ptr = 0
-    if tokens is not None:
-        tokens = tokens.to(torch.int64).contiguous()
-        tok_ptr = tokens.data_ptr()
-    bad = _core.single_forward(
-        _desc(z), tok_ptr, float(temperature), SINGLE_OPS[op], out0.data_ptr(),
-        out1.data_ptr() if out1 is not None else 0, 0, 0,
-    )
-    return out0, out1, bad
 
 
 def single_backward(g0, g1, z, tokens, stats, temperature: float, op: str) -> torch.Tensor:
@@ -164,27 +148,21 @@ def single_backward(g0, g1, z, tokens, stats, temperature: float, op: str) -> to
     return dz
 
 
-def pair_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str):
+def pair_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str, keep: bool = True):
     """Run a divergence between two rows; returns ``(out, stats[..., PAIR_STATS], status, bad)``
-    (``bad``: ``(row, status)`` of the first row whose status is not 0, or ``(-1, 0)``)."""
+    (``bad``: ``(row, status)`` of the first row whose status is not 0, or ``(-1, 0)``).
+    ``keep=False``: no statistics or status tensors (see :func:`single_forward`)."""
     lead = z.shape[:-1]
     out = torch.empty(lead, dtype=out_dtype(z.dtype))
-    stats = torch.empty((*lead, PAIR_STATS), dtype=torch.float64)
-    status = torch.empty(lead, dtype=torch.int32)
+    stats = torch.empty((*lead, PAIR_STATS), dtype=torch.float64) if keep else None
+    status = torch.empty(lead, dtype=torch.int32) if keep else None
+    if not keep and out.numel() == 0:
+        return out, stats, status, (-1, 0)
     bad = _core.pair_forward(
-        _desc(z), _desc(w), float(temperature), PAIR_OPS[op], out.data_ptr(), stats.data_ptr(),
-        status.data_ptr(),
+        _desc(z), _desc(w), float(temperature), PAIR_OPS[op], out.data_ptr(),
+        stats.data_ptr() if keep else 0, status.data_ptr() if keep else 0,
     )
     return out, stats, status, bad
-
-
-def pair_value(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str):
-    """:func:`pair_forward` without the statistics and status tensors (an eager call that wants no
-    gradient): returns ``(out, bad)``."""
-    out = torch.empty(z.shape[:-1], dtype=out_dtype(z.dtype))
-    if out.numel() == 0:
-        return out, (-1, 0)
-    return out, _core.pair_forward(_desc(z), _desc(w), float(temperature), PAIR_OPS[op], out.data_ptr(), 0, 0)
 
 
 def pair_backward(g, z, w, stats, temperature: float, op: str, need_z: bool, need_w: bool):

@@ -95,7 +95,7 @@ def single_value(z: Tensor, tokens: Optional[Tensor], temperature: float, op: st
     """The values of :func:`single_fwd_impl` alone, for a :func:`direct_call` (no statistics for
     a backward are kept; on the C++ backend, no tensor beyond the outputs is allocated)."""
     if use_cpp(z):
-        out0, out1, (r, code) = _cpp().single_value(z, tokens, temperature, op)
+        out0, out1, _, _, (r, code) = _cpp().single_forward(z, tokens, temperature, op, keep=False)
         if validate and r >= 0:
             raise_for_code(r, code, tuple(z.shape[:-1]), ("logits",), tokens, z.shape[-1])
         return out0, out1
@@ -212,7 +212,7 @@ def pair_value(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool
     """The value of :func:`pair_fwd_impl` alone, for a :func:`direct_call` (see
     :func:`single_value`)."""
     if use_cpp(z):
-        out, (r, code) = _cpp().pair_value(z, w, temperature, op)
+        out, _, _, (r, code) = _cpp().pair_forward(z, w, temperature, op, keep=False)
         if validate and r >= 0:
             raise_for_code(r, code, tuple(z.shape[:-1]), _PAIR_NAMES)
         return out
