@@ -609,12 +609,30 @@ TRMATH_INLINE void store_full(typename L::Storage* dst, typename L::V v) {
   if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
     std::memcpy(dst, &v, sizeof(v));
   } else if constexpr (std::is_same<In, bf16_t>::value) {
+    // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the high half; a NaN
+    // (whose payload the carry could turn into an infinity or a zero) keeps its high half with
+    // the quiet bit set.
     const u8 u = (u8)v;
-    const u8 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const u8 qn = (u >> 16) | 0x40u;
+    const u8 hi = u >> 16;
+    const u8 r = (u + 0x7fffu + (hi & 1u)) >> 16;
+#if defined(__AVX2__)
+    // The same in intrinsics: an unordered compare finds the NaNs (the generic unsigned compare
+    // costs three instructions on AVX2) and one pack narrows both halves.
+    __m256 x;
+    std::memcpy(&x, &v, 32);
+    __m256i ri, qi;
+    const u8 qn = hi | 0x40u;
+    std::memcpy(&ri, &r, 32);
+    std::memcpy(&qi, &qn, 32);
+    const __m256i b = _mm256_blendv_epi8(ri, qi, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    std::memcpy(dst, &h, 16);
+#else
+    const u8 qn = hi | 0x40u;
     const u8 b = (u & 0x7fffffffu) > 0x7f800000u ? qn : r;
     const u16x8 b16 = __builtin_convertvector(b, u16x8);
     std::memcpy(dst, &b16, 16);
+#endif
   } else {
 #if defined(__F16C__)
     __m256 x;
@@ -639,15 +657,53 @@ TRMATH_INLINE typename L::V load_at(const typename L::Storage* p, int64_t n, int
   return i + L::W <= n ? L::load(p + i) : load_tail<L>(p + i, n - i);
 }
 
-template <class In>
-void single_bwd_impl(const SingleBwd& a) {
-  using L = typename LanesFor<In>::type;
+// One segment of a single-row backward, a function per (op, dtype, kUnitT) like pair_bwd_seg:
+// the op and every statistic are loop invariants held in registers (read through the argument
+// struct, they were reloaded after every store, which may alias anything as far as the compiler
+// knows). t: the token's index in this segment, or -1.
+template <class L, SingleOp kOp, bool kUnitT>
+__attribute__((noinline)) void single_bwd_seg(const typename L::Storage* z, int64_t n, double lse,
+                                              double H, double T, double g0d, double g1d,
+                                              int64_t t, typename L::Storage* out) {
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
+  const double invT = 1.0 / T;
+  const S g0 = S(g0d * invT), g1 = S(g1d * invT);
+  const S ninf = -std::numeric_limits<S>::infinity();
+  const double M = lse * T;
+  if (std::isnan(lse)) {  // NaN statistics (an invalid row) propagate
+    const V nan = splat<V>(std::numeric_limits<S>::quiet_NaN());
+    for (int64_t i = 0; i < n; i += L::W) store_lanes<L>(out, n, i, nan);
+    return;
+  }
+  for (int64_t i = 0; i < n; i += L::W) {
+    V zv = load_at<L>(z, n, i);
+    auto wa = L::template shifted<kUnitT>(zv, M, invT);
+    V p = L::exp(wa);
+    V res;
+    if constexpr (kOp == SingleOp::lse) {
+      res = g0 * p;
+    } else if constexpr (kOp == SingleOp::entropy) {
+      const Mask live = zv > ninf;
+      V lp = L::narrow(wa) + S(H);
+      res = live ? -g0 * p * lp : splat<V>(S(0));
+    } else {
+      const Mask live = zv > ninf;
+      V lp = L::narrow(wa) + S(H);
+      V ent = live ? p * lp : splat<V>(S(0));
+      res = -g0 * p - g1 * ent;
+      if (t >= i && t < i + L::W) res[t - i] += g0;
+    }
+    store_lanes<L>(out, n, i, res);
+  }
+}
+
+template <class In, SingleOp kOp>
+void single_bwd_run(const SingleBwd& a) {
+  using L = typename LanesFor<In>::type;
   RowReader<In> rd(a.z);
   const int64_t N = a.z.rows(), nseg = rd.nseg, Vn = rd.V;
-  const double invT = 1.0 / a.T;
   In* dz = static_cast<In*>(a.dz);
   parallel_for(N * nseg, [&](int64_t u) {
     int64_t r = u / nseg, sg = u % nseg;
@@ -655,42 +711,29 @@ void single_bwd_impl(const SingleBwd& a) {
     int64_t n = rd.seg_len(sg);
     In* out = dz + r * Vn + sg * kSegment;
     const double lse = a.stats[2 * r], H = a.stats[2 * r + 1];
-    const S g0 = S(a.g0[r] * invT), g1 = S(a.g1 ? a.g1[r] * invT : 0.0);
+    const double g1 = a.g1 ? a.g1[r] : 0.0;
     const int64_t t = a.tokens ? a.tokens[r] - sg * kSegment : -1;
-    const S ninf = -std::numeric_limits<S>::infinity();
-    for (int64_t i = 0; i < n; i += L::W) {
-      V zv = load_at<L>(z, n, i);
-      auto wa = L::shifted(zv, lse * a.T, invT);
-      V p = L::exp(wa);
-      Mask live = zv > ninf;
-      V res;
-      switch (a.op) {
-        case SingleOp::lse: res = g0 * p; break;
-        case SingleOp::entropy: {
-          V lp = L::narrow(wa) + S(H);
-          res = live ? -g0 * p * lp : splat<V>(S(0));
-          break;
-        }
-        default: {
-          V lp = L::narrow(wa) + S(H);
-          V ent = live ? p * lp : splat<V>(S(0));
-          res = -g0 * p - g1 * ent;
-          if (t >= i && t < i + L::W) res[t - i] += g0;
-          break;
-        }
-      }
-      // NaN statistics (invalid rows) propagate.
-      if (std::isnan(lse)) res = splat<V>(std::numeric_limits<S>::quiet_NaN());
-      store_lanes<L>(out, n, i, res);
-    }
+    if (a.T == 1.0) single_bwd_seg<L, kOp, true>(z, n, lse, H, a.T, a.g0[r], g1, t, out);
+    else single_bwd_seg<L, kOp, false>(z, n, lse, H, a.T, a.g0[r], g1, t, out);
   });
+}
+
+template <class In>
+void single_bwd_impl(const SingleBwd& a) {
+  switch (a.op) {
+    case SingleOp::lse: single_bwd_run<In, SingleOp::lse>(a); break;
+    case SingleOp::entropy: single_bwd_run<In, SingleOp::entropy>(a); break;
+    case SingleOp::logprob: single_bwd_run<In, SingleOp::logprob>(a); break;
+    case SingleOp::logprob_entropy: single_bwd_run<In, SingleOp::logprob_entropy>(a); break;
+  }
 }
 
 // One segment of a pair backward: the gradient terms of op kOp for the logits whose gradient is
 // wanted (kZ, kW). A function per (op, dtype, outputs), so each loop carries only its own terms:
 // a switch over the op inside the loop, and terms computed for an output nobody asked for,
-// used to cost more than the exponentials.
-template <class L, PairOp kOp, bool kZ, bool kW>
+// used to cost more than the exponentials. kUnitT: T = 1, and the scalings by 1/T (exact then,
+// but on every dependency chain of the loop) are skipped.
+template <class L, PairOp kOp, bool kZ, bool kW, bool kUnitT>
 __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
                                             const typename L::Storage* w, int64_t n,
                                             const double* t, double T, double gr,
@@ -705,8 +748,20 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
   const S zero(0), half(0.5), one(1);
   const S ninf = -std::numeric_limits<S>::infinity();
   const bool bad = std::isnan(lse_p) || std::isnan(lse_q);
+  // Every statistic the loop uses is read here, into locals: the gradient stores may alias
+  // any memory as far as the compiler knows, so a t[k] read inside the loop was reloaded (and
+  // its float conversions redone) after every store.
+  const double m = t[4], mlo = t[5], mlo_kl = t[5] + T * t[2];
   // TV: s_j - sum_i p_i s_i from the side masses (no cancellation; tv_side_masses).
   const double d[6] = {t[6], t[7], t[8], t[9], t[10], t[11]};
+  if (bad) {  // NaN statistics (an invalid row) propagate
+    const V nan = splat<V>(std::numeric_limits<S>::quiet_NaN());
+    for (int64_t i = 0; i < n; i += L::W) {
+      if constexpr (kZ) store_lanes<L>(oz, n, i, nan);
+      if constexpr (kW) store_lanes<L>(ow, n, i, nan);
+    }
+    return;
+  }
   for (int64_t i = 0; i < n; i += L::W) {
     V zv = load_at<L>(z, n, i), wv = load_at<L>(w, n, i);
     Mask zl = zv > ninf, wl = wv > ninf;
@@ -715,43 +770,43 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
       // d KL/dz = p (eps - KL), with eps - KL formed exactly (the centre moved by T KL), not as a
       // float difference; d KL/dw = -(p - q), from q expm1(eps) where |eps| < 1.
       V eps, epsk;
-      if constexpr (kW) L::logratio2(zv, wv, t[4], t[5], t[5] + T * t[2], invT, eps, epsk);
-      else epsk = L::logratio(zv, wv, t[4], t[5] + T * t[2], invT);
+      if constexpr (kW) L::template logratio2<false, kUnitT>(zv, wv, m, mlo, mlo_kl, invT, eps, epsk);
+      else epsk = L::template logratio<false, kUnitT>(zv, wv, m, mlo_kl, invT);
       V p{};
       if constexpr (kZ) {
-        p = L::exp(L::shifted(zv, lse_p * T, invT));
+        p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
         gz = zl ? g * p * epsk : splat<V>(zero);
       }
       if constexpr (kW) {
-        const V q = L::exp(L::shifted(wv, lse_q * T, invT));
+        const V q = L::exp(L::template shifted<kUnitT>(wv, lse_q * T, invT));
         const Mask small = vabs(eps) < one;
         V em1;
         if constexpr (sizeof(S) == 4) em1 = eps + L::em2_series(eps);
         else em1 = L::expm1_series(eps);
         em1 = q * em1;
         if (any_lane(~small)) {
-          if constexpr (!kZ) p = L::exp(L::shifted(zv, lse_p * T, invT));
+          if constexpr (!kZ) p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
           em1 = small ? em1 : p - q;  // p - q
         }
         gw = (zl | wl) ? -g * em1 : splat<V>(zero);
       }
     } else if constexpr (kOp == PairOp::tv) {
-      V eps = L::logratio(zv, wv, t[4], t[5], invT);
+      V eps = L::template logratio<false, kUnitT>(zv, wv, m, mlo, invT);
       Mask pos = eps > zero, neg = eps < zero;
       if constexpr (kZ) {
-        V p = L::exp(L::shifted(zv, lse_p * T, invT));
+        V p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
         V dp = pos ? splat<V>(S(d[0])) : (neg ? splat<V>(S(d[1])) : splat<V>(S(d[2])));
         gz = (zl | wl) ? g * half * p * dp : splat<V>(zero);
       }
       if constexpr (kW) {
-        V q = L::exp(L::shifted(wv, lse_q * T, invT));
+        V q = L::exp(L::template shifted<kUnitT>(wv, lse_q * T, invT));
         V dq = pos ? splat<V>(S(d[3])) : (neg ? splat<V>(S(d[4])) : splat<V>(S(d[5])));
         gw = (zl | wl) ? -g * half * q * dq : splat<V>(zero);
       }
     } else {
-      V eps = L::logratio(zv, wv, t[4], t[5], invT);
-      V p = L::exp(L::shifted(zv, lse_p * T, invT));
-      V q = L::exp(L::shifted(wv, lse_q * T, invT));
+      V eps = L::template logratio<false, kUnitT>(zv, wv, m, mlo, invT);
+      V p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
+      V q = L::exp(L::template shifted<kUnitT>(wv, lse_q * T, invT));
       Mask small = vabs(eps) < half;
       V hi = vmax(p, q), lo = vmin(p, q);
       V dbig = S(kLn2) - L::log1p_ratio(lo, hi);
@@ -766,10 +821,6 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
       dq = small ? ds - eps : dq;
       if constexpr (kZ) gz = zl ? g * half * p * (dp - sa) : splat<V>(zero);
       if constexpr (kW) gw = wl ? g * half * q * (dq - sb) : splat<V>(zero);
-    }
-    if (bad) {
-      gz = splat<V>(std::numeric_limits<S>::quiet_NaN());
-      gw = gz;
     }
     if constexpr (kZ) store_lanes<L>(oz, n, i, gz);
     if constexpr (kW) store_lanes<L>(ow, n, i, gw);
@@ -831,7 +882,8 @@ void pair_bwd_run(const PairBwd& a) {
     In* ow = kW ? dw + off : nullptr;
     const int64_t n = rz.seg_len(sg);
     const double* t = stats + kPairStats * r;
-    pair_bwd_seg<L, kOp, kZ, kW>(z, w, n, t, a.T, a.g[r], oz, ow);
+    if (a.T == 1.0) pair_bwd_seg<L, kOp, kZ, kW, true>(z, w, n, t, a.T, a.g[r], oz, ow);
+    else pair_bwd_seg<L, kOp, kZ, kW, false>(z, w, n, t, a.T, a.g[r], oz, ow);
   });
 }
 

@@ -202,7 +202,7 @@ struct FloatLanes {
 
   // logratio() about two centres m + mlo1 and m + mlo2 at once (the exact split of z - w is
   // shared); each result is bitwise the one logratio() returns for its centre.
-  template <bool kFinite = false>
+  template <bool kFinite = false, bool kUnitT = false>
   static TRMATH_INLINE void logratio2(V z, V w, double m, double mlo1, double mlo2, double invT,
                                       V& x1, V& x2) {
     f8 d = z - w;
@@ -211,8 +211,12 @@ struct FloatLanes {
     if (!kFinite) e = finite_or_zero(d, e);
     const float mh = float(m), ml = float(m - double(mh));
     const f8 dm = d - mh, em = e - ml;
-    x1 = (dm + (em - float(mlo1))) * float(invT);
-    x2 = (dm + (em - float(mlo2))) * float(invT);
+    x1 = dm + (em - float(mlo1));
+    x2 = dm + (em - float(mlo2));
+    if constexpr (!kUnitT) {
+      x1 = x1 * float(invT);
+      x2 = x2 * float(invT);
+    }
   }
 
   // e^a for a <= 88. Results below 2^-126 (a < -87.3) are flushed to 0: a probability under
@@ -286,7 +290,7 @@ struct DoubleLanes {
     if (!kFinite) e = vabs(s) < std::numeric_limits<double>::infinity() ? e : d4{};  // masked: x = +-inf, not NaN
     return (((s - m) + (e - mres)) - mlo) * invT;
   }
-  template <bool kFinite = false>
+  template <bool kFinite = false, bool = false>  // the scaling by invT is kept (exact for T = 1)
   static TRMATH_INLINE void logratio2(V z, V w, double m, double mlo1, double mlo2, double invT,
                                       V& x1, V& x2) {
     d4 s = z - w;

@@ -165,9 +165,17 @@ template <> struct Load8<float> {
 };
 template <> struct Load8<bf16_t> {
   static TRMATH_INLINE f8 load(const bf16_t* p) {
+#if defined(__AVX2__)
+    // One widening load (vpmovzxwd) and a shift; the generic conversion below compiles to two
+    // half-width widenings and an insert.
+    __m128i h; std::memcpy(&h, p, 16);
+    const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+    f8 v; std::memcpy(&v, &w, 32); return v;
+#else
     u16x8 h; std::memcpy(&h, p, 16);
     i8 w = __builtin_convertvector(h, i8) << 16;
     return (f8)w;
+#endif
   }
 };
 template <> struct Load8<f16_t> {
