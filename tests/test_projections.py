@@ -487,6 +487,36 @@ def test_sparse_rejects_overfull_rows():
     lp = torch.log(torch.tensor([[0.7, 0.6]], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"new_logprobs: row 0 has probabilities summing to more than 1"):
         trmath.project_kl_sparse(lp, lp - 1.0, 0.1)
+    # the check does not depend on validate, and names the argument and the row (multi-axis)
+    good = torch.log(torch.full((2, 3, 2), 0.3, dtype=torch.float64))
+    bad = good.clone()
+    bad[1, 2] = torch.log(torch.tensor([0.7, 0.6], dtype=torch.float64))
+    for validate in (True, False):
+        with pytest.raises(ValueError, match=r"old_logprobs: row \(1, 2\) has probabilities summing to more than 1"):
+            trmath.project_kl_sparse(good, bad, 0.1, validate=validate)
+
+
+@pytest.mark.parametrize("value, what", [(float("nan"), "contains NaN"), (float("inf"), "contains \\+inf"),
+                                         (None, "is entirely -inf")])
+@pytest.mark.parametrize("arg", [0, 1])
+def test_sparse_rejects_invalid_rows(value, what, arg):
+    good = torch.log(torch.full((4, 3), 0.2, dtype=torch.float64))
+    bad = good.clone()
+    if value is None:
+        bad[2] = -float("inf")
+    else:
+        bad[2, 1] = value
+    bad[3, 0] = float("nan")  # a later bad row is not the one reported
+    args = (bad, good) if arg == 0 else (good, bad)
+    name = ("new_logprobs", "old_logprobs")[arg]
+    with pytest.raises(ValueError, match=rf"{name}: row 2 {what}"):
+        trmath.project_kl_sparse(*args, 0.1)
+    if value is not None and value != value:
+        # validate=False: a NaN row propagates as NaN, the other rows are unaffected
+        out = trmath.project_kl_sparse(*args, 0.1, validate=False)
+        assert torch.isnan(out[2]).all() and torch.isnan(out[3]).all()
+        ref = trmath.project_kl_sparse(good[:2], good[:2], 0.1)
+        assert torch.equal(out[:2], ref)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import _project_torch as _pt
-from ._validation import as_tensor, check_pair, check_temperature, check_tokens, raise_for_status
+from ._validation import as_tensor, check_pair, check_temperature, check_tokens, raise_for_status, row_label
 
 __all__ = ["project_tv", "project_kl", "project_kl_sparse", "sparse_support", "troll_loss"]
 
@@ -183,7 +183,7 @@ def _project_kl(z, w, eps, T, validate):
     V = z.shape[-1]
     if _cpp_available(z):
         out, stats, status = _KLProjectCpp.apply(z, w, eps, T)
-        if validate:
+        if validate and bool(status.any()):  # one reduction when every row is valid
             raise_for_status((status & 127).cpu(), lead, _NAMES)
             _raise_infeasible((status & _STATUS_INFEASIBLE) != 0, lead, eps)
         return out, stats[..., 0]
@@ -351,19 +351,33 @@ def sparse_support(new_logits: Any, old_logits: Any, k: int, tokens: Any = None,
     return back(idx), back(lpn.to(odt)), back(lpo.to(odt))
 
 
-def _with_tail(lp: torch.Tensor, name: str) -> torch.Tensor:
-    lp64 = lp.to(torch.float64)
-    s = torch.logsumexp(lp64, dim=-1, keepdim=True)
+def _with_tails(z: torch.Tensor, w: torch.Tensor, names: tuple[str, str], validate: bool):
+    """Both sub-distributions in float64 with their tail buckets appended, validated from the
+    log-mass of each row: one ``logsumexp`` of the two stacked inputs serves every check (NaN
+    gives NaN, ``+inf`` gives ``+inf``, an all ``-inf`` row gives ``-inf``) and the tails."""
+    both = torch.stack([z.to(torch.float64), w.to(torch.float64)])
+    s = torch.logsumexp(both, dim=-1, keepdim=True)
     # Sum of the listed probabilities above 1 beyond rounding (a few ulps of the input dtype per
     # entry) is not a sub-distribution.
-    slack = 4.0 * lp.shape[-1] * torch.finfo(lp.dtype).eps
-    if bool((s > slack).any()):
-        r = int(torch.nonzero((s > slack).reshape(-1))[0])
-        raise ValueError(f"{name}: row {r} has probabilities summing to more than 1 ({math.exp(float(s.reshape(-1)[r]))!r})")
+    slack = 4.0 * z.shape[-1] * torch.finfo(z.dtype).eps
+    ok = (s <= slack) & (s > -math.inf) if validate else ~(s > slack)
+    if not bool(ok.all()):
+        for k, (t, name) in enumerate(zip((z, w), names)):
+            sk = s[k].reshape(-1)
+            if validate:
+                status = (torch.isnan(sk).to(torch.int32) + 2 * torch.isposinf(sk).to(torch.int32)
+                          + 4 * torch.isneginf(sk).to(torch.int32))
+                raise_for_status(status, tuple(t.shape[:-1]), (name,))
+            over = torch.nonzero(sk > slack).reshape(-1)
+            if over.numel():
+                r = int(over[0])
+                raise ValueError(f"{name}: {row_label(r, tuple(t.shape[:-1]))} has probabilities "
+                                 f"summing to more than 1 ({math.exp(float(sk[r]))!r})")
     s = torch.clamp(s, max=0.0)
     # log(1 - e^s), accurate both for s -> 0 and s -> -inf.
     tail = torch.where(s > -math.log(2.0), torch.log(-torch.expm1(s)), torch.log1p(-torch.exp(s)))
-    return torch.cat([lp64, tail], dim=-1)
+    both = torch.cat([both, tail], dim=-1)
+    return both[0], both[1]
 
 
 def project_kl_sparse(new_logprobs: Any, old_logprobs: Any, epsilon: float, *,
@@ -412,10 +426,7 @@ def project_kl_sparse(new_logprobs: Any, old_logprobs: Any, epsilon: float, *,
     w, _ = as_tensor(old_logprobs, "old_logprobs")
     z, w = check_pair(z, w, "new_logprobs", "old_logprobs")
     eps = _check_radius(epsilon, "epsilon")
-    if validate:
-        for t, name in ((z, "new_logprobs"), (w, "old_logprobs")):
-            raise_for_status(_status(t, 1).cpu(), tuple(t.shape[:-1]), (name,))
-    zt, wt = _with_tail(z, "new_logprobs"), _with_tail(w, "old_logprobs")
+    zt, wt = _with_tails(z, w, ("new_logprobs", "old_logprobs"), validate)
     out, eta = _project_kl(zt, wt, eps, 1.0, validate)
     out = out.to(_out_dtype(z.dtype))
     return (back(out), back(eta)) if return_eta else back(out)
