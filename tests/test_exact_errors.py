@@ -343,3 +343,31 @@ def test_empty_batches_give_empty_results_and_gradients(lead):
         assert o.shape == lead
     sum(o.sum() for o in outs).backward()
     assert z.grad.shape == z.shape and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("V", [37, 16384 + 13, 40000])
+def test_single_invalid_element_found_at_every_position(dtype, V):
+    """A NaN or +inf anywhere in a row -- any vector lane, the first or last element, either side
+    of a segment boundary, after masked tokens or a larger maximum -- invalidates that row alone,
+    and with ``validate=False`` gives NaN there (the single-row pass finds them without a
+    per-element test)."""
+    g = torch.Generator().manual_seed(V)
+    base = torch.randn(3, V, generator=g, dtype=torch.float64) * 4
+    base[:, torch.randperm(V, generator=g)[: V // 5]] = -INF
+    base[:, V // 2] = 30.0  # a large maximum in the middle of the row
+    tokens = torch.tensor([0, 1, V - 1])
+    positions = sorted({0, 1, 7, 8, 9, V // 2 - 1, V // 2 + 1, V - 1, min(16383, V - 1), min(16384, V - 1)})
+    for value, what in ((NAN, "contains NaN"), (INF, "contains \\+inf")):
+        for pos in positions:
+            x = base.clone()
+            x[1, pos] = value
+            x = x.to(dtype)
+            for func in SINGLE:
+                with pytest.raises(ValueError, match=f"logits: row 1 {what}"):
+                    single(func, x, tokens)
+                outs = single(func, x, tokens, validate=False)
+                refs = single(func, x[[0, 2]], tokens[[0, 2]])
+                for o, r in zip(outs, refs):
+                    assert torch.isnan(o[1]), (func, value, pos, o)
+                    assert torch.equal(o[[0, 2]], r), (func, value, pos)

@@ -227,9 +227,12 @@ struct FloatLanes {
   // kFloor: the caller knows a is finite (no masked token) and accepts e^-87 = 1.6e-38 in
   // place of any smaller result (V * 1.6e-38 <= 5e-33 in a sum of weights >= 1, under the
   // 1e-30 absolute slack); the flush to 0 and its compare are skipped.
-  template <bool kFloor = false>
+  // kKeepNaN: a NaN argument gives NaN (the clamp's operands are swapped: vmax returns its second
+  // operand for a NaN); otherwise it is clamped to -88 like any small argument.
+  template <bool kFloor = false, bool kKeepNaN = false>
   static TRMATH_INLINE V exp(V a, Mask zero = Mask{}) {
-    f8 hi = vmax(a, splat<f8>(kFloor ? -87.0f : -88.0f));
+    const f8 lo = splat<f8>(kFloor ? -87.0f : -88.0f);
+    f8 hi = kKeepNaN ? vmax(lo, a) : vmax(a, lo);
     const f8 magic = splat<f8>(12582912.0f);  // 1.5 * 2^23
     f8 t = hi * float(kLog2e) + magic;
     f8 n = t - magic;
@@ -267,7 +270,7 @@ struct DoubleLanes {
   template <bool kUnitT = false>
   static TRMATH_INLINE d4 shifted_max(V v, double M, double invT) { return (v - M) * invT; }
   static TRMATH_INLINE V narrow(Wide w) { return w; }
-  template <bool kFloor = false>
+  template <bool kFloor = false, bool = false>  // exp_d keeps NaN
   static TRMATH_INLINE V exp(Wide a, Mask zero = Mask{}) { return zero_where(zero, exp_d(a)); }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_d); }
   static TRMATH_INLINE V em2_series(V x) { return x * x * horner(x, coef::em2_d); }

@@ -219,8 +219,12 @@ TRMATH_INLINE void sub_lanes(d4* acc, l4 m) { acc[0] -= __builtin_convertvector(
 // <= 16 u of non-negative sums) before they are flushed into per-lane doubles.
 // A lane's maximum starts at the most negative finite value, not -inf: a masked (-inf) token
 // then gives a = -inf and e^a = 0 with no test, and a lane is live exactly when it has counted
-// a maximum (k >= 1: the element that last raised m_l counts itself). NaN and +inf share one
-// test in the loop; which of the two was seen is settled by a rescan of the (rare) bad segment.
+// a maximum (k >= 1: the element that last raised m_l counts itself). NaN and +inf need no test
+// in the loop: the exponential keeps a NaN argument, and a +inf element becomes its lane's
+// maximum, where a = inf - inf is NaN: a NaN leaves a NaN in its lane's sum R (every later move
+// and flush keeps it), a +inf a lane maximum of +inf (its own NaN term is cleared as a maximum's
+// by the double lanes). Which of the two was seen is settled by a rescan of the (rare) segment
+// that shows either.
 // out: v[0] = R, v[1] = B, v[2] = k about the returned maximum mx (as seg_sum1 about M).
 template <class L, bool kEntropy, bool kUnitT>
 TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double invT, double& mx,
@@ -230,9 +234,8 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
   using S = typename L::S;
   using Mask = typename L::Mask;
   constexpr int W = L::W;
-  const S inf = std::numeric_limits<S>::infinity();
   const double dinf = std::numeric_limits<double>::infinity();
-  const V zero = splat<V>(S(0)), vinf = splat<V>(inf);
+  const V zero = splat<V>(S(0));
   const S sinvT = S(invT);
   V m = splat<V>(std::numeric_limits<S>::lowest());
   V bR = zero, bB = zero;
@@ -246,7 +249,6 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
     std::memcpy(K, Kv, sizeof K);
     std::memcpy(B, Bv, sizeof B);
   };
-  Mask bad{};
   int cnt = 0;
   auto flush = [&]() TRMATH_LAMBDA_INLINE {
     add_lanes(Rv, bR);
@@ -258,7 +260,6 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
     cnt = 0;
   };
   for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
-    bad |= ~(v < vinf);  // NaN or +inf
     const Mask up = v > m;
     if (any_lane(up)) {
       flush();
@@ -283,7 +284,8 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
     V a = v - m;  // exact near the lane's maximum; relative 2^-24 (float) elsewhere; -inf masked
     if constexpr (!kUnitT) a = a * sinvT;
     const Mask top = v == m;
-    const V e = L::exp(a, top);  // 0 at the lane's maxima, which are counted apart
+    // 0 at the lane's maxima, which are counted apart; NaN where a is (a NaN or +inf element)
+    const V e = L::template exp<false, true>(a, top);
     bR += e;
     bK += top;
     if constexpr (kEntropy) {
@@ -294,7 +296,9 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
   }, pf);
   flush();
   to_arrays();
-  if (any_lane(bad)) {
+  bool bad = false;
+  for (int i = 0; i < W; ++i) bad |= R[i] != R[i] || double(m[i]) == dinf;
+  if (bad) {
     for (int64_t i = 0; i < n; ++i) {
       const double x = to_double(z[i]);
       if (x != x) flags |= nan_bit;
