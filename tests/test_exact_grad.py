@@ -336,3 +336,55 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     for a, b in zip(eager, compiled):
         assert b is not None
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# 16-bit gradients: the float32 arithmetic, rounded once to nearest even
+# ------------------------------------------------------------------------------------------------
+def _grads(func, xs, g):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    if func in PAIR:
+        out = getattr(trmath, func)(*xs, temperature=1.3)  # T != 1; g / T stays finite
+    elif func == "token_logprobs":
+        out = trmath.token_logprobs(xs[0], torch.arange(xs[0].shape[0]) % xs[0].shape[-1])
+    else:
+        out = getattr(trmath, func)(xs[0])
+    out.backward(g)
+    return [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("func", ["logsumexp", "entropy", "token_logprobs", *PAIR])
+def test_16bit_gradients_are_float32_gradients_rounded_to_nearest_even(func, dtype):
+    """A 16-bit input is widened exactly and computed in float32 like a float32 input, so its
+    gradient must be the float32 input's gradient rounded once to the dtype (ties to even),
+    bitwise -- the vectorised conversion included: every lane position and the row tail
+    (V = 16384 + 21), upstream gradients from 1e-36 (16-bit subnormals and zeros) to past the
+    dtype's largest finite value (the last row has one dominant token, where logsumexp's
+    gradient rounds to infinity), and masked tokens (exactly zero)."""
+    rng = StableRNG(11)
+    N, V = 6, 16384 + 21
+    masked = torch.from_numpy(rng.integers(0, V, V // 50))
+    xs = []
+    for _ in range(2 if func in PAIR else 1):
+        x = torch.from_numpy(rng.normal(N * V).reshape(N, V) * 3).to(dtype)
+        x[:, masked] = -INF  # the same tokens in both rows: finite divergences
+        x[N - 1, 5] = 60.0
+        xs.append(x)
+    # float32 values above the largest bfloat16 (3.3895e38) from 3.3961e38, and float16 (65504)
+    # from 65520, round to infinity
+    big = 3.4e38 if dtype == torch.bfloat16 else 7e4
+    g = torch.tensor([1e-36, 1e-8, 0.37, 1.0, 3e3, big], dtype=torch.float32)
+    g16 = _grads(func, xs, g)
+    g32 = _grads(func, [x.float() for x in xs], g)
+    if func == "logsumexp":
+        assert torch.isinf(g16[0][N - 1, 5]) and torch.isfinite(g32[0][N - 1, 5])
+    for a, b in zip(g16, g32):
+        assert a.dtype == dtype
+        ref = b.to(dtype)
+        assert not torch.isnan(ref).any()
+        same = a.view(torch.int16) == ref.view(torch.int16)
+        assert bool(same.all()), (
+            f"{func}: {int((~same).sum())} of {same.numel()} gradients differ from the float32 "
+            f"gradient rounded to {dtype}; first at {tuple(torch.nonzero(~same)[0].tolist())}: "
+            f"{float(a[~same][0])} vs {float(ref[~same][0])} (float32 {float(b[~same][0])})")
