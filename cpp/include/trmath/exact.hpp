@@ -209,6 +209,25 @@ TRMATH_INLINE void sub_lanes(d4* acc, i8 m) {
   acc[1] -= __builtin_convertvector(i4(__builtin_shufflevector(m, m, 4, 5, 6, 7)), d4);
 }
 TRMATH_INLINE void sub_lanes(d4* acc, l4 m) { acc[0] -= __builtin_convertvector(__builtin_convertvector(m, i4), d4); }
+// Lanes 4h .. 4h + 3 of a vector, widened to double (exact).
+TRMATH_INLINE d4 quarter_d(f8 v, int h) { return __builtin_convertvector(h ? hi_half(v) : lo_half(v), d4); }
+TRMATH_INLINE d4 quarter_d(d4 v, int) { return v; }
+
+// Moves per-lane sums (R about Mo, B = sum exp(a) (-a), K the count of maxima) to the larger
+// maxima Mn where `up` is set: R' = (K + R) f, B' = f (B + d (K + R)), K' = 0, with
+// d = (Mn - Mo) / T and f = exp(-d); an empty lane (K = R = 0) stays empty. Four lanes at a
+// time with the vector exponential (within an ulp of the scalar one), instead of a scalar
+// exp per moved lane: a short row moves each lane's maximum a few times, and those scalar
+// calls were most of its cost.
+template <bool kEntropy>
+TRMATH_INLINE void move_maxima(d4& R, d4& K, d4& B, d4 Mo, d4 Mn, l4 up, double invT) {
+  const d4 zero = splat<d4>(0.0);
+  const d4 d = (Mn - Mo) * invT, f = exp_d(-d), A = K + R;
+  const l4 empty = (K == zero) & (R == zero);
+  R = up ? zero_where(empty, A * f) : R;
+  if (kEntropy) B = up ? zero_where(empty, f * (B + d * A)) : B;
+  K = up ? zero : K;
+}
 
 // ---- passes A and B in one read, one row ---------------------------------------------------
 // The same sums as seg_max + seg_sum1, from one read of the segment: every lane keeps them about
@@ -241,7 +260,7 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
   V bR = zero, bB = zero;
   Mask bK{};  // minus the count of maxima (a true mask lane is -1)
   // Per-lane double sums, held as vectors (the flush is a few conversions, not 3 W scalar
-  // adds); the rare moves of a lane's maximum work on array copies R, K, B.
+  // adds; a move of lane maxima is a few vector operations, move_maxima).
   d4 Rv[W / 4] = {}, Kv[W / 4] = {}, Bv[W / 4] = {};
   double R[W], K[W], B[W];
   auto to_arrays = [&]() TRMATH_LAMBDA_INLINE {
@@ -263,22 +282,10 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
     const Mask up = v > m;
     if (any_lane(up)) {
       flush();
-      to_arrays();
-      for (int i = 0; i < W; ++i) {
-        if (!up[i]) continue;
-        const double Mo = double(m[i]), Mn = double(v[i]);
-        if (K[i] == 0 && R[i] == 0) {
-          R[i] = K[i] = B[i] = 0.0;
-        } else {
-          const double d = (Mn - Mo) * invT, f = std::exp(-d), A = K[i] + R[i];
-          R[i] = A * f;
-          B[i] = f * (B[i] + d * A);
-          K[i] = 0.0;
-        }
+      for (int h = 0; h < W / 4; ++h) {
+        const d4 Mo = quarter_d(m, h), Mn = quarter_d(v, h);
+        move_maxima<kEntropy>(Rv[h], Kv[h], Bv[h], Mo, Mn, Mn > Mo, invT);
       }
-      std::memcpy(Rv, R, sizeof R);
-      std::memcpy(Kv, K, sizeof K);
-      std::memcpy(Bv, B, sizeof B);
       m = up ? v : m;
     }
     V a = v - m;  // exact near the lane's maximum; relative 2^-24 (float) elsewhere; -inf masked
@@ -308,19 +315,22 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
   double Ms = -dinf;
   for (int i = 0; i < W; ++i)
     if (K[i] > 0 && double(m[i]) > Ms) Ms = double(m[i]);
+  // Every lane moved to the segment maximum Ms (the lanes at Ms keep their sums, f = 1 and
+  // d = 0 would round them), then summed in lane order.
+  double Rm[W], Bm[W];
+  for (int h = 0; h < W / 4; ++h) {
+    const d4 Mi = quarter_d(m, h);
+    d4 R4 = Rv[h], B4 = Bv[h], K4 = Kv[h];
+    move_maxima<kEntropy>(R4, K4, B4, Mi, splat<d4>(Ms), Mi != Ms, invT);
+    std::memcpy(Rm + 4 * h, &R4, sizeof R4);
+    std::memcpy(Bm + 4 * h, &B4, sizeof B4);
+  }
   double Rs = 0.0, Ks = 0.0, Bs = 0.0;
   for (int i = 0; i < W; ++i) {
     if (!(K[i] > 0)) continue;  // a lane of masked tokens only
-    const double Mi = double(m[i]);
-    if (Mi == Ms) {
-      Rs += R[i];
-      Ks += K[i];
-      Bs += B[i];
-      continue;
-    }
-    const double d = (Ms - Mi) * invT, f = std::exp(-d), A = K[i] + R[i];
-    Rs += A * f;
-    Bs += f * (B[i] + d * A);
+    Rs += Rm[i];
+    Bs += Bm[i];
+    if (double(m[i]) == Ms) Ks += K[i];
   }
   mx = Ms;
   out.v[0] = Rs;
