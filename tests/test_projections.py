@@ -713,3 +713,92 @@ def test_kl_peaked_rows_in_a_batch_match_single_rows():
     for i in range(len(pairs)):
         lpi, etai = trmath.project_kl(z[i:i + 1], w[i:i + 1], 1e-4, return_eta=True)
         assert torch.equal(lp[i:i + 1], lpi) and torch.equal(eta[i:i + 1], etai)
+
+
+# ------------------------------------------------------------------------------------------------
+# the sparse projection's tail buckets (compiled pass and torch reference)
+# ------------------------------------------------------------------------------------------------
+def _tail_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Rows of log-probabilities [B, S] with masses from 1e-13 to 1 - 1e-9, for every S from 1 to
+    9 and a longer one (4-lane vectors and their remainders), some with -inf entries."""
+    g = torch.Generator().manual_seed(23)
+    out = []
+    for S in (1, 2, 3, 4, 5, 7, 8, 9, 130):
+        for mass in (1e-13, 0.3, 0.6, 0.999, 1 - 1e-9):
+            x = torch.randn(S, dtype=torch.float64, generator=g) * 2
+            if S > 2:
+                x[S // 2] = -INF
+            x = x - torch.logsumexp(x, 0) + math.log(mass)
+            out.append(x.to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_sparse_tails_match_mpmath(dtype):
+    import mpmath
+
+    u = 2.0 ** -53
+    for x in _tail_rows(dtype):
+        S = x.shape[-1]
+        z = x.unsqueeze(0)
+        w = torch.flip(z, (-1,)).contiguous()
+        got = {"cpp": trmath._backend.sparse_tails(z, w), "torch": P._tails_torch(z, w)}
+        with mpmath.workdps(60):
+            m = mpmath.fsum(mpmath.exp(mpmath.mpf(float(v))) for v in x.double().tolist())
+            ref_s = float(mpmath.log(m))
+            # rounded to 16/32 bits, a row of mass 1 - 1e-9 can list slightly more than 1: its
+            # tail is empty (the mass is clamped at 1)
+            ref_t = float(mpmath.log(1 - m)) if m < 1 else -INF
+        mass = float(m)
+        for name, (both, s) in got.items():
+            s = s.reshape(2)
+            for k in range(2):  # w is z reversed: the same mass and tail
+                # the entries are the input values, converted exactly
+                xs = x if k == 0 else torch.flip(x, (0,))
+                assert torch.equal(both[k, 0, :S], xs.double()), name
+                # log-mass: S rounded exponentials and a log, a few ulps of the largest term
+                assert abs(float(s[k]) - ref_s) <= 4 * (S + 4) * u, (name, S, mass)
+                # tail = log(1 - e^s) amplifies the error of s by mass / (1 - mass); the final
+                # log adds its own rounding
+                if ref_t == -INF or (S + 4) * u * mass >= (1 - mass):  # tail within rounding of 0
+                    assert float(both[k, 0, S]) < math.log((S + 4) * 8 * u), (name, S, mass)
+                    continue
+                tol = 4 * ((S + 4) * u * mass / (1 - mass) + 2 * u * abs(ref_t))
+                assert abs(float(both[k, 0, S]) - ref_t) <= tol, (name, S, mass, float(both[k, 0, S]), ref_t)
+
+
+def test_sparse_tails_strided_and_batched_rows_are_row_for_row_identical():
+    g = torch.Generator().manual_seed(29)
+    base = torch.randn(6, 5, 42, generator=g) - 5.0
+    z = base[:, 1, ::2]  # strided, non-contiguous rows
+    w = base[:, 3, 1::2]
+    both, s = trmath._backend.sparse_tails(z, w)
+    for r in range(z.shape[0]):
+        b1, s1 = trmath._backend.sparse_tails(z[r:r + 1].contiguous(), w[r:r + 1].contiguous())
+        assert torch.equal(both[:, r], b1[:, 0]) and torch.equal(s[:, r], s1[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_gradients_through_the_tails(backend, dtype):
+    g = torch.Generator().manual_seed(31)
+    a = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    b = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    b[1, 2] -= 4.0  # little pi_old mass where pi_new has none (the ball stays feasible)
+    a = a - torch.logsumexp(a, -1, keepdim=True) + math.log(0.7)
+    b = b - torch.logsumexp(b, -1, keepdim=True) + math.log(0.8)
+    if dtype == torch.float64:
+        # (finite inputs: a finite difference at a -inf entry is NaN)
+        a.requires_grad_()
+        b.requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, y: trmath.project_kl_sparse(x, y, 0.05), (a, b))
+        return
+    a[1, 2] = -INF  # a token only pi_old has
+    # 32-bit inputs: both backends give the float64 computation's gradients, in float32
+    c = torch.randn(3, 7, dtype=torch.float64, generator=g)
+    x, y = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    gx, gy = torch.autograd.grad((c * trmath.project_kl_sparse(x, y, 0.05)).sum(), (x, y))
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    rx, ry = torch.autograd.grad((c * trmath.project_kl_sparse(x64, y64, 0.05)).sum(), (x64, y64))
+    assert gx.dtype == dtype and gy.dtype == dtype
+    torch.testing.assert_close(gx, rx.to(dtype), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gy, ry.to(dtype), rtol=1e-6, atol=1e-7)

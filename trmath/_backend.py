@@ -200,6 +200,19 @@ def project_kl_forward(z: torch.Tensor, w: torch.Tensor, epsilon: float, tempera
     return out, stats, status
 
 
+def sparse_tails(z: torch.Tensor, w: torch.Tensor):
+    """Both sparse-projection inputs (log-probabilities ``[..., S]``) as float64
+    ``[2, ..., S + 1]`` with their tail buckets ``log(1 - sum e^x)`` appended, and the log-masses
+    ``log sum e^x`` ``[2, ...]`` of their rows (NaN / ``+inf`` / ``-inf`` for a row with a NaN, a
+    ``+inf``, only ``-inf``)."""
+    lead, S = z.shape[:-1], z.shape[-1]
+    out = torch.empty((2, *lead, S + 1), dtype=torch.float64)
+    mass = torch.empty((2, *lead), dtype=torch.float64)
+    if mass.numel():
+        _core.sparse_tails(_desc(z), _desc(w), out.data_ptr(), mass.data_ptr())
+    return out, mass
+
+
 def project_kl_backward(g, z, w, stats, temperature: float, need_z: bool, need_w: bool):
     """Gradients of the KL projection with respect to both logits (``None`` where not needed)."""
     dz = _empty_like_input(z) if need_z else None

@@ -182,7 +182,13 @@ def _project_kl(z, w, eps, T, validate):
     lead = tuple(z.shape[:-1])
     V = z.shape[-1]
     if _cpp_available(z):
-        out, stats, status = _KLProjectCpp.apply(z, w, eps, T)
+        if torch.is_grad_enabled() and (z.requires_grad or w.requires_grad):
+            out, stats, status = _KLProjectCpp.apply(z, w, eps, T)
+        else:  # no graph to record: the kernel alone (the autograd wrapper costs ~50 us)
+            from . import _backend
+
+            fwd = _backend.cuda_project_kl_forward if z.is_cuda else _backend.project_kl_forward
+            out, stats, status = fwd(z, w, eps, T)
         if validate and bool(status.any()):  # one reduction when every row is valid
             raise_for_status((status & 127).cpu(), lead, _NAMES)
             _raise_infeasible((status & _STATUS_INFEASIBLE) != 0, lead, eps)
@@ -351,32 +357,80 @@ def sparse_support(new_logits: Any, old_logits: Any, k: int, tokens: Any = None,
     return back(idx), back(lpn.to(odt)), back(lpo.to(odt))
 
 
-def _with_tails(z: torch.Tensor, w: torch.Tensor, names: tuple[str, str], validate: bool):
-    """Both sub-distributions in float64 with their tail buckets appended, validated from the
-    log-mass of each row: one ``logsumexp`` of the two stacked inputs serves every check (NaN
-    gives NaN, ``+inf`` gives ``+inf``, an all ``-inf`` row gives ``-inf``) and the tails."""
-    both = torch.stack([z.to(torch.float64), w.to(torch.float64)])
-    s = torch.logsumexp(both, dim=-1, keepdim=True)
+def _tail_checks(s: torch.Tensor, z: torch.Tensor, w: torch.Tensor, names: tuple[str, str],
+                 validate: bool) -> torch.Tensor | None:
+    """Raise for the first invalid row given the log-masses ``s`` ``[2, ..., 1]`` of both inputs
+    (NaN for a NaN entry, ``+inf`` for a ``+inf`` one, ``-inf`` for an all ``-inf`` row; a mass
+    above 1 beyond rounding always raises, the rest only if ``validate``)."""
     # Sum of the listed probabilities above 1 beyond rounding (a few ulps of the input dtype per
     # entry) is not a sub-distribution.
     slack = 4.0 * z.shape[-1] * torch.finfo(z.dtype).eps
     ok = (s <= slack) & (s > -math.inf) if validate else ~(s > slack)
-    if not bool(ok.all()):
-        for k, (t, name) in enumerate(zip((z, w), names)):
-            sk = s[k].reshape(-1)
-            if validate:
-                status = (torch.isnan(sk).to(torch.int32) + 2 * torch.isposinf(sk).to(torch.int32)
-                          + 4 * torch.isneginf(sk).to(torch.int32))
-                raise_for_status(status, tuple(t.shape[:-1]), (name,))
-            over = torch.nonzero(sk > slack).reshape(-1)
-            if over.numel():
-                r = int(over[0])
-                raise ValueError(f"{name}: {row_label(r, tuple(t.shape[:-1]))} has probabilities "
-                                 f"summing to more than 1 ({math.exp(float(sk[r]))!r})")
-    s = torch.clamp(s, max=0.0)
+    if bool(ok.all()):
+        return
+    for k, (t, name) in enumerate(zip((z, w), names)):
+        sk = s[k].reshape(-1)
+        if validate:
+            status = (torch.isnan(sk).to(torch.int32) + 2 * torch.isposinf(sk).to(torch.int32)
+                      + 4 * torch.isneginf(sk).to(torch.int32))
+            raise_for_status(status, tuple(t.shape[:-1]), (name,))
+        over = torch.nonzero(sk > slack).reshape(-1)
+        if over.numel():
+            r = int(over[0])
+            raise ValueError(f"{name}: {row_label(r, tuple(t.shape[:-1]))} has probabilities "
+                             f"summing to more than 1 ({math.exp(float(sk[r]))!r})")
+
+
+def _tails_torch(z: torch.Tensor, w: torch.Tensor):
+    """``[2, ..., S + 1]`` float64: both inputs with their tail buckets, and the log-masses
+    ``[2, ..., 1]`` (differentiable; the reference for the compiled :class:`_TailsCpp`)."""
+    both = torch.stack([z.to(torch.float64), w.to(torch.float64)])
+    s = torch.logsumexp(both, dim=-1, keepdim=True)
+    c = torch.clamp(s, max=0.0)
     # log(1 - e^s), accurate both for s -> 0 and s -> -inf.
-    tail = torch.where(s > -math.log(2.0), torch.log(-torch.expm1(s)), torch.log1p(-torch.exp(s)))
-    both = torch.cat([both, tail], dim=-1)
+    tail = torch.where(c > -math.log(2.0), torch.log(-torch.expm1(c)), torch.log1p(-torch.exp(c)))
+    return torch.cat([both, tail], dim=-1), s
+
+
+class _TailsCpp(torch.autograd.Function):
+    r""":func:`_tails_torch` in one compiled pass per row. Backward: the tail
+    :math:`t = \log(1 - \sum_i e^{x_i})` has :math:`\partial t / \partial x_i = -e^{x_i - t}`
+    (0 where the mass is clamped at 1)."""
+
+    @staticmethod
+    def forward(ctx, z, w):
+        from . import _backend
+
+        out, s = _backend.sparse_tails(z, w)
+        ctx.save_for_backward(out, s)
+        ctx.dtypes = (z.dtype, w.dtype)
+        ctx.mark_non_differentiable(s)
+        return out, s
+
+    @staticmethod
+    def backward(ctx, g, gs):
+        out, s = ctx.saved_tensors
+        x, tail = out[..., :-1], out[..., -1:]
+        dt = torch.where(s.unsqueeze(-1) > 0.0, 0.0, -torch.exp(x - tail))
+        d = g[..., :-1] + g[..., -1:] * dt
+        return d[0].to(ctx.dtypes[0]), d[1].to(ctx.dtypes[1])
+
+
+def _with_tails(z: torch.Tensor, w: torch.Tensor, names: tuple[str, str], validate: bool):
+    """Both sub-distributions in float64 with their tail buckets appended, validated from the
+    log-mass of each row: one log-sum-exp per row serves every check (NaN gives NaN, ``+inf``
+    gives ``+inf``, an all ``-inf`` row gives ``-inf``) and the tails."""
+    if _cpp_available(z) and z.device.type == "cpu":
+        from . import _backend
+
+        if torch.is_grad_enabled() and (z.requires_grad or w.requires_grad):
+            both, s = _TailsCpp.apply(z, w)
+        else:
+            both, s = _backend.sparse_tails(z, w)
+        s = s.unsqueeze(-1)
+    else:
+        both, s = _tails_torch(z, w)
+    _tail_checks(s, z, w, names, validate)
     return both[0], both[1]
 
 

@@ -23,11 +23,13 @@ const KernelTable& kernels();
 namespace isa_generic {
 void project_kl_forward_rows(const ProjFwd& a, const double* kst);
 void project_kl_backward_rows(const ProjBwd& a);
+void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
 }  // namespace isa_generic
 #if defined(TRMATH_HAVE_AVX2)
 namespace isa_avx2 {
 void project_kl_forward_rows(const ProjFwd& a, const double* kst);
 void project_kl_backward_rows(const ProjBwd& a);
+void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
 }  // namespace isa_avx2
 #endif
 
@@ -66,6 +68,20 @@ void register_project(py::module_& m) {
     if (use_avx2()) return isa_avx2::project_kl_forward_rows(a, kst.data());
 #endif
     isa_generic::project_kl_forward_rows(a, kst.data());
+  });
+  // The sparse projection's inputs (log-probabilities of S tokens, rows of z and w) as float64
+  // [2, rows, S + 1] with the tail buckets appended; mass [2, rows] = log sum e^x of each row
+  // (for the caller's checks).
+  m.def("sparse_tails", [](const Desc& z, const Desc& w, uintptr_t out, uintptr_t mass) {
+    View vz = make_view(z, "new_logprobs"), vw = make_view(w, "old_logprobs");
+    check_same(vz, vw, "new_logprobs", "old_logprobs");
+    py::gil_scoped_release nogil;
+    double* o = reinterpret_cast<double*>(out);
+    double* s = reinterpret_cast<double*>(mass);
+#if defined(TRMATH_HAVE_AVX2)
+    if (use_avx2()) return isa_avx2::sparse_tail_rows(vz, vw, o, s);
+#endif
+    isa_generic::sparse_tail_rows(vz, vw, o, s);
   });
   m.def("project_kl_backward", [](const Desc& z, const Desc& w, double T, uintptr_t stats,
                                   uintptr_t g, uintptr_t dz, uintptr_t dw) {

@@ -9,6 +9,7 @@
 // temporary besides the outputs.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #ifndef TRMATH_ISA
@@ -105,6 +106,69 @@ void backward_rows(const ProjBwd& a) {
   });
 }
 
+// One row of log-probabilities x (S entries) to float64 out[0 .. S) with its tail bucket
+// out[S] = log(1 - sum e^x) appended (project_kl_sparse). Returns the log-mass
+// s = log sum e^x (NaN if some entry is NaN, +inf if one is +inf, -inf if all are -inf); the
+// tail is computed from min(s, 0): log(-expm1(s)) near s = 0, log1p(-e^s) below -log 2, each
+// accurate to a few ulps there.
+template <class In>
+double tail_row(const In* x, int64_t vs, int64_t S, double* out) {
+  const double inf = std::numeric_limits<double>::infinity();
+  d4 mv4 = splat<d4>(-inf);
+  l4 nan4 = l4{};
+  int64_t i0 = 0;
+  if (vs == 1) {
+    for (; i0 + 4 <= S; i0 += 4) {
+      const d4 v = Load4<In>::load(x + i0);
+      std::memcpy(out + i0, &v, sizeof v);
+      nan4 |= v != v;
+      mv4 = vmax(v, mv4);  // a NaN v leaves mv4 (it is flagged in nan4)
+    }
+  }
+  double m = -inf;
+  bool nan = false;
+  for (int i = 0; i < 4; ++i) {
+    m = mv4[i] > m ? mv4[i] : m;
+    nan |= nan4[i] != 0;
+  }
+  for (int64_t i = i0; i < S; ++i) {
+    const double v = to_double(x[i * vs]);
+    out[i] = v;
+    nan |= v != v;
+    m = v > m ? v : m;
+  }
+  double s;
+  if (nan) {
+    s = kNaN;
+  } else if (m == inf || m == -inf) {
+    s = m;
+  } else {
+    d4 acc = splat<d4>(0.0);
+    const d4 mv = splat<d4>(m);
+    int64_t i = 0;
+    for (; i + 4 <= S; i += 4) {
+      d4 v;
+      std::memcpy(&v, out + i, sizeof v);
+      acc += exp_d(v - mv);
+    }
+    if (i < S) {
+      d4 v = splat<d4>(-inf);  // exp_d(-inf) = 0 pads the last vector
+      for (int64_t j = 0; i + j < S; ++j) v[j] = out[i + j];
+      acc += exp_d(v - mv);
+    }
+    s = m + std::log(hsum(acc));
+  }
+  const double c = s > 0.0 ? 0.0 : s;  // NaN stays NaN
+  out[S] = c > -0.6931471805599453 ? std::log(-std::expm1(c)) : std::log1p(-std::exp(c));
+  return s;
+}
+
+template <class In>
+void tail_row_of(const View& v, int64_t r, double* out, double* mass) {
+  const int64_t S = v.V();
+  mass[r] = tail_row(row_ptr<In>(v, r), v.vstride(), S, out + r * (S + 1));
+}
+
 template <class F>
 void by_dtype(DType t, F&& f) {
   switch (t) {
@@ -119,6 +183,18 @@ void by_dtype(DType t, F&& f) {
 
 void project_kl_forward_rows(const ProjFwd& a, const double* kst) {
   by_dtype(a.z.dtype, [&](auto in, auto o) { forward_rows<decltype(in), decltype(o)>(a, kst); });
+}
+
+void sparse_tail_rows(const View& z, const View& w, double* out, double* mass) {
+  // Rows of z, then of w, over the pool: out is [2, rows, S + 1], mass [2, rows].
+  const int64_t rows = z.rows(), S = z.V();
+  parallel_for(2 * rows, [&](int64_t u) {
+    const bool second = u >= rows;
+    const View& v = second ? w : z;
+    double* o = out + (second ? rows * (S + 1) : 0);
+    double* m = mass + (second ? rows : 0);
+    by_dtype(v.dtype, [&](auto in, auto) { tail_row_of<decltype(in)>(v, u - (second ? rows : 0), o, m); });
+  });
 }
 
 void project_kl_backward_rows(const ProjBwd& a) {
