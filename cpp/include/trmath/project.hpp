@@ -128,7 +128,7 @@ inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, i
     d4 r = ok ? t * d - lam_r : d4{};
     d4 qt = exp_d(b);
     l4 small = vabs(r) < 1.0;
-    d4 e2 = r * r * horner(r, coef::em2_d);
+    d4 e2 = r * r * estrin(r, coef::em2_d);
     d4 em1 = r + e2;
     d4 phi = qt * (r * em1 - e2);
     d4 sig = qt * em1;
