@@ -321,6 +321,28 @@ def test_temperature_sweep(T, func, dtype):
     raise_failures(failures)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("func", PAIR_FUNCS)
+def test_log_ratios_in_bands_around_the_series_radii(func, dtype):
+    """Rows whose log-ratios all lie in one band around 1/2 or 1 in magnitude, where the kernels
+    switch between series and closed forms (the float lanes' series cover |x| < 1, the double
+    lanes' JS series |x| < 1/2): every vector of the row then takes one branch, or a mix of
+    both, across the switch."""
+    rng = StableRNG(_seed("bands", func, dtype))
+    failures = []
+    for lo, hi in ((0.3, 0.7), (0.45, 0.55), (0.6, 0.99), (0.9, 1.1), (0.99, 1.01), (1.0, 1.6)):
+        for V in (64, 1000):
+            z = rng.normal(6 * V).reshape(6, V) * 2.0
+            mag = rng.uniform(6 * V, lo, hi).reshape(6, V)
+            sign = np.where(rng.uniform(6 * V) < 0.5, -1.0, 1.0)
+            w = z - sign.reshape(6, V) * mag
+            zc, wc = cast(z, dtype), cast(w, dtype)
+            tokens = torch.zeros(12, dtype=torch.int64)
+            failures += check(func, zc, wc, tokens, dtype, 1.0,
+                              f"[{_dname(dtype)} |x| in ({lo}, {hi}) V={V}]")
+    raise_failures(failures)
+
+
 def test_masked_kl_is_exactly_inf_and_tv_js_finite():
     """``q_i = 0 < p_i``: KL is +inf exactly, TV and JS finite and correct, in every dtype."""
     z64 = np.array([[0.5, -1.0, 2.0, -INF], [0.0, 0.0, 0.0, 0.0], [3.0, -INF, -INF, -INF]])

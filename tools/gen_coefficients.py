@@ -8,7 +8,7 @@ Two kinds of polynomial:
   for the Jensen-Shannon series, s in [0, 1/3] for log1p). The double lanes (all but their
   exponential) and the CUDA kernels use these.
 * Chebyshev interpolants (``*_fc``, and ``exp_dc`` for the double lanes' exponential) of the
-  same functions on the same intervals, for the CPU float lanes: near-minimax, so the same accuracy (relative error <= 1e-8, a sixth of a float
+  same functions on the same intervals (the JS halves on |e| <= 1), for the CPU float lanes: near-minimax, so the same accuracy (relative error <= 1e-8, a sixth of a float
   ulp or less) needs 3 to 4 fewer terms. The float kernels are bound by the latency and
   the number of their floating-point operations, and these polynomials are most of both.
   Their maximum relative errors (on 4001 points of the interval) are printed.
@@ -95,9 +95,11 @@ exp_dc = cheb("exp_dc", mp.exp, -half_ln2, half_ln2, 11, bound=mp.mpf("1e-17"))
 assert abs(exp_dc[0] - 1) < mp.mpf(2) ** -55
 out.append(arr("exp_dc", exp_dc))
 out.append(arr("em2_fc", cheb("em2_fc", over_sq(lambda x: mp.expm1(x) - x, mp.mpf(1) / 2, mp.mpf(1) / 6), -1, 1, 7)))
+# The JS halves on |e| <= 1 (the interval of the other float series, so that one branch serves
+# all of them; the Taylor series above stop at 1/2): degree 9.
 for nm, f in (("jsp", hp), ("jsq", hq)):
     c = mp.taylor(f, 0, 4)
-    out.append(arr(nm + "_fc", cheb(nm + "_fc", over_sq(f, c[2], c[3]), -mp.mpf(1) / 2, mp.mpf(1) / 2, 6)))
+    out.append(arr(nm + "_fc", cheb(nm + "_fc", over_sq(f, c[2], c[3]), -1, 1, 9)))
 # atanh(s)/s as a polynomial in t = s^2, s in [0, 1/3]
 out.append(arr("log1p_fc", cheb("log1p_fc", lambda t: 1 + t / 3 if t < mp.mpf("1e-15") else mp.atanh(mp.sqrt(t)) / mp.sqrt(t),
                                 0, mp.mpf(1) / 9, 4)))

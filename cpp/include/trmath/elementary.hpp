@@ -248,6 +248,7 @@ struct FloatLanes {
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_fc); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_fc); }
+  static constexpr double kJsRadius = 1.0;  // the JS series' interval, |x| < kJsRadius
   static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_fc); }
   // Accumulate 8 float terms into 4 double lanes.
   static TRMATH_INLINE d4 to_acc(V v) {
@@ -281,6 +282,7 @@ struct DoubleLanes {
   static TRMATH_INLINE V phi_series(V x) { return x * x * estrin(x, coef::phi_d); }
   static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_d); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_d); }
+  static constexpr double kJsRadius = 0.5;
   static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_d); }
   static TRMATH_INLINE d4 to_acc(V v) { return v; }
   // x = (z - w - m) / T with z - w split exactly (two-sum): near-identical float64 rows have

@@ -405,7 +405,8 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
     // such lanes are formed only in that (rare) branch, so the common path carries no selects.
     const V qe = qt * em1_s;                  // q (e^x - 1) from the series
     V ez, pt, em1, pfull, phi;
-    if (__builtin_expect((kMasked ? any_lane(~small | only_p) : !all_lanes(small)), 0)) {
+    const bool rare = kMasked ? any_lane(~small | only_p) : !all_lanes(small);
+    if (__builtin_expect(rare, 0)) {
       ez = L::exp(L::template shifted_max<kUnitT>(zv, P.Mz, P.invT));
       pt = ez * g;
       if (kMasked) pt = wneg ? zero : pt;     // q_i = 0 is reported through the flag
@@ -442,27 +443,31 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
       acc.blk[2] += pos ? em1 : zero;  // T+
       acc.blk[3] += pos ? qt : zero;   // Q+
     } else if constexpr (kTerms == kJS) {
-      // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0.
-      Mask js_small = vabs(x) < S(0.5);
-      V sp = qt * L::jsp_series(x);
-      V sq = qt * L::jsq_series(x);
-      V hi = vmax(pfull, qt), lo = vmin(pfull, qt);
-      V l1 = L::log1p_ratio(lo, hi);       // log(1 + min/max)
-      V xc = vmax(x, splat<V>(S(-200)));
-      Mask ppos = pfull > qt;
-      V d_big = S(kLn2) - l1;               // log(2 max/(p+q)) for the larger side
-      V dp = ppos ? d_big : d_big + xc;     // log(p/m)
-      V dq = ppos ? d_big - xc : d_big;     // log(q/m)
-      const V half = splat<V>(S(0.5));
-      V bp = pfull * dp + (qt - pfull) * half;
-      V bq = qt * dq + (pfull - qt) * half;
-      V tp = js_small ? sp : bp;
-      V tq = js_small ? sq : bq;
-      // q_i = 0 < p_i: p_i (log 2 - 1/2) and p_i / 2.
-      V praw = ez * g;
-      if (kMasked) {
-        tp = only_p ? praw * S(kLn2 - 0.5) : tp;
-        tq = only_p ? praw * half : tq;
+      // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0: series for
+      // |x| < kJsRadius. The float lanes' series cover |x| < 1, like their other series, so
+      // the common branch (every lane small, no q = 0 < p) needs nothing else.
+      V tp = qt * L::jsp_series(x);
+      V tq = qt * L::jsq_series(x);
+      if (L::kJsRadius < 1.0 || rare) {
+        const Mask js_small = vabs(x) < S(L::kJsRadius);
+        V hi = vmax(pfull, qt), lo = vmin(pfull, qt);
+        V l1 = L::log1p_ratio(lo, hi);       // log(1 + min/max)
+        V xc = vmax(x, splat<V>(S(-200)));
+        Mask ppos = pfull > qt;
+        V d_big = S(kLn2) - l1;               // log(2 max/(p+q)) for the larger side
+        V dp = ppos ? d_big : d_big + xc;     // log(p/m)
+        V dq = ppos ? d_big - xc : d_big;     // log(q/m)
+        const V half = splat<V>(S(0.5));
+        V bp = pfull * dp + (qt - pfull) * half;
+        V bq = qt * dq + (pfull - qt) * half;
+        tp = js_small ? tp : bp;
+        tq = js_small ? tq : bq;
+        // q_i = 0 < p_i: p_i (log 2 - 1/2) and p_i / 2.
+        if (kMasked) {
+          const V praw = ez * g;
+          tp = only_p ? praw * S(kLn2 - 0.5) : tp;
+          tq = only_p ? praw * half : tq;
+        }
       }
       acc.blk[2] += tp;
       acc.blk[3] += tq;
