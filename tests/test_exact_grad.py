@@ -212,6 +212,36 @@ def test_backward_against_oracle(family, backend, dtype, T):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("dtype", tuple(GRAD_TOL), ids=_dname)
+@pytest.mark.parametrize("func", PAIR)
+def test_backward_log_ratios_in_bands_around_the_series_radii(func, dtype):
+    """Rows whose log-ratios all lie in one band around 1/2 or 1 in magnitude, where the
+    backward kernels switch between series and closed forms (the float lanes' JS series cover
+    |x| < 1, KL's expm1 series |x| < 1): every vector takes one branch, or a mix, across the
+    switch. Against mpmath, as test_backward_against_oracle."""
+    failures = []
+    for k, (lo, hi) in enumerate(((0.3, 0.7), (0.45, 0.55), (0.6, 0.99), (0.9, 1.1), (0.99, 1.01),
+                                  (1.0, 1.6))):
+        for V in (64, 300):
+            rng = StableRNG(1000 * k + V)
+            z = 2.0 * rng.normal(4 * V).reshape(4, V)
+            mag = rng.uniform(4 * V, lo, hi).reshape(4, V)
+            sign = np.where(rng.uniform(4 * V) < 0.5, -1.0, 1.0).reshape(4, V)
+            z, w = cast(z, dtype), cast(z - sign * mag, dtype)
+            g = torch.from_numpy(StableRNG(V + k).uniform(4, 0.5, 2.0))
+            zz, ww = z.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            (getattr(trmath, func)(zz, ww) * g.float()).sum().backward()
+            refs = mp_grad_batch(func, z, w, temperature=1.0, grad_output=g)
+            scale = _term_scale(g, 1.0, z, w)
+            for j, (a, r) in enumerate(zip((zz.grad, ww.grad), refs)):
+                try:
+                    _assert_grad_vs_oracle(a, r, dtype, f"d{func}/d{'zw'[j]} |x| in ({lo}, {hi}) V={V}",
+                                           scale)
+                except AssertionError as exc:
+                    failures.append(str(exc))
+    assert not failures, "\n".join(failures)
+
+
 # ------------------------------------------------------------------------------------------------
 # masked tokens, NaN, and gradient sums
 # ------------------------------------------------------------------------------------------------

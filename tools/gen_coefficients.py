@@ -100,6 +100,9 @@ out.append(arr("em2_fc", cheb("em2_fc", over_sq(lambda x: mp.expm1(x) - x, mp.mp
 for nm, f in (("jsp", hp), ("jsq", hq)):
     c = mp.taylor(f, 0, 4)
     out.append(arr(nm + "_fc", cheb(nm + "_fc", over_sq(f, c[2], c[3]), -1, 1, 9)))
+# log(p/m) = log(2/(1 + e^-e)), divided by e, on |e| <= 1 (the JS backward's series): degree 9.
+out.append(arr("jsd_fc", cheb("jsd_fc", lambda e: mp.mpf(1) / 2 + e / 8 if abs(e) < mp.mpf("1e-12")
+                              else mp.log(2 / (1 + mp.exp(-e))) / e, -1, 1, 9)))
 # atanh(s)/s as a polynomial in t = s^2, s in [0, 1/3]
 out.append(arr("log1p_fc", cheb("log1p_fc", lambda t: 1 + t / 3 if t < mp.mpf("1e-15") else mp.atanh(mp.sqrt(t)) / mp.sqrt(t),
                                 0, mp.mpf(1) / 9, 4)))

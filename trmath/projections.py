@@ -358,7 +358,7 @@ def sparse_support(new_logits: Any, old_logits: Any, k: int, tokens: Any = None,
 
 
 def _tail_checks(s: torch.Tensor, z: torch.Tensor, w: torch.Tensor, names: tuple[str, str],
-                 validate: bool) -> torch.Tensor | None:
+                 validate: bool) -> None:
     """Raise for the first invalid row given the log-masses ``s`` ``[2, ..., 1]`` of both inputs
     (NaN for a NaN entry, ``+inf`` for a ``+inf`` one, ``-inf`` for an all ``-inf`` row; a mass
     above 1 beyond rounding always raises, the rest only if ``validate``)."""

@@ -807,18 +807,22 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
       V eps = L::template logratio<false, kUnitT>(zv, wv, m, mlo, invT);
       V p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
       V q = L::exp(L::template shifted<kUnitT>(wv, lse_q * T, invT));
-      Mask small = vabs(eps) < half;
-      V hi = vmax(p, q), lo = vmin(p, q);
-      V dbig = S(kLn2) - L::log1p_ratio(lo, hi);
-      V ec = vmin(vmax(eps, splat<V>(S(-200))), splat<V>(S(200)));
-      Mask ppos = p > q;
-      V dp = ppos ? dbig : dbig + ec;
-      V dq = ppos ? dbig - ec : dbig;
-      V ds;  // log(p/m) = log(2 / (1 + e^-eps)), series for |eps| < 1/2
-      if constexpr (sizeof(S) == 4) ds = eps * estrin(eps, coef::jsd_f);
+      // log(p/m) = log(2 / (1 + e^-eps)) and log(q/m) = log(p/m) - eps: a series for
+      // |eps| < kJsRadius (float lanes: 1, a degree 9 Chebyshev interpolant; double lanes: 1/2,
+      // the Taylor series), the closed form only in vectors with a lane beyond.
+      V ds;
+      if constexpr (sizeof(S) == 4) ds = eps * estrin(eps, coef::jsd_fc);
       else ds = eps * estrin(eps, coef::jsd_d);
-      dp = small ? ds : dp;
-      dq = small ? ds - eps : dq;
+      V dp = ds, dq = ds - eps;
+      const Mask small = vabs(eps) < S(L::kJsRadius);
+      if (!all_lanes(small)) {
+        V hi = vmax(p, q), lo = vmin(p, q);
+        V dbig = S(kLn2) - L::log1p_ratio(lo, hi);
+        V ec = vmin(vmax(eps, splat<V>(S(-200))), splat<V>(S(200)));
+        Mask ppos = p > q;
+        dp = small ? dp : (ppos ? dbig : dbig + ec);
+        dq = small ? dq : (ppos ? dbig - ec : dbig);
+      }
       if constexpr (kZ) gz = zl ? g * half * p * (dp - sa) : splat<V>(zero);
       if constexpr (kW) gw = wl ? g * half * q * (dq - sb) : splat<V>(zero);
     }

@@ -1,7 +1,7 @@
 // Standalone driver of the CPU kernels for the sanitizer build (ASan + UBSan + LeakSanitizer):
 // every entry point, every dtype, odd vocabulary sizes (1 .. two segments + 1), strided rows,
-// masked tokens, both execution modes (rows in parallel / segments in parallel), and the
-// KL-ball projection's solver and backward. Checks the results against a plain double-precision
+// masked tokens, both execution modes (rows in parallel / segments in parallel), the
+// KL-ball projection's solver and backward, and the sparse projection's tail buckets. Checks the results against a plain double-precision
 // reference to catch gross errors; precision itself is tested from Python against mpmath.
 #include <cmath>
 #include <cstdio>
@@ -18,6 +18,7 @@ namespace isa_generic {
 extern const KernelTable table;
 void project_kl_forward_rows(const ProjFwd& a, const double* kst);
 void project_kl_backward_rows(const ProjBwd& a);
+void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
 }  // namespace isa_generic
 }
 using namespace trmath;
@@ -162,6 +163,26 @@ void run_case(DType dt, int64_t N, int64_t V, int64_t vstride, std::mt19937_64& 
     for (size_t i = 0; i < pdz.size(); ++i)
       check(std::isfinite(simd::to_double(pdz[i])) && std::isfinite(simd::to_double(pdw[i])),
             "projection backward finite", V);
+  }
+  // The sparse projection's tail buckets (rows of z and w read as log-probabilities): the
+  // copies, the log-masses and the tails' masses against double sums.
+  {
+    std::vector<double> tails(size_t(2 * N * (V + 1))), mass(size_t(2 * N));
+    isa_generic::sparse_tail_rows(z, w, tails.data(), mass.data());
+    for (int k = 0; k < 2; ++k)
+      for (int64_t r = 0; r < N; ++r) {
+        const std::vector<double>& xd = k ? wd : zd;
+        const double* row = tails.data() + (k * N + r) * (V + 1);
+        double mx = -INFINITY, sum = 0;
+        for (int64_t i = 0; i < V; ++i) mx = std::fmax(mx, xd[size_t(r * V + i)]);
+        for (int64_t i = 0; i < V; ++i) sum += std::exp(xd[size_t(r * V + i)] - mx);
+        const double ref = mx + std::log(sum);
+        bool same = true;
+        for (int64_t i = 0; i < V; ++i) same &= row[i] == xd[size_t(r * V + i)];
+        check(same, "sparse tails copy", V);
+        check(std::fabs(mass[size_t(k * N + r)] - ref) <= 1e-12 * (1 + std::fabs(ref)), "sparse tails mass", V);
+        check(std::fabs(std::exp(row[V]) - std::fmax(0.0, -std::expm1(ref))) <= 1e-12, "sparse tails tail", V);
+      }
   }
   for (int op = 0; op < 4; ++op) {
     SingleFwd a;
