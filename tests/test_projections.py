@@ -800,5 +800,9 @@ def test_sparse_gradients_through_the_tails(backend, dtype):
     x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
     rx, ry = torch.autograd.grad((c * trmath.project_kl_sparse(x64, y64, 0.05)).sum(), (x64, y64))
     assert gx.dtype == dtype and gy.dtype == dtype
-    torch.testing.assert_close(gx, rx.to(dtype), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(gy, ry.to(dtype), rtol=1e-6, atol=1e-7)
+    # Not bitwise: the output is float32, so the gradient reaching it is rounded to float32
+    # (2^-24 relative) before the float64 backward; through the Jacobian that is an error of a
+    # few float32 ulps of the row's largest gradient, and the final rounding adds half an ulp.
+    for got, ref in ((gx, rx), (gy, ry)):
+        torch.testing.assert_close(got, ref.to(dtype), rtol=2.0**-22,
+                                   atol=2.0**-22 * float(ref.abs().max()))
