@@ -305,6 +305,24 @@ def test_family_sweep(family, func, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("func", FUNCS[3:])
+def test_single_rows_either_side_of_the_short_row_length(func, dtype):
+    """The single-row reductions sum a row of up to 4096 logits (512 in float64) in two passes
+    from cache (its maximum, then its sums about it) and a longer one in one read with per-lane
+    maxima: every family at the lengths either side of the switch (the shorter one with a
+    partial vector at its end), at temperatures 1 and 0.7."""
+    failures = []
+    for V in ((511, 512, 513) if dtype == torch.float64 else (4095, 4096, 4097)):
+        parts = [family_batch(f, V, dtype, 2) for f in FAMILIES]
+        z = torch.cat([p[0] for p in parts])
+        w = torch.cat([p[1] for p in parts])
+        tokens = torch.cat([p[2][:2] for p in parts] + [p[2][2:] for p in parts])
+        for T in (1.0, 0.7):
+            failures += check(func, z, w, tokens, dtype, T, f"[{_dname(dtype)} V={V} T={T}]")
+    raise_failures(failures)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
 @pytest.mark.parametrize("func", FUNCS)
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_sweep(T, func, dtype):

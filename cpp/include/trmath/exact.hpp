@@ -151,10 +151,8 @@ TRMATH_INLINE void seg_max(const typename L::Storage* z, int64_t n, double& mx, 
     m = vmax(v, m);  // v > m ? v : m: a NaN v leaves m as it is
   });
   double r = -std::numeric_limits<double>::infinity();
-  for (int i = 0; i < L::W; ++i) {
-    if (low[i]) flags |= low_bit;
-    r = double(m[i]) > r ? double(m[i]) : r;
-  }
+  if (any_lane(low)) flags |= low_bit;
+  for (int i = 0; i < L::W; ++i) r = double(m[i]) > r ? double(m[i]) : r;
   if (any_lane(bad)) {
     for (int64_t i = 0; i < n; ++i) {
       const double x = to_double(z[i]);

@@ -109,12 +109,14 @@ TRMATH_ROW double pair_finish(int op, double T, const double* s, int flags, doub
   double sd[6] = {nan, nan, nan, nan, nan, nan};
   if (!(flags & kErrorBits)) {
     const double Aw = s[0], Z1 = s[1] / Aw, R = s[7] / Aw, Zt = Z1 + R, G = 1.0 + Zt;
-    lse_q = Mw * invT + std::log(Aw);
-    lse_p = lse_q + (m + mlo) * invT + std::log1p(Zt);
-    // Centre of the log-ratio the backward uses: the exact one (x - log G) for KL and JS; for
-    // TV the one the forward classified signs at, so both passes agree. Plus the centre's own
-    // rounding residual (m = fl(Mz - Mw)), as the forward used it.
-    clo = (op == 1 ? mlo : mlo + T * std::log1p(Zt)) + centre_residual(Mz, Mw, m);
+    if (stats) {  // (a forward that keeps no statistics skips their logarithms)
+      lse_q = Mw * invT + std::log(Aw);
+      lse_p = lse_q + (m + mlo) * invT + std::log1p(Zt);
+      // Centre of the log-ratio the backward uses: the exact one (x - log G) for KL and JS;
+      // for TV the one the forward classified signs at, so both passes agree. Plus the
+      // centre's own rounding residual (m = fl(Mz - Mw)), as the forward used it.
+      clo = (op == 1 ? mlo : mlo + T * std::log1p(Zt)) + centre_residual(Mz, Mw, m);
+    }
     if (op == 0) {
       if (flags & kQZeroP) {
         out = INFINITY;
@@ -128,9 +130,11 @@ TRMATH_ROW double pair_finish(int op, double T, const double* s, int flags, doub
       // Both terms are >= 0 up to the (bounded) misclassification error; clamp the rounding.
       out = std::fmin(std::fmax((s[2] / Aw - Zt * (s[3] / Aw)) / G, 0.0) + R / G, 1.0);
       // a = P+ - P-, b = Q+ - Q-, and the backward's side terms (tv_side_terms).
-      tv_side_terms(s, sd);
-      sa = -sd[2];
-      sb = -sd[5];
+      if (stats) {
+        tv_side_terms(s, sd);
+        sa = -sd[2];
+        sb = -sd[5];
+      }
     } else {
       sa = s[2] / Aw;
       sb = s[3] / Aw;
