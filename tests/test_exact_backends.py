@@ -165,6 +165,59 @@ def test_parity_cpp_vs_torch(func, dtype, shape):
         assert_grad_close(a, b, dtype, f"{func} gradient {k}", logit_scale(z, w, T))
 
 
+ISA_SHAPES = ((3, 5), (2, 3, 17), (3, 4097), (2, 40000))
+ISA_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+def isa_results() -> dict:
+    """Outputs and gradients of every function on fixed inputs (for ``test_instruction_sets``)."""
+    res = {}
+    for shape in ISA_SHAPES:
+        for dtype in ISA_DTYPES:
+            z, w, tokens = make_inputs(shape, dtype)
+            T = 0.7 if shape[-1] % 2 else 1.0
+            for func in FUNCS:
+                res[(func, _dname(dtype), shape)] = forward_and_grads(func, z, w, tokens,
+                                                                      temperature=T)
+    return res
+
+
+def test_instruction_sets_agree(tmp_path):
+    """The kernels built for every instruction set this CPU runs (``TRMATH_ISA=generic`` and
+    ``=avx2`` cap the run-time choice; an AVX-512 CPU gets 16-lane forward passes by default)
+    give the same outputs and gradients up to the accuracy target each meets (the parity
+    tolerances above), on short, odd and multi-segment rows."""
+    import os
+    import subprocess
+    import sys
+
+    from trmath import _backend
+
+    here = _backend.isa()
+    caps = [c for c in ("generic", "avx2") if c != here]
+    mine = isa_results()
+    for cap in caps:
+        out = tmp_path / f"{cap}.pt"
+        code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); "
+                "import test_exact_backends as t; from trmath import _backend; "
+                "torch.save((_backend.isa(), t.isa_results()), sys.argv[2])")
+        env = dict(os.environ, TRMATH_ISA=cap)
+        subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(out)],
+                       check=True, env=env, timeout=600)
+        isa, theirs = torch.load(out)
+        if isa == here:  # this CPU lacks the capped set's instructions: nothing to compare
+            continue
+        for key, (outs, grads) in mine.items():
+            func, dname, shape = key
+            dtype = getattr(torch, dname)
+            z, w, _ = make_inputs(shape, dtype)
+            for k, (a, b) in enumerate(zip(outs, theirs[key][0])):
+                assert_fwd_close(a, b, dtype, f"{here} vs {isa}: {key} output {k}")
+            for k, (a, b) in enumerate(zip(grads, theirs[key][1])):
+                assert_grad_close(a, b, dtype, f"{here} vs {isa}: {key} gradient {k}",
+                                  logit_scale(z, w, 0.7 if shape[-1] % 2 else 1.0))
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=_dname)
 @pytest.mark.parametrize("func", FUNCS)
 def test_forward_on_one_backend_backward_on_the_other(func, dtype):

@@ -38,7 +38,7 @@ PAIR_OPS = {"kl": 0, "tv": 1, "js": 2}
 
 
 def isa() -> str:
-    """Instruction set of the CPU kernels in use (``"avx2"`` or ``"generic"``)."""
+    """Instruction set of the CPU kernels in use (``"avx512"``, ``"avx2"`` or ``"generic"``)."""
     return _core.isa()
 
 

@@ -81,6 +81,14 @@ std::vector<In>& scratch(int which) {
 // Lanes used for a dtype: float lanes for 16/32-bit inputs, double lanes for float64.
 template <class In> struct LanesFor { using type = FloatLanes<In>; };
 template <> struct LanesFor<double> { using type = DoubleLanes<double>; };
+// Lanes of the forward passes: 16 float lanes where the build has them (AVX-512); the
+// backward passes keep LanesFor (their stores convert eight gradients at a time).
+#if defined(TRMATH_HAVE_LANES16)
+template <class In> struct FwdLanesFor { using type = FloatLanes16<In>; };
+template <> struct FwdLanesFor<double> { using type = DoubleLanes<double>; };
+#else
+template <class In> struct FwdLanesFor : LanesFor<In> {};
+#endif
 
 // ---- executor -------------------------------------------------------------------------------
 // An algorithm exposes: nseg, bool next(row) (prepare the row's next pass, false when done),
@@ -169,7 +177,7 @@ constexpr int64_t kShortSegment = std::is_same<In, double>::value ? 512 : 4096;
 
 template <class In>
 struct SingleAlgo {
-  using L = typename LanesFor<In>::type;
+  using L = typename FwdLanesFor<In>::type;  // lanes of the first pass (kSum)
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   enum Stage : int { kStart, kSum, kSumDouble, kSumDD, kDone };
   struct St {
@@ -363,7 +371,7 @@ constexpr int kLowSeen = 1 << 12;
 
 template <class In>
 struct PairAlgo {
-  using L = typename LanesFor<In>::type;
+  using L = typename FwdLanesFor<In>::type;  // the forward passes' lanes
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   static constexpr bool kDouble = std::is_same<In, double>::value;
   // The sum kernels take a PairTerms, never an int: a stage once named kCentre shadowed

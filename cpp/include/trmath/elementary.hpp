@@ -16,6 +16,7 @@
 
 #include "trmath/coefficients.hpp"
 #include "trmath/vec.hpp"
+#include "trmath/lanes16.hpp"
 
 #if defined(__FMA__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -151,20 +152,33 @@ TRMATH_INLINE bool all_lanes(l4 m) {
 // The one quantity that must be exact to its last bit is the log-ratio x (KL ~ Var(x)/2 down
 // to 1e-12): logratio() splits z - w exactly and reduces it about a centre held as three
 // floats.
-TRMATH_INLINE f8 finite_or_zero(f8 ref, f8 v) {
-  return vabs(ref) < std::numeric_limits<float>::infinity() ? v : f8{};
+template <class V>
+TRMATH_INLINE V finite_or_zero(V ref, V v) {
+  return vabs(ref) < std::numeric_limits<float>::infinity() ? v : V{};
 }
 
-template <class In>
-struct FloatLanes {
-  static constexpr int W = 8;
-  using V = f8;
-  using Mask = i8;
+// Accumulate the float lanes of v into 4 double lanes (exact conversions, then sums).
+TRMATH_INLINE d4 to_acc4(f8 v) {
+  return __builtin_convertvector(lo_half(v), d4) + __builtin_convertvector(hi_half(v), d4);
+}
+#if defined(TRMATH_HAVE_LANES16)
+TRMATH_INLINE d4 to_acc4(f16v v) {
+  return (quarter16_d(v, 0) + quarter16_d(v, 1)) + (quarter16_d(v, 2) + quarter16_d(v, 3));
+}
+#endif
+
+// Float lanes of any width: FloatLanes (8 lanes, AVX2 and the portable build) and FloatLanes16
+// (16 lanes, the AVX-512 build's forward passes) run the same operations in every lane.
+template <class In, class VT, class MaskT, template <class> class LoadT>
+struct FloatLanesT {
+  static constexpr int W = int(sizeof(VT) / sizeof(float));
+  using V = VT;
+  using Mask = MaskT;
   using S = float;
-  using Wide = f8;
+  using Wide = VT;
   using Storage = In;
 
-  static TRMATH_INLINE V load(const In* p) { return Load8<In>::load(p); }
+  static TRMATH_INLINE V load(const In* p) { return LoadT<In>::load(p); }
 
   // (v - M) * invT: exact near the maximum (Sterbenz), else relative 2^-24 per rounding. M as
   // two floats keeps a float64 normaliser (the backward's) to float64 accuracy.
@@ -172,14 +186,14 @@ struct FloatLanes {
   template <bool kUnitT = false>
   static TRMATH_INLINE V shifted(V v, double M, double invT) {
     const float Mh = float(M), Ml = float(M - double(Mh));
-    f8 s = (v - Mh) - Ml;
+    V s = (v - Mh) - Ml;
     return kUnitT ? s : s * float(invT);
   }
   // shifted() about a float value M (a row or segment maximum of the input itself, so the low
   // part is 0 and its subtraction is skipped).
   template <bool kUnitT = false>
   static TRMATH_INLINE V shifted_max(V v, double M, double invT) {
-    f8 s = v - float(M);
+    V s = v - float(M);
     return kUnitT ? s : s * float(invT);
   }
   static TRMATH_INLINE V narrow(V a) { return a; }
@@ -188,15 +202,15 @@ struct FloatLanes {
   // kFinite: every z - w is finite (no -inf, no overflow), so the guard is not needed.
   template <bool kFinite = false, bool kUnitT = false>
   static TRMATH_INLINE V logratio(V z, V w, double m, double mlo, double invT, double = 0.0) {
-    f8 d = z - w;
-    f8 bb = d - z;
-    f8 e = (z - (d - bb)) - (w + bb);
+    V d = z - w;
+    V bb = d - z;
+    V e = (z - (d - bb)) - (w + bb);
     if (!kFinite) e = finite_or_zero(d, e);
     // The centre as three floats (m = mh + ml exactly for a float-input centre, and the
     // re-centring correction mlo apart): a correction of 1e-19 must survive next to ml ~ 1e-7,
     // or the sign of p - q on a peaked row's top token is lost.
     const float mh = float(m), ml = float(m - double(mh)), mlf = float(mlo);
-    f8 x = (d - mh) + ((e - ml) - mlf);
+    V x = (d - mh) + ((e - ml) - mlf);
     return kUnitT ? x : x * float(invT);
   }
 
@@ -205,12 +219,12 @@ struct FloatLanes {
   template <bool kFinite = false, bool kUnitT = false>
   static TRMATH_INLINE void logratio2(V z, V w, double m, double mlo1, double mlo2, double invT,
                                       V& x1, V& x2) {
-    f8 d = z - w;
-    f8 bb = d - z;
-    f8 e = (z - (d - bb)) - (w + bb);
+    V d = z - w;
+    V bb = d - z;
+    V e = (z - (d - bb)) - (w + bb);
     if (!kFinite) e = finite_or_zero(d, e);
     const float mh = float(m), ml = float(m - double(mh));
-    const f8 dm = d - mh, em = e - ml;
+    const V dm = d - mh, em = e - ml;
     x1 = dm + (em - float(mlo1));
     x2 = dm + (em - float(mlo2));
     if constexpr (!kUnitT) {
@@ -231,17 +245,17 @@ struct FloatLanes {
   // operand for a NaN); otherwise it is clamped to -88 like any small argument.
   template <bool kFloor = false, bool kKeepNaN = false>
   static TRMATH_INLINE V exp(V a, Mask zero = Mask{}) {
-    const f8 lo = splat<f8>(kFloor ? -87.0f : -88.0f);
-    f8 hi = kKeepNaN ? vmax(lo, a) : vmax(a, lo);
-    const f8 magic = splat<f8>(12582912.0f);  // 1.5 * 2^23
-    f8 t = hi * float(kLog2e) + magic;
-    f8 n = t - magic;
-    i8 ni = (i8)t - (i8)magic;
-    f8 r = hi - n * 0.693359375f;  // Cody-Waite: ln2_hi has 9 bits, n*ln2_hi is exact
+    const V lo = splat<V>(kFloor ? -87.0f : -88.0f);
+    V hi = kKeepNaN ? vmax(lo, a) : vmax(a, lo);
+    const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23
+    V t = hi * float(kLog2e) + magic;
+    V n = t - magic;
+    Mask ni = (Mask)t - (Mask)magic;
+    V r = hi - n * 0.693359375f;  // Cody-Waite: ln2_hi has 9 bits, n*ln2_hi is exact
     r = r - n * -2.12194440e-4f;
-    f8 p = estrin(r, coef::exp_fc);
+    V p = estrin(r, coef::exp_fc);
     if constexpr (!kFloor) zero |= a < -87.0f;
-    return p * (f8)andnot(zero, (ni + 127) << 23);
+    return p * (V)andnot(zero, (ni + 127) << 23);
   }
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
   static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_fc); }
@@ -250,11 +264,15 @@ struct FloatLanes {
   static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_fc); }
   static constexpr double kJsRadius = 1.0;  // the JS series' interval, |x| < kJsRadius
   static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_fc); }
-  // Accumulate 8 float terms into 4 double lanes.
-  static TRMATH_INLINE d4 to_acc(V v) {
-    return __builtin_convertvector(lo_half(v), d4) + __builtin_convertvector(hi_half(v), d4);
-  }
+  // Accumulate the float terms into 4 double lanes.
+  static TRMATH_INLINE d4 to_acc(V v) { return to_acc4(v); }
 };
+
+template <class In> using FloatLanes = FloatLanesT<In, f8, i8, Load8>;
+#if defined(TRMATH_HAVE_LANES16)
+template <class In> using FloatLanes16 = FloatLanesT<In, f16v, i16v, Load16>;
+#endif
+
 
 template <class In>
 struct DoubleLanes {
