@@ -78,17 +78,14 @@ std::vector<In>& scratch(int which) {
   return bufs[which];
 }
 
-// Lanes used for a dtype: float lanes for 16/32-bit inputs, double lanes for float64.
-template <class In> struct LanesFor { using type = FloatLanes<In>; };
-template <> struct LanesFor<double> { using type = DoubleLanes<double>; };
-// Lanes of the forward passes: 16 float lanes where the build has them (AVX-512); the
-// backward passes keep LanesFor (their stores convert eight gradients at a time).
+// Lanes used for a dtype: float lanes for 16/32-bit inputs (16 of them where the build has
+// AVX-512, else 8), double lanes for float64.
 #if defined(TRMATH_HAVE_LANES16)
-template <class In> struct FwdLanesFor { using type = FloatLanes16<In>; };
-template <> struct FwdLanesFor<double> { using type = DoubleLanes<double>; };
+template <class In> struct LanesFor { using type = FloatLanes16<In>; };
 #else
-template <class In> struct FwdLanesFor : LanesFor<In> {};
+template <class In> struct LanesFor { using type = FloatLanes<In>; };
 #endif
+template <> struct LanesFor<double> { using type = DoubleLanes<double>; };
 
 // ---- executor -------------------------------------------------------------------------------
 // An algorithm exposes: nseg, bool next(row) (prepare the row's next pass, false when done),
@@ -177,7 +174,7 @@ constexpr int64_t kShortSegment = std::is_same<In, double>::value ? 512 : 4096;
 
 template <class In>
 struct SingleAlgo {
-  using L = typename FwdLanesFor<In>::type;  // lanes of the first pass (kSum)
+  using L = typename LanesFor<In>::type;
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   enum Stage : int { kStart, kSum, kSumDouble, kSumDD, kDone };
   struct St {
@@ -371,7 +368,7 @@ constexpr int kLowSeen = 1 << 12;
 
 template <class In>
 struct PairAlgo {
-  using L = typename FwdLanesFor<In>::type;  // the forward passes' lanes
+  using L = typename LanesFor<In>::type;
   using OutT = typename std::conditional<std::is_same<In, double>::value, double, float>::type;
   static constexpr bool kDouble = std::is_same<In, double>::value;
   // The sum kernels take a PairTerms, never an int: a stage once named kCentre shadowed
@@ -635,13 +632,33 @@ struct PairAlgo {
 };
 
 // ---- backward ------------------------------------------------------------------------------------
+#if defined(TRMATH_HAVE_LANES16)
+// 16 gradients at once (store_full below): float as is; bfloat16 rounded to nearest even with a
+// NaN kept as a quiet NaN of its own high half, as the 8-lane store does; float16 by the
+// conversion instruction (round to nearest even).
+TRMATH_INLINE void store16(float* dst, f16v v) { std::memcpy(dst, &v, 64); }
+TRMATH_INLINE void store16(bf16_t* dst, f16v v) {
+  typedef uint32_t u16w __attribute__((vector_size(64)));
+  const u16w u = (u16w)v;
+  const u16w hi = u >> 16;
+  const u16w r = (u + 0x7fffu + (hi & 1u)) >> 16;
+  const u16w b = (v != v) ? (hi | 0x40u) : r;
+  const __m256i h = _mm512_cvtepi32_epi16((__m512i)b);
+  std::memcpy(dst, &h, 32);
+}
+TRMATH_INLINE void store16(f16_t* dst, f16v v) {
+  const __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(dst, &h, 32);
+}
+#endif
+
 // Full-width store of a gradient vector at dst + i (i + W <= n), converted to the storage type in
 // registers (the 16-bit conversions round to nearest even; NaN stays NaN).
 // (Non-temporal stores were measured here and dropped: a single gradient gained ~15 %, but two
 // gradients whose buffers share their address modulo 8 KiB -- equal-sized allocations usually
 // do -- ran 2.2x slower than cached stores.)
 template <class L>
-TRMATH_INLINE void store_full(typename L::Storage* dst, typename L::V v) {
+TRMATH_INLINE void store_full8(typename L::Storage* dst, typename L::V v) {
   using In = typename L::Storage;
   if constexpr (std::is_same<In, float>::value || std::is_same<In, double>::value) {
     std::memcpy(dst, &v, sizeof(v));
@@ -680,6 +697,16 @@ TRMATH_INLINE void store_full(typename L::Storage* dst, typename L::V v) {
     for (int k = 0; k < L::W; ++k) store_from_float(dst + k, v[k]);
 #endif
   }
+}
+
+template <class L>
+TRMATH_INLINE void store_full(typename L::Storage* dst, typename L::V v) {
+#if defined(TRMATH_HAVE_LANES16)
+  if constexpr (L::W == 16) store16(dst, v);
+  else store_full8<L>(dst, v);
+#else
+  store_full8<L>(dst, v);
+#endif
 }
 
 template <class L>
