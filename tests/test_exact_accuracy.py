@@ -648,3 +648,40 @@ def test_kl_rows_accepted_off_centre(dtype):
                                       inputs=(zb, wb), name=f"kl off-centre V={V} spread={spread}")
     assert seen >= 8, f"only {seen} rows in the band 0.6 < B/A <= 0.9: the test exercises nothing"
     assert far >= 4, f"only {far} rows with 0.9 < B/A <= 0.9999"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_pair_segments_centred_at_their_mean_log_ratio(dtype):
+    """The pair reductions' first pass centres a segment of 2048 or more finite 16/32-bit logits
+    at its mean z - w, not at the difference of its maxima, unless the two are more than 8 apart
+    (in units of the temperature); the segment's sums are then moved to the row's centre. Rows at
+    lengths either side of 2048 and across a segment boundary, at temperatures 1 and 0.7, whose
+    mean is near, far from, or beyond 8 from the maxima's difference, and near-identical ones.
+    Values are multiples of 1/64 (plus a few ulp moves), so the oracle stays cheap."""
+    rtol, atol = TOL[dtype]
+    failures = []
+    for V in (2047, 2048, 5000, 16385):
+        rng = StableRNG(_seed("mean-centre", V, _dname(dtype)))
+        base = np.clip(np.round(64.0 * 3.0 * rng.normal(V)) / 64.0, -12.0, 12.0)
+        noise = np.round(64.0 * 0.3 * rng.normal(V)) / 64.0
+        zs, ws = [], []
+        zs.append(base), ws.append(base + noise)                   # noise 0.3: the mean ~ 0
+        w = base + noise
+        w[: V // 3] -= 6.0                                          # a third of q moved down 6
+        zs.append(base), ws.append(w)
+        w = base.copy()
+        w[::97] += 5.0                                              # sparse moves up
+        zs.append(base), ws.append(w)
+        w = base + noise
+        w[V // 2] = 40.0                                            # maxima 28+ apart: fallback
+        zs.append(base), ws.append(w)
+        z = torch.stack([torch.as_tensor(cast(x, dtype)) for x in zs])
+        w = torch.stack([torch.as_tensor(cast(x, dtype)) for x in ws])
+        near = _ulp_moves(torch.as_tensor(cast(base + 7.5, dtype)),
+                          np.array([0, 1, V // 2, V - 1]), np.array([True, False, True, False]))
+        z = torch.cat([z, torch.as_tensor(cast(base, dtype))[None]])
+        w = torch.cat([w, near[None]])
+        for func in PAIR_FUNCS:
+            for T in (1.0, 0.7):
+                failures += check(func, z, w, None, dtype, T, f"[{_dname(dtype)} V={V} T={T}]")
+    raise_failures(failures)

@@ -62,6 +62,17 @@ for nm, f in (("jsp", hp), ("jsq", hq)):
     for n in (12, 22):
         tail = max(abs(sum(c[k] * e ** k for k in range(n + 1, 25)) / f(e)) for e in (mp.mpf(0.5), mp.mpf(-0.5)))
         print(f"{nm}: truncation after degree {n} at |e|=1/2: {mp.nstr(tail, 3)}")
+# JS's value per token (divided by p + q): g(e) = log 2 - H(sigmoid(e)) = (e/2) tanh(e/2) -
+# log cosh(e/2) >= 0 (H: binary entropy), since p log(p/m) + q log(q/m) = (p + q) g(log(p/q)).
+# g is even: its series in u = e^2, G(u) = g(e)/e^2 = 1/8 - u/64 + ..., 12 terms for |e| <= 1/2.
+def jsg(e):
+    return (e / 2) * mp.tanh(e / 2) - mp.log(mp.cosh(e / 2))
+
+
+gc = mp.taylor(jsg, 0, 30)
+out.append(arr("jsg_d", gc[2:26:2]))
+tail = abs(sum(gc[2 * k] * mp.mpf(1 / 4) ** (k - 1) for k in range(13, 16))) / (jsg(mp.mpf(1) / 2) * 4)
+print(f"jsg: truncation after u^11 at |e|=1/2: {mp.nstr(tail, 3)}")
 # log(2/(1+e^-e)) = log(p/m) in terms of eps = log(p/q); series from e^1, |e| <= 1/2
 dpc = mp.taylor(lambda e: mp.log(2 / (1 + mp.exp(-e))), 0, 24)
 out.append(arr("jsd_f", dpc[1:13]))
@@ -97,9 +108,13 @@ out.append(arr("exp_dc", exp_dc))
 out.append(arr("em2_fc", cheb("em2_fc", over_sq(lambda x: mp.expm1(x) - x, mp.mpf(1) / 2, mp.mpf(1) / 6), -1, 1, 7)))
 # The JS halves on |e| <= 1 (the interval of the other float series, so that one branch serves
 # all of them; the Taylor series above stop at 1/2): degree 9.
-for nm, f in (("jsp", hp), ("jsq", hq)):
+# (jsq_fc only: the CPU's float JS value uses jsg_fc below, and only q's half is summed apart.)
+for nm, f in (("jsq", hq),):
     c = mp.taylor(f, 0, 4)
     out.append(arr(nm + "_fc", cheb(nm + "_fc", over_sq(f, c[2], c[3]), -1, 1, 9)))
+# G(u) = g(e)/e^2 (JS's value per token, above) in u = e^2 on [0, 1], i.e. |e| <= 1: degree 5.
+out.append(arr("jsg_fc", cheb("jsg_fc", lambda u: mp.mpf(1) / 8 - u / 64 if u < mp.mpf("1e-15") else jsg(mp.sqrt(u)) / u,
+                              0, 1, 5)))
 # log(p/m) = log(2/(1 + e^-e)), divided by e, on |e| <= 1 (the JS backward's series): degree 9.
 out.append(arr("jsd_fc", cheb("jsd_fc", lambda e: mp.mpf(1) / 2 + e / 8 if abs(e) < mp.mpf("1e-12")
                               else mp.log(2 / (1 + mp.exp(-e))) / e, -1, 1, 9)))

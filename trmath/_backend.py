@@ -108,7 +108,8 @@ def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: fl
     """Run a single-row reduction; returns ``(out0, out1 or None, stats[..., 2], status, bad)``
     (``bad``: ``(row, status)`` of the first row whose status is not 0, or ``(-1, 0)``).
     ``keep=False`` (an eager call that wants no gradient): no statistics or status tensors are
-    allocated, the core writes them to scratch, and both come back as ``None``."""
+    allocated, the core skips the statistics (and what only a backward needs) and writes the
+    status to scratch, and both come back as ``None``."""
     lead = z.shape[:-1]
     odt = out_dtype(z.dtype)
     out0 = torch.empty(lead, dtype=odt)

@@ -705,7 +705,7 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
     S praw = ez * g;
     tp = only_p ? praw * S(kLn2d - 0.5) : tp;
     tq = only_p ? praw * S(0.5) : tq;
-    t[2] += tp;
+    t[2] += tp + tq;  // slots as the CPU's (rowfinish.hpp): both halves, then q's alone
     t[3] += tq;
   }
   if (kT != kKL) {

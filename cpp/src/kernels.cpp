@@ -365,6 +365,9 @@ struct SingleAlgo {
 // Partial flag of the maxima passes (never an error, never in a row's status): a segment holds a
 // -inf or huge logit, so the row's passes keep their masks (seg_sum2's kMasked).
 constexpr int kLowSeen = 1 << 12;
+// Segments this long (float lanes) centre the first pass at their mean log-ratio (run()); a
+// shorter one keeps Mz_s - Mw_s, which lets a one-segment row merge without exponentials.
+constexpr int64_t kMeanCentreMin = 2048;
 
 template <class In>
 struct PairAlgo {
@@ -451,14 +454,34 @@ struct PairAlgo {
     if (s.stage == kFused) {
       // Pass 1 reads each segment once: its maxima, then (from cache) its sums about its own
       // centre m_s = Mz_s - Mw_s; consume() merges the segments exactly.
-      double Mzs, Mws;
-      seg_max<L>(z, n, Mzs, p.flags, kNanA, kPosInfA, kLowSeen);
-      seg_max<L>(w, n, Mws, p.flags, kNanB, kPosInfB, kLowSeen);
+      double Mzs, Mws, mean = 0.0;
+      if (!kDouble && n >= kMeanCentreMin) {
+        seg_max2<L>(z, w, n, Mzs, Mws, mean, p.flags, kNanA, kPosInfA, kNanB, kPosInfB, kLowSeen);
+      } else {
+        seg_max<L>(z, n, Mzs, p.flags, kNanA, kPosInfA, kLowSeen);
+        seg_max<L>(w, n, Mws, p.flags, kNanB, kPosInfB, kLowSeen);
+      }
       p.v[5] = Mzs;
       p.v[6] = Mws;
       if ((p.flags & kErrorBits) || Mzs == -kInf || Mws == -kInf) return;
       PairParams P{Mzs, Mws, invT, Mzs - Mws, 0.0, 1.0};
       const bool masked = (p.flags & kLowSeen) != 0;
+      if (!kDouble && !masked && n >= kMeanCentreMin) {
+        // Centre a long segment of finite logits at the mean of z - w (a float, so the centre
+        // is exact and its residual 0) rather than at Mz_s - Mw_s, the difference of what are
+        // often two tokens' logits: on rows that differ by noise of 0.3 that difference is off
+        // by ~0.3, and one vector in seven then holds a |x| >= 1 lane (p's exponential, a
+        // mispredicted branch); at the mean, one in sixty. consume_fused() moves the segment's
+        // sums to the row's centre exactly whatever the segment's centre (v[9], flag v[10]).
+        const double c = double(float(mean));
+        const double shift = (c - P.m) * invT;  // e^-shift scales pt: kept within e^+-8
+        if (std::fabs(shift) <= 8.0) {
+          P.m = c;
+          P.g = std::exp(-shift);
+          p.v[9] = c;
+          p.v[10] = 1.0;
+        }
+      }
       if (a.op == PairOp::kl) {
         if (masked) sum2<L, kKL, true>(z, w, n, P, p, pf, pg);
         else sum2<L, kKL, false>(z, w, n, P, p, pf, pg);
@@ -496,7 +519,11 @@ struct PairAlgo {
       // TV's value alone: the side masses only its backward needs are summed there
       // (tv_side_masses), at the centre this pass used.
       case PairOp::tv: sum2<L, kTVv, kMasked>(z, w, n, P, p, pf, pg); break;
-      case PairOp::js: sum2<L, kJS, kMasked>(z, w, n, P, p, pf, pg); break;
+      // JS: both halves when the backward will need them (statistics kept), else their sum.
+      case PairOp::js:
+        if (a.stats) sum2<L, kJS, kMasked>(z, w, n, P, p, pf, pg);
+        else sum2<L, kJSv, kMasked>(z, w, n, P, p, pf, pg);
+        break;
     }
   }
 
@@ -536,7 +563,7 @@ struct PairAlgo {
     for (int64_t k = 0; k < nseg; ++k) {
       const Partial& q = parts[k];
       if (q.v[5] == -kInf) continue;
-      if (q.v[5] == Mz && q.v[6] == Mw) {
+      if (q.v[5] == Mz && q.v[6] == Mw && q.v[10] == 0.0) {
         // The segment holds both row maxima (a one-segment row always does): d = 0 and
         // f = f e^d = 1, so the general step below reduces to plain sums, bitwise.
         Q += q.v[0];
@@ -552,10 +579,16 @@ struct PairAlgo {
       // d = (Mz_s - Mz) - (Mw_s - Mw), each difference exact as a two-sum: with one rounding
       // at the end, d keeps full relative accuracy when the centres differ by 1e-14 next to
       // logits of size 10 (near-identical float64 rows, KL ~ 1e-28).
-      const dd::DD dz_ = dd::two_sum(q.v[5], -Mz), dw_ = dd::two_sum(q.v[6], -Mw);
-      double d = ((dz_.hi - dw_.hi) + (dz_.lo - dw_.lo)) * invT;
-      double f = std::exp((q.v[6] - Mw) * invT);
-      double fe = std::exp((q.v[5] - Mz) * invT);
+      double d, f = std::exp((q.v[6] - Mw) * invT), fe;
+      if (q.v[10] == 0.0) {  // the segment's centre is Mz_s - Mw_s
+        const dd::DD dz_ = dd::two_sum(q.v[5], -Mz), dw_ = dd::two_sum(q.v[6], -Mw);
+        d = ((dz_.hi - dw_.hi) + (dz_.lo - dw_.lo)) * invT;
+        fe = std::exp((q.v[5] - Mz) * invT);
+      } else {  // centre c_s (v[9], exact): d = (c_s - Mz + Mw) / T, one rounding near 0
+        const dd::DD t = dd::two_sum(q.v[9], -Mz);
+        d = ((t.hi + Mw) + t.lo) * invT;
+        fe = std::exp((q.v[6] - Mw) * invT + d);  // f e^d <= e^8 (run() bounds the shift)
+      }
       // f expm1(d) and f phi(d) without overflow of e^d (f e^d <= 1 always).
       double f_em1 = d < 1.0 ? f * std::expm1(d) : fe - f;
       double f_phi = std::fabs(d) < 1.0 ? f * phi(d) : fe * (d - 1.0) + f;

@@ -260,8 +260,8 @@ struct FloatLanesT {
   static TRMATH_INLINE V expm1_series(V x) { return x * horner(x, coef::expm1_f); }
   static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_fc); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * horner(x, coef::phi_f); }
-  static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_fc); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_fc); }
+  static TRMATH_INLINE V jsg_series(V u) { return estrin(u, coef::jsg_fc); }  // u = x^2 <= 1
   static constexpr double kJsRadius = 1.0;  // the JS series' interval, |x| < kJsRadius
   static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_fc); }
   // Accumulate the float terms into 4 double lanes.
@@ -298,8 +298,8 @@ struct DoubleLanes {
   static TRMATH_INLINE V expm1_series(V x) { return x * estrin(x, coef::expm1_d); }
   static TRMATH_INLINE V em2_series(V x) { return x * x * estrin(x, coef::em2_d); }
   static TRMATH_INLINE V phi_series(V x) { return x * x * estrin(x, coef::phi_d); }
-  static TRMATH_INLINE V jsp_series(V x) { return x * x * estrin(x, coef::jsp_d); }
   static TRMATH_INLINE V jsq_series(V x) { return x * x * estrin(x, coef::jsq_d); }
+  static TRMATH_INLINE V jsg_series(V u) { return estrin(u, coef::jsg_d); }  // u = x^2 < 1/4
   static constexpr double kJsRadius = 0.5;
   static TRMATH_INLINE V log1p_ratio(V lo, V hi) { return log1p_ratio_c(lo, hi, coef::log1p_d); }
   static TRMATH_INLINE d4 to_acc(V v) { return v; }

@@ -164,6 +164,52 @@ TRMATH_INLINE void seg_max(const typename L::Storage* z, int64_t n, double& mx, 
   mx = r;
 }
 
+// seg_max of two rows in one loop, and the mean of z - w (float lanes; an estimate whose rounding
+// is immaterial, meaningful only where no low_bit is set): the first pair pass centres its
+// log-ratios there rather than at the difference of the segment's maxima, which are often
+// different tokens' logits.
+template <class L>
+TRMATH_INLINE void seg_max2(const typename L::Storage* z, const typename L::Storage* w, int64_t n,
+                            double& mz, double& mw, double& mean, int& flags, int nan_a,
+                            int inf_a, int nan_b, int inf_b, int low_bit) {
+  using V = typename L::V;
+  using S = typename L::S;
+  const S inf = std::numeric_limits<S>::infinity();
+  V m1 = splat<V>(-inf), m2 = splat<V>(-inf), acc = splat<V>(S(0));
+  const V vinf = splat<V>(inf);
+  typename L::Mask bad1{}, bad2{}, low{};
+  for_lanes2<L>(z, w, n, [&](V zv, V wv) TRMATH_LAMBDA_INLINE {
+    bad1 |= ~(zv < vinf);
+    bad2 |= ~(wv < vinf);
+    low |= (zv < -kHuge<S>) | (wv < -kHuge<S>);
+    m1 = vmax(zv, m1);
+    m2 = vmax(wv, m2);
+    acc += zv - wv;
+  });
+  if (any_lane(low)) flags |= low_bit;
+  double r1 = -std::numeric_limits<double>::infinity(), r2 = r1, t = 0.0;
+  for (int i = 0; i < L::W; ++i) {
+    r1 = double(m1[i]) > r1 ? double(m1[i]) : r1;
+    r2 = double(m2[i]) > r2 ? double(m2[i]) : r2;
+    t += double(acc[i]);
+  }
+  const typename L::Storage* rows[2] = {z, w};
+  const bool bads[2] = {any_lane(bad1), any_lane(bad2)};
+  const int nan_bits[2] = {nan_a, nan_b}, inf_bits[2] = {inf_a, inf_b};
+  for (int k = 0; k < 2; ++k) {
+    if (!bads[k]) continue;
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = to_double(rows[k][i]);
+      if (x != x) flags |= nan_bits[k];
+      if (x == std::numeric_limits<double>::infinity()) flags |= inf_bits[k];
+    }
+  }
+  if (r1 > double(kHuge<S>) || r2 > double(kHuge<S>)) flags |= low_bit;
+  mz = r1;
+  mw = r2;
+  mean = t / double(n);
+}
+
 // ---- pass B, one row: sum exp(a) and sum exp(a) * (-a) --------------------------------
 // The maxima (a = 0, exp(a) = 1 exactly) are counted apart from the rest R, so that
 // log A = log k + log1p(R / k) keeps full relative accuracy when R ~ 1e-17 (a nearly
@@ -366,8 +412,9 @@ TRMATH_INLINE void seg_online1(const typename L::Storage* z, int64_t n, double i
 }
 
 // ---- pass B, two rows ---------------------------------------------------------------------
-// kTVv: TV's value alone (A_w, Z1, T+, Q+ and R), for a forward whose backward will not run.
-enum PairTerms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3, kTVv = 4 };
+// kTVv: TV's value alone (A_w, Z1, T+, Q+ and R), for a forward whose backward will not run;
+// kJSv: JS's value alone (A_w, Z1, the sum of both halves and R), likewise.
+enum PairTerms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3, kTVv = 4, kJSv = 5 };
 
 struct PairParams {
   double Mz, Mw, invT;  // Mz, Mw: maxima of the rows (or segments) themselves, so input values
@@ -379,7 +426,7 @@ struct PairParams {
 // Slots of the partial:  0 A_w, 1 Z1 (q-units), then
 //   kKL: 2 Phi            kTV: 2 T+, 3 Q+, 4 P+, 5 P-, 6 P0, 8 Q-, 9 Q0 (P: pt, Q: qt over
 //                         x > 0, x < 0, x = 0; kept apart so 1 - sum p sign is never formed)
-//   kJS: 2 KL(p||m)-part, 3 KL(q||m)-part
+//   kJS: 2 KL(p||m) + KL(q||m) parts, 3 KL(q||m) part    kJSv: 2 as kJS, 3 zero
 //   7: R = sum of pt where q_i = 0 < p_i (all but kKL, where such a token makes KL = +inf)
 // flags: kQZeroP = some q_i = 0 < p_i.
 // kMasked = false: the caller knows every z and w of the segment is finite and below kHuge in
@@ -392,7 +439,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
-  constexpr int K = kTerms == kCentre ? 3 : kTerms == kKL ? 3 : kTerms == kTV ? 10 : 5;  // kJS, kTVv: 5
+  constexpr int K = kTerms == kCentre || kTerms == kKL ? 3 : kTerms == kTV ? 10 : kTerms == kJSv ? 4 : 5;
   const S ninf = -std::numeric_limits<S>::infinity();
   const V zero = splat<V>(S(0));
   const S g = S(P.g);
@@ -461,35 +508,37 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
       const Mask pos = x > zero;
       acc.blk[2] += pos ? em1 : zero;  // T+
       acc.blk[3] += pos ? qt : zero;   // Q+
-    } else if constexpr (kTerms == kJS) {
-      // m_i phi(log(p_i/m_i)) and m_i phi(log(q_i/m_i)) (q-units), both >= 0: series for
-      // |x| < kJsRadius. The float lanes' series cover |x| < 1, like their other series, so
-      // the common branch (every lane small, no q = 0 < p) needs nothing else.
-      V tp = qt * L::jsp_series(x);
-      V tq = qt * L::jsq_series(x);
+    } else if constexpr (kTerms == kJS || kTerms == kJSv) {
+      // The value: p log(p/m) + q log(q/m) = (p + q) g(x), the even function
+      // g(x) = log 2 - H(sigmoid(x)) = (x/2) tanh(x/2) - log cosh(x/2) >= 0 (H: binary entropy),
+      // one series in u = x^2 (the halves' Bregman terms -+(p - q)/2 cancel in the sum). Every
+      // term is >= 0, so its relative error (a few ulps) is the sum's. kJS also sums the half
+      // m phi(log(q/m)) >= 0 (q-units) that the backward needs (KL(q||m); KL(p||m) is the
+      // rest: the halves' terms are within a factor 2.6 of each other, so that difference
+      // loses at most 2 bits). The value is the same sum in both, so it does not depend on
+      // whether a backward will run.
+      const V u = x * x;
+      V t = (qt + pfull) * (u * L::jsg_series(u));
+      V tq;
+      if constexpr (kTerms == kJS) tq = qt * L::jsq_series(x);
       if (L::kJsRadius < 1.0 || rare) {
         const Mask js_small = vabs(x) < S(L::kJsRadius);
         V hi = vmax(pfull, qt), lo = vmin(pfull, qt);
-        V l1 = L::log1p_ratio(lo, hi);       // log(1 + min/max)
+        V d_big = S(kLn2) - L::log1p_ratio(lo, hi);  // log(2 max/(p+q)) for the larger side
         V xc = vmax(x, splat<V>(S(-200)));
         Mask ppos = pfull > qt;
-        V d_big = S(kLn2) - l1;               // log(2 max/(p+q)) for the larger side
-        V dp = ppos ? d_big : d_big + xc;     // log(p/m)
-        V dq = ppos ? d_big - xc : d_big;     // log(q/m)
-        const V half = splat<V>(S(0.5));
-        V bp = pfull * dp + (qt - pfull) * half;
-        V bq = qt * dq + (pfull - qt) * half;
-        tp = js_small ? tp : bp;
-        tq = js_small ? tq : bq;
-        // q_i = 0 < p_i: p_i (log 2 - 1/2) and p_i / 2.
-        if (kMasked) {
+        V dp = ppos ? d_big : d_big + xc;  // log(p/m)
+        V dq = ppos ? d_big - xc : d_big;  // log(q/m)
+        t = js_small ? t : pfull * dp + qt * dq;
+        if constexpr (kTerms == kJS) tq = js_small ? tq : qt * dq + (pfull - qt) * S(0.5);
+        if (kMasked) {  // q_i = 0 < p_i: p_i log 2 in all, p_i / 2 in q's half
           const V praw = ez * g;
-          tp = only_p ? praw * S(kLn2 - 0.5) : tp;
-          tq = only_p ? praw * half : tq;
+          t = only_p ? praw * S(kLn2) : t;
+          if constexpr (kTerms == kJS) tq = only_p ? praw * S(0.5) : tq;
         }
       }
-      acc.blk[2] += tp;
-      acc.blk[3] += tq;
+      acc.blk[2] += t;
+      if constexpr (kTerms == kJS) acc.blk[3] += tq;
     }
     if constexpr (kTerms != kKL) {
       if (kMasked) acc.blk[K - 1] += only_p ? ez * g : zero;
@@ -505,6 +554,7 @@ TRMATH_INLINE void seg_sum2(const typename L::Storage* z, const typename L::Stor
   } else {
     constexpr int Kmain = kTerms == kKL ? K : K - 1;
     for (int k = 0; k < Kmain; ++k) out.v[k] = acc.sum(k);
+    if constexpr (kTerms == kJSv) out.v[3] = 0.0;
     if constexpr (kTerms != kKL) out.v[7] = acc.sum(K - 1);
   }
   for (int i = 0; i < L::W; ++i)

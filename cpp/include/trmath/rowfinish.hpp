@@ -4,7 +4,8 @@
 //
 // Slots of the row sums s[] (q-units, about the centre m + mlo, see exact.hpp):
 //   0 A_w = sum qt, 1 Z1 A_w = sum q (e^x - 1), 7 R = sum of pt where q = 0 < p, then
-//   KL: 2 Phi;  TV: 2 T+, 3 Q+, 4 P+, 5 P-, 6 P0, 8 Q-, 9 Q0;  JS: 2, 3 the two halves.
+//   KL: 2 Phi;  TV: 2 T+, 3 Q+, 4 P+, 5 P-, 6 P0, 8 Q-, 9 Q0;  JS: 2 both halves, 3 q's half
+//   (0 where no backward will run).
 #pragma once
 
 #include <cmath>
@@ -74,7 +75,7 @@ TRMATH_ROW bool pair_accept(int op, bool wide, double T, const double* s, int fl
     return false;
   }
   const double Lp = std::log1p(Zt);
-  const double js = 0.5 * (s[2] + s[3]) / Aw;
+  const double js = 0.5 * s[2] / Aw;
   // Ignoring the residual log G = Lp changes JS by ~Lp KL(p||m) + O(Lp^2): relative ~Lp.
   const double tol = wide ? 1e-13 : 1e-6;
   if (std::fabs(Lp) <= tol && Lp * Lp <= tol * js) return true;
@@ -136,9 +137,11 @@ TRMATH_ROW double pair_finish(int op, double T, const double* s, int flags, doub
         sb = -sd[5];
       }
     } else {
-      sa = s[2] / Aw;
+      // s[2]: both halves' terms, s[3]: q's (the value reads s[2] alone, so it is the same
+      // whether or not the pass summed q's half for a backward).
+      sa = (s[2] - s[3]) / Aw;
       sb = s[3] / Aw;
-      out = std::fmin(0.5 * (sa + sb), 0.69314718055994530942);
+      out = std::fmin(0.5 * (s[2] / Aw), 0.69314718055994530942);
     }
   }
   if (stats) {
