@@ -324,6 +324,71 @@ def test_cpp_matches_torch_forward_and_backward(dtype):
     torch.testing.assert_close(gw1.double(), gw2.double(), rtol=gtol, atol=gtol * float(gw2.abs().max()))
 
 
+def isa_projection_results() -> dict:
+    """``project_kl`` outputs, multipliers and gradients on fixed rows (odd lengths, masked
+    tokens, an inside row) for ``test_instruction_sets_agree_on_the_projection``."""
+    res = {}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for V in (257, 3001):
+            g = torch.Generator().manual_seed(V)
+            z = (torch.randn(3, V, generator=g) * 3).to(dtype)
+            w = (z.float() + torch.randn(3, V, generator=g)).to(dtype)
+            w[0, 7] = -INF
+            z[1, :5] = -INF
+            w[1, :4] = -INF
+            z[2] = w[2]  # inside
+            G = torch.randn(3, V, dtype=torch.float64, generator=g)
+            zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+            lp, eta = trmath.project_kl(zz, ww, 0.05, temperature=0.9, return_eta=True)
+            (torch.where(torch.isfinite(lp), lp.double(), 0.0) * G).sum().backward()
+            res[(str(dtype), V)] = (lp.detach(), eta, zz.grad, ww.grad)
+    return res
+
+
+def test_instruction_sets_agree_on_the_projection(tmp_path):
+    """The projection's passes run in 8 double lanes in the AVX-512 build and 4 elsewhere: the
+    same operations per lane, summed in another grouping. Each build the CPU runs
+    (``TRMATH_ISA=generic`` and ``=avx2`` cap the choice) agrees with the default at the
+    tolerances of the C++ / torch parity test above."""
+    import os
+    import subprocess
+    import sys
+
+    from trmath import _backend
+
+    here = _backend.isa()
+    mine = isa_projection_results()
+    compared = 0
+    for cap in (c for c in ("generic", "avx2") if c != here):
+        out = tmp_path / f"{cap}.pt"
+        code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); "
+                "import test_projections as t; from trmath import _backend; "
+                "torch.save((_backend.isa(), t.isa_projection_results()), sys.argv[2])")
+        subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(out)],
+                       check=True, env=dict(os.environ, TRMATH_ISA=cap), timeout=600)
+        isa, theirs = torch.load(out)
+        if isa == here:  # this CPU lacks the capped set's instructions
+            continue
+        for key, (lp1, e1, gz1, gw1) in mine.items():
+            lp2, e2, gz2, gw2 = theirs[key]
+            f64 = key[0] == str(torch.float64)
+            msg = f"{here} vs {isa} {key}"
+            assert torch.equal(torch.isinf(lp1), torch.isinf(lp2)), msg
+            torch.testing.assert_close(e1, e2, rtol=1e-10, atol=0, msg=msg)
+            fin = torch.isfinite(lp2)
+            otol = 1e-12 if f64 else 4e-7  # float32 output: a rounding of each
+            torch.testing.assert_close(lp1[fin].double(), lp2[fin].double(), rtol=otol, atol=otol,
+                                       msg=msg)
+            gtol = 1e-9 if f64 else 1e-2 if key[0] == str(torch.bfloat16) else 1e-6
+            for a, b in ((gz1, gz2), (gw1, gw2)):  # rounded to the input dtype
+                torch.testing.assert_close(a.double(), b.double(), rtol=gtol,
+                                           atol=gtol * float(b.abs().max()), msg=msg)
+            compared += 1
+    if here == "generic":
+        pytest.skip("this CPU runs only the portable build")
+    assert compared > 0
+
+
 def test_cpp_strided_inputs_and_determinism():
     g = torch.Generator().manual_seed(10)
     base_z = torch.randn(6, 400, generator=g) * 2

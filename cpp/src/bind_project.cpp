@@ -32,20 +32,38 @@ void project_kl_backward_rows(const ProjBwd& a);
 void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
 }  // namespace isa_avx2
 #endif
+#if defined(TRMATH_HAVE_AVX512)
+namespace isa_avx512 {
+void project_kl_forward_rows(const ProjFwd& a, const double* kst);
+void project_kl_backward_rows(const ProjBwd& a);
+void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
+}  // namespace isa_avx512
+#endif
 
 namespace {
 
-// The projection kernels of the instruction set the exact kernels use (chosen in dispatch.cpp;
-// the AVX-512 build of the exact kernels runs beside the AVX2 projection kernels).
-bool use_avx2() {
-#if defined(TRMATH_HAVE_AVX2)
-  return std::strcmp(kernels().isa, "generic") != 0;
-#else
-  return false;
-#endif
-}
+// The projection kernels of the instruction set the exact kernels use (chosen in dispatch.cpp).
+bool use_isa(const char* isa) { return std::strcmp(kernels().isa, isa) == 0; }
 
 }  // namespace
+
+// Calls isa_<set>::fn(args...) for the exact kernels' instruction set.
+#if defined(TRMATH_HAVE_AVX512)
+#define TRMATH_PROJ_AVX512(fn, ...) \
+  if (use_isa("avx512")) return isa_avx512::fn(__VA_ARGS__);
+#else
+#define TRMATH_PROJ_AVX512(fn, ...)
+#endif
+#if defined(TRMATH_HAVE_AVX2)
+#define TRMATH_PROJ_AVX2(fn, ...) \
+  if (!use_isa("generic")) return isa_avx2::fn(__VA_ARGS__);
+#else
+#define TRMATH_PROJ_AVX2(fn, ...)
+#endif
+#define TRMATH_PROJ_CALL(fn, ...)        \
+  TRMATH_PROJ_AVX512(fn, __VA_ARGS__)    \
+  TRMATH_PROJ_AVX2(fn, __VA_ARGS__)      \
+  isa_generic::fn(__VA_ARGS__);
 
 void register_project(py::module_& m) {
   m.def("project_kl_forward", [](const Desc& z, const Desc& w, double eps, double T, uintptr_t out,
@@ -65,10 +83,7 @@ void register_project(py::module_& m) {
     p.status = a.status;
     kernels().pair_fwd(p);
     for (int64_t r = 0; r < rows; ++r) a.status[r] &= kErrorBits;
-#if defined(TRMATH_HAVE_AVX2)
-    if (use_avx2()) return isa_avx2::project_kl_forward_rows(a, kst.data());
-#endif
-    isa_generic::project_kl_forward_rows(a, kst.data());
+    TRMATH_PROJ_CALL(project_kl_forward_rows, a, kst.data())
   });
   // The sparse projection's inputs (log-probabilities of S tokens, rows of z and w) as float64
   // [2, rows, S + 1] with the tail buckets appended; mass [2, rows] = log sum e^x of each row
@@ -79,19 +94,13 @@ void register_project(py::module_& m) {
     py::gil_scoped_release nogil;
     double* o = reinterpret_cast<double*>(out);
     double* s = reinterpret_cast<double*>(mass);
-#if defined(TRMATH_HAVE_AVX2)
-    if (use_avx2()) return isa_avx2::sparse_tail_rows(vz, vw, o, s);
-#endif
-    isa_generic::sparse_tail_rows(vz, vw, o, s);
+    TRMATH_PROJ_CALL(sparse_tail_rows, vz, vw, o, s)
   });
   m.def("project_kl_backward", [](const Desc& z, const Desc& w, double T, uintptr_t stats,
                                   uintptr_t g, uintptr_t dz, uintptr_t dw) {
     ProjBwd a = proj_bwd_args(z, w, T, stats, g, dz, dw);
     py::gil_scoped_release nogil;
-#if defined(TRMATH_HAVE_AVX2)
-    if (use_avx2()) return isa_avx2::project_kl_backward_rows(a);
-#endif
-    isa_generic::project_kl_backward_rows(a);
+    TRMATH_PROJ_CALL(project_kl_backward_rows, a)
   });
 }
 

@@ -78,27 +78,36 @@ TRMATH_INLINE f8 ldexp_f(f8 p, i8 n) {
   return p * s1 * s2;
 }
 
-TRMATH_INLINE d4 ldexp_d(d4 p, l4 n) {
-  l4 n1 = n >> 1;
-  l4 n2 = n - n1;
-  d4 s1 = (d4)((n1 + 1023) << 52);
-  d4 s2 = (d4)((n2 + 1023) << 52);
+// Double lanes of any width (DV: 4 or 8 doubles, LV: the matching int64 lanes).
+template <class DV, class LV>
+TRMATH_INLINE DV ldexp_dv(DV p, LV n) {
+  LV n1 = n >> 1;
+  LV n2 = n - n1;
+  DV s1 = (DV)((n1 + 1023) << 52);
+  DV s2 = (DV)((n2 + 1023) << 52);
   return p * s1 * s2;
 }
 
-TRMATH_INLINE d4 exp_d(d4 a) {
-  d4 ac = a < -746.0 ? splat<d4>(-746.0) : a;
-  ac = ac > 710.0 ? splat<d4>(710.0) : ac;
-  const d4 magic = splat<d4>(6755399441055744.0);
-  d4 t = ac * kLog2e + magic;
-  d4 nd = t - magic;
-  d4 r = ac - nd * kLn2Hi;  // exact: n*ln2_hi has 43 bits, and Sterbenz
+template <class DV, class LV>
+TRMATH_INLINE DV exp_dv(DV a) {
+  DV ac = a < -746.0 ? splat<DV>(-746.0) : a;
+  ac = ac > 710.0 ? splat<DV>(710.0) : ac;
+  const DV magic = splat<DV>(6755399441055744.0);
+  DV t = ac * kLog2e + magic;
+  DV nd = t - magic;
+  DV r = ac - nd * kLn2Hi;  // exact: n*ln2_hi has 43 bits, and Sterbenz
   r = r - nd * kLn2Lo;
-  d4 p = estrin(r, coef::exp_dc);  // Chebyshev, degree 11: relative error 4.2e-18
-  l4 n = (l4)t - (l4)magic;
-  d4 res = ldexp_d(p, n);
-  return a < -745.2 ? splat<d4>(0.0) : res;
+  DV p = estrin(r, coef::exp_dc);  // Chebyshev, degree 11: relative error 4.2e-18
+  LV n = (LV)t - (LV)magic;
+  DV res = ldexp_dv(p, n);
+  return a < -745.2 ? splat<DV>(0.0) : res;
 }
+
+TRMATH_INLINE d4 ldexp_d(d4 p, l4 n) { return ldexp_dv(p, n); }
+TRMATH_INLINE d4 exp_d(d4 a) { return exp_dv<d4, l4>(a); }
+#if defined(TRMATH_HAVE_LANES16)
+TRMATH_INLINE d8 exp_d(d8 a) { return exp_dv<d8, l8>(a); }
+#endif
 
 // True if any lane of the mask is set.
 TRMATH_INLINE bool any_lane(i8 m) {

@@ -70,6 +70,23 @@ template <> struct Load16<f16_t> {
   }
 };
 
+// 8 doubles (the projection's passes, trmath/project.hpp): the 4-double lanes' helpers.
+typedef double d8 __attribute__((vector_size(64)));
+typedef int64_t l8 __attribute__((vector_size(64)));
+TRMATH_INLINE d8 vabs(d8 x) { return (d8)((l8)x & 0x7fffffffffffffffLL); }
+TRMATH_INLINE bool any_lane(l8 m) { return _mm512_movepi64_mask((__m512i)m) != 0; }
+// Lanes 0-3 and 4-7 as two d4 sums, then hsum(d4)'s order.
+TRMATH_INLINE double hsum(d8 v) {
+  const d4 s = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (s[0] + s[2]) + (s[1] + s[3]);
+}
+// 8 elements -> d8, as two Load4 (exact conversions).
+template <class In>
+TRMATH_INLINE d8 load8_d(const In* p) {
+  const d4 a = Load4<In>::load(p), b = Load4<In>::load(p + 4);
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+
 }  // namespace simd
 }  // namespace trmath
 

@@ -13,7 +13,7 @@
 // floor of a few 1e-16; proj_phi_pass evaluates it without one, for the root's acceptance.
 // A constant error in lse_p shifts every d_i and cancels from log pi~, KL, d - mu and the
 // gradient; an error in lse_q is absorbed by log Q.
-// Everything is double; exponentials are the 4-lane double exp of elementary.hpp (<= 2 ulp).
+// Everything is double; exponentials are the double lanes' exp of elementary.hpp (<= 2 ulp).
 #pragma once
 
 #include <cmath>
@@ -32,26 +32,40 @@ TRMATH_INLINE void proj_store(double* p, double v) { *p = v; }
 TRMATH_INLINE void proj_store(bf16_t* p, double v) { store_from_float(p, float(v)); }
 TRMATH_INLINE void proj_store(f16_t* p, double v) { store_from_float(p, float(v)); }
 
+// The passes' lanes: 8 doubles in the AVX-512 build, 4 elsewhere (the same operations per lane;
+// only the grouping of the sums differs).
+#if defined(TRMATH_HAVE_LANES16)
+using pd = d8;
+using pl = l8;
+template <class In> TRMATH_INLINE pd proj_load_unit(const In* p) { return load8_d(p); }
+#else
+using pd = d4;
+using pl = l4;
+template <class In> TRMATH_INLINE pd proj_load_unit(const In* p) { return Load4<In>::load(p); }
+#endif
+constexpr int kProjW = int(sizeof(pd) / sizeof(double));
+
 template <class In>
-TRMATH_INLINE d4 proj_load4(const In* p, int64_t stride) {
-  if (stride == 1) return Load4<In>::load(p);
-  d4 r;
-  for (int k = 0; k < 4; ++k) r[k] = to_double(p[k * stride]);
+TRMATH_INLINE pd proj_load(const In* p, int64_t stride) {
+  if (stride == 1) return proj_load_unit(p);
+  pd r;
+  for (int k = 0; k < kProjW; ++k) r[k] = to_double(p[k * stride]);
   return r;
 }
 
 template <class In>
-TRMATH_INLINE d4 proj_load_tail(const In* p, int64_t stride, int64_t n) {
-  d4 r = splat<d4>(-std::numeric_limits<double>::infinity());
+TRMATH_INLINE pd proj_load_tail(const In* p, int64_t stride, int64_t n) {
+  pd r = splat<pd>(-std::numeric_limits<double>::infinity());
   for (int64_t k = 0; k < n; ++k) r[k] = to_double(p[k * stride]);
   return r;
 }
 
-// Calls f(i, z4, w4, nvalid) over a row in steps of 4 (the last step padded with -inf).
+// Calls f(i, zv, wv, nvalid) over a row in steps of kProjW (the last step padded with -inf).
 template <class In, class F>
 TRMATH_INLINE void proj_row_loop(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V, F&& f) {
   int64_t i = 0;
-  for (; i + 4 <= V; i += 4) f(i, proj_load4(z + i * sz, sz), proj_load4(w + i * sw, sw), int64_t(4));
+  for (; i + kProjW <= V; i += kProjW)
+    f(i, proj_load(z + i * sz, sz), proj_load(w + i * sw, sw), int64_t(kProjW));
   if (i < V) f(i, proj_load_tail(z + i * sz, sz, V - i), proj_load_tail(w + i * sw, sw, V - i), V - i);
 }
 
@@ -62,14 +76,14 @@ using ProjNorm = projsolve::Norm;
 template <class In>
 inline ProjNorm proj_norm_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
                                double invT, double cw) {
-  d4 aw = {}, aws = {}, aout = {};
+  pd aw = {}, aws = {}, aout = {};
   const double ninf = -std::numeric_limits<double>::infinity();
-  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
-    d4 ew = exp_d(wv * invT - cw);
-    d4 ewm = wv > ninf ? ew : d4{};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, pd zv, pd wv, int64_t) TRMATH_LAMBDA_INLINE {
+    pd ew = exp_d(wv * invT - cw);
+    pd ewm = wv > ninf ? ew : pd{};
     aw += ewm;
-    aws += zv > ninf ? ewm : d4{};
-    aout += zv > ninf ? d4{} : ewm;
+    aws += zv > ninf ? ewm : pd{};
+    aout += zv > ninf ? pd{} : ewm;
   });
   return {hsum(aw), hsum(aws), hsum(aout)};
 }
@@ -81,19 +95,19 @@ template <class In>
 inline ProjMoments proj_interp_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
                                     double invT, double lse_q, double cd, double t, double c,
                                     double d0) {
-  d4 S = {}, Su = {}, Sd = {}, Sd2 = {};
+  pd S = {}, Su = {}, Sd = {}, Sd2 = {};
   const double ninf = -std::numeric_limits<double>::infinity();
-  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
-    l4 ok = (zv > ninf) & (wv > ninf);
-    d4 d = ok ? (zv - wv) * invT - cd : d4{};
-    d4 b = ok ? wv * invT - lse_q : d4{};
-    d4 u = t * d - c;
-    d4 e = exp_d(b + u);
-    e = ok ? e : d4{};
-    d4 dc = d - d0;
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, pd zv, pd wv, int64_t) TRMATH_LAMBDA_INLINE {
+    pl ok = (zv > ninf) & (wv > ninf);
+    pd d = ok ? (zv - wv) * invT - cd : pd{};
+    pd b = ok ? wv * invT - lse_q : pd{};
+    pd u = t * d - c;
+    pd e = exp_d(b + u);
+    e = ok ? e : pd{};
+    pd dc = d - d0;
     S += e;
     Su += e * u;
-    d4 edc = e * dc;
+    pd edc = e * dc;
     Sd += edc;
     Sd2 += edc * dc;
   });
@@ -120,25 +134,25 @@ template <class In>
 inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
                              double invT, double lse_q, double cd, double t, double lam_r) {
   const double ninf = -std::numeric_limits<double>::infinity();
-  d4 aphi = {}, asig = {};
-  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
-    l4 ok = (zv > ninf) & (wv > ninf);
-    d4 d = ok ? (zv - wv) * invT - cd : d4{};
-    d4 b = ok ? wv * invT - lse_q : splat<d4>(ninf);
-    d4 r = ok ? t * d - lam_r : d4{};
-    d4 qt = exp_d(b);
-    l4 small = vabs(r) < 1.0;
-    d4 e2 = r * r * estrin(r, coef::em2_d);
-    d4 em1 = r + e2;
-    d4 phi = qt * (r * em1 - e2);
-    d4 sig = qt * em1;
+  pd aphi = {}, asig = {};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, pd zv, pd wv, int64_t) TRMATH_LAMBDA_INLINE {
+    pl ok = (zv > ninf) & (wv > ninf);
+    pd d = ok ? (zv - wv) * invT - cd : pd{};
+    pd b = ok ? wv * invT - lse_q : splat<pd>(ninf);
+    pd r = ok ? t * d - lam_r : pd{};
+    pd qt = exp_d(b);
+    pl small = vabs(r) < 1.0;
+    pd e2 = r * r * estrin(r, coef::em2_d);
+    pd em1 = r + e2;
+    pd phi = qt * (r * em1 - e2);
+    pd sig = qt * em1;
     if (any_lane(~small & ok)) {
-      d4 pt = exp_d(b + r);
+      pd pt = exp_d(b + r);
       phi = small ? phi : pt * (r - 1.0) + qt;
       sig = small ? sig : pt - qt;
     }
-    aphi += ok ? phi : d4{};
-    asig += ok ? sig : d4{};
+    aphi += ok ? phi : pd{};
+    asig += ok ? sig : pd{};
   });
   return {hsum(aphi), hsum(asig)};
 }
@@ -152,17 +166,17 @@ template <class In>
 inline ProjMax proj_max_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
                              double invT, double lse_q, double cd, double t) {
   const double ninf = -std::numeric_limits<double>::infinity();
-  d4 my = splat<d4>(ninf), md = {};
-  proj_row_loop(z, sz, w, sw, V, [&](int64_t, d4 zv, d4 wv, int64_t) TRMATH_LAMBDA_INLINE {
-    l4 ok = (zv > ninf) & (wv > ninf);
-    d4 d = ok ? (zv - wv) * invT - cd : d4{};
-    d4 y = ok ? (wv * invT - lse_q) + t * d : splat<d4>(ninf);
-    l4 gt = y > my;
+  pd my = splat<pd>(ninf), md = {};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t, pd zv, pd wv, int64_t) TRMATH_LAMBDA_INLINE {
+    pl ok = (zv > ninf) & (wv > ninf);
+    pd d = ok ? (zv - wv) * invT - cd : pd{};
+    pd y = ok ? (wv * invT - lse_q) + t * d : splat<pd>(ninf);
+    pl gt = y > my;
     my = gt ? y : my;
     md = gt ? d : md;
   });
   ProjMax r;
-  for (int k = 0; k < 4; ++k)
+  for (int k = 0; k < kProjW; ++k)
     if (my[k] > r.y) {
       r.y = my[k];
       r.d = md[k];
@@ -177,16 +191,16 @@ inline void proj_write_pass(const In* z, int64_t sz, const In* w, int64_t sw, in
                             bool inside, Out* out) {
   const double ninf = -std::numeric_limits<double>::infinity();
   const double cd = lse_p - lse_q;
-  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, d4 zv, d4 wv, int64_t n) TRMATH_LAMBDA_INLINE {
-    d4 r;
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, pd zv, pd wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    pd r;
     if (inside) {
       r = zv * invT - lse_p;
-      r = zv > ninf ? r : splat<d4>(ninf);
+      r = zv > ninf ? r : splat<pd>(ninf);
     } else {
-      l4 ok = (zv > ninf) & (wv > ninf);
-      d4 d = (zv - wv) * invT - cd;
+      pl ok = (zv > ninf) & (wv > ninf);
+      pd d = (zv - wv) * invT - cd;
       r = (wv * invT - lse_q) + t * d - lam;
-      r = ok ? r : splat<d4>(ninf);
+      r = ok ? r : splat<pd>(ninf);
     }
     for (int64_t k = 0; k < n; ++k) proj_store(out + i + k, r[k]);
   });
@@ -201,22 +215,22 @@ template <class In>
 inline ProjGradSums proj_grad_sums(const In* z, int64_t sz, const In* w, int64_t sw,
                                    const double* g, int64_t V, double invT, double cd,
                                    double lse_q, double t, double lam, double mu, bool inside) {
-  d4 a = {}, b = {}, s0 = {}, s1 = {}, s2 = {};
+  pd a = {}, b = {}, s0 = {}, s1 = {}, s2 = {};
   const double ninf = -std::numeric_limits<double>::infinity();
-  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, d4 zv, d4 wv, int64_t n) TRMATH_LAMBDA_INLINE {
-    d4 gv = {};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, pd zv, pd wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    pd gv = {};
     for (int64_t k = 0; k < n; ++k) gv[k] = g[i + k];
-    l4 ok = inside ? (zv > ninf) : ((zv > ninf) & (wv > ninf));
-    gv = ok ? gv : d4{};
-    d4 d = ok ? (zv - wv) * invT - cd : d4{};
-    d4 dc = ok ? d - mu : d4{};
+    pl ok = inside ? (zv > ninf) : ((zv > ninf) & (wv > ninf));
+    gv = ok ? gv : pd{};
+    pd d = ok ? (zv - wv) * invT - cd : pd{};
+    pd dc = ok ? d - mu : pd{};
     a += gv;
     b += gv * dc;
     if (!inside) {
-      d4 e = exp_d((wv * invT - lse_q) + t * d - lam);
-      e = ok ? e : d4{};
+      pd e = exp_d((wv * invT - lse_q) + t * d - lam);
+      e = ok ? e : pd{};
       s0 += e;
-      d4 edc = e * dc;
+      pd edc = e * dc;
       s1 += edc;
       s2 += edc * dc;
     }
@@ -231,24 +245,24 @@ inline void proj_grad_write(const In* z, int64_t sz, const In* w, int64_t sw, co
                             Out* dz, Out* dw) {
   const double ninf = -std::numeric_limits<double>::infinity();
   const double cd = lse_p - lse_q;
-  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, d4 zv, d4 wv, int64_t n) TRMATH_LAMBDA_INLINE {
-    d4 gv = {};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, pd zv, pd wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    pd gv = {};
     for (int64_t k = 0; k < n; ++k) gv[k] = g[i + k];
-    d4 gz, gw;
+    pd gz, gw;
     if (inside) {
-      l4 ok = zv > ninf;
-      d4 pa = exp_d(zv * invT - lse_p);
-      gz = ok ? (gv - pa * SG) * invT : d4{};
-      gw = d4{};
+      pl ok = zv > ninf;
+      pd pa = exp_d(zv * invT - lse_p);
+      gz = ok ? (gv - pa * SG) * invT : pd{};
+      gw = pd{};
     } else {
-      l4 ok = (zv > ninf) & (wv > ninf);
-      d4 d = ok ? (zv - wv) * invT - cd : d4{};
-      d4 b = wv * invT - lse_q;
-      d4 pt = exp_d(b + t * d - lam);
-      pt = ok ? pt : d4{};
-      d4 po = wv > ninf ? exp_d(b) : d4{};
-      d4 dc = ok ? d - mu : d4{};
-      d4 r = ok ? gv - pt * SG : d4{};
+      pl ok = (zv > ninf) & (wv > ninf);
+      pd d = ok ? (zv - wv) * invT - cd : pd{};
+      pd b = wv * invT - lse_q;
+      pd pt = exp_d(b + t * d - lam);
+      pt = ok ? pt : pd{};
+      pd po = wv > ninf ? exp_d(b) : pd{};
+      pd dc = ok ? d - mu : pd{};
+      pd r = ok ? gv - pt * SG : pd{};
       gz = (t * r - (kappa * t * t) * (pt * dc)) * invT;
       gw = ((1.0 - t) * r - kappa * ((t * (1.0 - t)) * (pt * dc) - pt + po)) * invT;
     }
