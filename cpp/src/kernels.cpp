@@ -453,7 +453,7 @@ struct PairAlgo {
     const In* pg = rw.prefetch_after(r, sg, next);
     if (s.stage == kFused) {
       // Pass 1 reads each segment once: its maxima, then (from cache) its sums about its own
-      // centre m_s = Mz_s - Mw_s; consume() merges the segments exactly.
+      // centre, Mz_s - Mw_s or (below) the mean of z - w; consume() merges the segments exactly.
       double Mzs, Mws, mean = 0.0;
       if (!kDouble && n >= kMeanCentreMin) {
         seg_max2<L>(z, w, n, Mzs, Mws, mean, p.flags, kNanA, kPosInfA, kNanB, kPosInfB, kLowSeen);
@@ -589,7 +589,8 @@ struct PairAlgo {
         d = ((t.hi + Mw) + t.lo) * invT;
         fe = std::exp((q.v[6] - Mw) * invT + d);  // f e^d <= e^8 (run() bounds the shift)
       }
-      // f expm1(d) and f phi(d) without overflow of e^d (f e^d <= 1 always).
+      // f expm1(d) and f phi(d) without overflow of e^d (f e^d <= 1 at the centre Mz_s - Mw_s,
+      // <= e^8 at a mean centre).
       double f_em1 = d < 1.0 ? f * std::expm1(d) : fe - f;
       double f_phi = std::fabs(d) < 1.0 ? f * phi(d) : fe * (d - 1.0) + f;
       Q += f * q.v[0];
