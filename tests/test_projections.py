@@ -585,6 +585,78 @@ def test_sparse_rejects_invalid_rows(value, what, arg):
         assert torch.equal(out[:2], ref)
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16, torch.float16))
+def test_sparse_one_call_path_matches_the_general_path(dtype):
+    """Without a graph, CPU inputs take one core call (tails, exact-KL statistics, projection);
+    with one, the autograd path (tails, then project_kl). Same kernels: the same bits, on batched,
+    strided rows with repeated (-inf) slots, inside and active rows."""
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(3, 5, 700, generator=g, dtype=torch.float64) * 3
+    w = z + 0.4 * torch.randn(3, 5, 700, generator=g, dtype=torch.float64)
+    w[0, 0] = z[0, 0]  # KL = 0: inside the ball
+    tok = torch.randint(0, 700, (3, 5), generator=g)
+    _, lpn, lpo = trmath.sparse_support(z.to(dtype), w.to(dtype), 24, tok)
+    assert bool(torch.isinf(lpn).any()), "some slot repeats a token"
+    buf = torch.full((*lpn.shape[:-1], 2 * lpn.shape[-1]), float("nan"), dtype=lpn.dtype)
+    buf[..., ::2] = lpn
+    lpn_s = buf[..., ::2]  # a strided view of the same rows
+    first = None
+    for a in (lpn, lpn_s):
+        out, eta = trmath.project_kl_sparse(a, lpo, 0.005, return_eta=True)
+        ref, eta_ref = trmath.project_kl_sparse(a.detach().clone().requires_grad_(), lpo, 0.005,
+                                                 return_eta=True)
+        assert out.dtype == ref.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.equal(out, ref.detach()) and torch.equal(eta, eta_ref)
+        assert float(eta[0, 0]) == 0.0 and bool((eta.flatten()[1:] > 0).all())
+        first = out if first is None else first
+        assert torch.equal(out, first)
+    # A row that is not a sub-distribution anywhere in the batch: the general path's error.
+    bad = lpn.clone()
+    bad[2, 3, 0] = 0.5
+    with pytest.raises(ValueError, match=r"new_logprobs: row \(2, 3\) has probabilities summing to more than 1"):
+        trmath.project_kl_sparse(bad, lpo, 0.02)
+
+
+def _skewed_rows(kind: str, V: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose log-ratio d = log(pi_new / pi_old) is far from Gaussian under pi_old, where a
+    low-order model of its cumulant function misplaces the root."""
+    g = np.random.default_rng(seed)
+    w = g.normal(size=V) * 2.0
+    z = w + 1e-3 * g.normal(size=V)
+    if kind == "rare_token_up":  # pi_new moves mass onto a token pi_old deems rare
+        i = int(np.argmin(w))
+        z[i] = w.max() + 3.0
+    elif kind == "top_token_down":  # pi_new takes most of the mass off pi_old's top token
+        w[int(np.argmax(w))] += 8.0
+        z = w.copy()
+        z[int(np.argmax(w))] -= 9.0
+    elif kind == "two_levels":  # d takes two values: half the tokens up by 5
+        z[: V // 2] += 5.0
+    elif kind == "two_tokens":
+        z, w = np.array([0.0, 3.0]), np.array([2.5, -1.0])
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return z, w
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("kind", ("rare_token_up", "top_token_down", "two_levels", "two_tokens"))
+@pytest.mark.parametrize("eps", (0.3, 1e-2, 1e-6))
+def test_kl_skewed_log_ratios_against_mpmath(backend, kind, eps, dtype):
+    worst_eta = worst_kl = 0.0
+    for seed in range(2):
+        z, w = _skewed_rows(kind, 48, seed)
+        zt, wt = torch.tensor(z).to(dtype), torch.tensor(w).to(dtype)
+        lp, eta = trmath.project_kl(zt.unsqueeze(0), wt.unsqueeze(0), eps, return_eta=True)
+        eta_ref, _ = mp_project_kl(zt, wt, eps)
+        assert eta_ref > 0, "every case here is active"
+        worst_eta = max(worst_eta, abs(float(eta[0]) / float(eta_ref) - 1.0))
+        kl_at, _ = mp_projection_kl_at(zt, wt, float(eta[0]))
+        worst_kl = max(worst_kl, abs(float(kl_at) / eps - 1.0))
+    assert worst_eta <= ETA_RTOL, f"eta relative error {worst_eta:.3g}"
+    assert worst_kl <= KL_RTOL, f"|KL/eps - 1| = {worst_kl:.3g}"
+
+
 # ------------------------------------------------------------------------------------------------
 # TROLL's loss
 # ------------------------------------------------------------------------------------------------

@@ -201,6 +201,25 @@ def project_kl_forward(z: torch.Tensor, w: torch.Tensor, epsilon: float, tempera
     return out, stats, status
 
 
+def has_sparse_projection() -> bool:
+    """Whether the compiled core has the one-call sparse KL projection."""
+    return hasattr(_core, "project_kl_sparse_forward")
+
+
+def project_kl_sparse_forward(z: torch.Tensor, w: torch.Tensor, epsilon: float, slack: float):
+    """The sparse KL projection of log-probability rows ``[..., S]`` in one core call (tails,
+    exact-KL statistics, projection). Returns ``(log-probs [..., S + 1], eta [...])``, or None
+    when some row is not valid (a log-mass outside ``(-inf, slack]``, NaN, ``+inf``, infeasible):
+    the caller then takes the general path, which raises or returns that row as NaN."""
+    lead, S = z.shape[:-1], z.shape[-1]
+    out = torch.empty((*lead, S + 1), dtype=out_dtype(z.dtype))
+    eta = torch.empty(lead, dtype=torch.float64)
+    if eta.numel() and _core.project_kl_sparse_forward(_desc(z), _desc(w), float(epsilon), float(slack),
+                                                       out.data_ptr(), eta.data_ptr()):
+        return None
+    return out, eta
+
+
 def sparse_tails(z: torch.Tensor, w: torch.Tensor):
     """Both sparse-projection inputs (log-probabilities ``[..., S]``) as float64
     ``[2, ..., S + 1]`` with their tail buckets ``log(1 - sum e^x)`` appended, and the log-masses

@@ -357,14 +357,19 @@ def sparse_support(new_logits: Any, old_logits: Any, k: int, tokens: Any = None,
     return back(idx), back(lpn.to(odt)), back(lpo.to(odt))
 
 
+def _mass_slack(z: torch.Tensor) -> float:
+    """The largest log-mass of a row of listed log-probabilities that still passes as a
+    sub-distribution: a sum above 1 beyond rounding (a few ulps of the input dtype per entry) is
+    not one."""
+    return 4.0 * z.shape[-1] * torch.finfo(z.dtype).eps
+
+
 def _tail_checks(s: torch.Tensor, z: torch.Tensor, w: torch.Tensor, names: tuple[str, str],
                  validate: bool) -> None:
     """Raise for the first invalid row given the log-masses ``s`` ``[2, ..., 1]`` of both inputs
     (NaN for a NaN entry, ``+inf`` for a ``+inf`` one, ``-inf`` for an all ``-inf`` row; a mass
     above 1 beyond rounding always raises, the rest only if ``validate``)."""
-    # Sum of the listed probabilities above 1 beyond rounding (a few ulps of the input dtype per
-    # entry) is not a sub-distribution.
-    slack = 4.0 * z.shape[-1] * torch.finfo(z.dtype).eps
+    slack = _mass_slack(z)
     ok = (s <= slack) & (s > -math.inf) if validate else ~(s > slack)
     if bool(ok.all()):
         return
@@ -480,6 +485,17 @@ def project_kl_sparse(new_logprobs: Any, old_logprobs: Any, epsilon: float, *,
     w, _ = as_tensor(old_logprobs, "old_logprobs")
     z, w = check_pair(z, w, "new_logprobs", "old_logprobs")
     eps = _check_radius(epsilon, "epsilon")
+    if (z.device.type == "cpu" and not (torch.is_grad_enabled() and (z.requires_grad or w.requires_grad))
+            and _cpp_available(z)):
+        from . import _backend
+
+        if _backend.has_sparse_projection():
+            # No graph to record: one core call (the same kernels, so the same bits as below);
+            # a row that is not valid sends the call down the general path for its errors.
+            res = _backend.project_kl_sparse_forward(z, w, eps, _mass_slack(z))
+            if res is not None:
+                out, eta = res
+                return (back(out), back(eta)) if return_eta else back(out)
     zt, wt = _with_tails(z, w, ("new_logprobs", "old_logprobs"), validate)
     out, eta = _project_kl(zt, wt, eps, 1.0, validate)
     out = out.to(_out_dtype(z.dtype))

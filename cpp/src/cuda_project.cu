@@ -54,34 +54,43 @@ struct GpuRow {
     for (int64_t i = threadIdx.x; i < V; i += blockDim.x) f(i, load_d(z + i * sz), load_d(w + i * sw));
   }
 
-  __device__ ps::Norm norm(bool swapped, double c) const {
-    double v[3] = {0.0, 0.0, 0.0};
+  // Not swapped, also the sums of e d and e d^2 over the common support (d = (z - w)/T - cd).
+  __device__ ps::Norm norm(bool swapped, double c, double cd) const {
+    double v[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
     each([&](int64_t, double zi, double wi) {
       const double a = swapped ? wi : zi, b = swapped ? zi : wi;  // sums of e^{b/T - c}
       if (b > -INFINITY) {
         const double e = exp(b * invT - c);
         v[0] += e;
-        if (a > -INFINITY) v[1] += e;
-        else v[2] += e;
+        if (a > -INFINITY) {
+          v[1] += e;
+          const double d = (zi - wi) * invT - cd, ed = e * d;
+          v[3] += ed;
+          v[4] += ed * d;
+        } else {
+          v[2] += e;
+        }
       }
     });
-    block_sum<3>(v);
-    return {v[0], v[1], v[2]};
+    block_sum<5>(v);
+    if (swapped) return {v[0], v[1], v[2]};
+    return {v[0], v[1], v[2], v[3], v[4]};
   }
 
   __device__ ps::Moments interp(double lse_q, double cd, double t, double c, double d0) const {
-    double v[4] = {0.0, 0.0, 0.0, 0.0};
+    double v[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
     each([&](int64_t, double zi, double wi) {
       if (!(zi > -INFINITY && wi > -INFINITY)) return;
       const double d = (zi - wi) * invT - cd, b = wi * invT - lse_q;
-      const double u = t * d - c, e = exp(b + u), dc = d - d0, edc = e * dc;
+      const double u = t * d - c, e = exp(b + u), dc = d - d0, edc = e * dc, edc2 = edc * dc;
       v[0] += e;
       v[1] += e * u;
       v[2] += edc;
-      v[3] += edc * dc;
+      v[3] += edc2;
+      v[4] += edc2 * dc;
     });
-    block_sum<4>(v);
-    return {v[0], v[1], v[2], v[3]};
+    block_sum<5>(v);
+    return {v[0], v[1], v[2], v[3], v[4]};
   }
 
   __device__ ps::Phi phi(double lse_q, double cd, double t, double lam_r) const {

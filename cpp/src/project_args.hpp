@@ -20,6 +20,8 @@ struct ProjFwd {
   void* out = nullptr;      // contiguous [rows, V]: float (16/32-bit inputs) or double
   double* stats = nullptr;  // [rows, kProjStats]
   int* status = nullptr;    // [rows], the exact-KL kernel's error bits on entry
+  bool out_float = false;   // float output for float64 inputs too (the sparse projection's
+                            // float64 rows with tails, from 16/32-bit log-probabilities)
 };
 
 struct ProjBwd {

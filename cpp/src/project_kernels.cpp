@@ -45,8 +45,9 @@ struct CpuRow {
   Out* out;
   double* S;
   int* status;
-  ProjNorm norm(bool swapped, double c) const {
-    return swapped ? proj_norm_pass(w, sw, z, sz, V, invT, c) : proj_norm_pass(z, sz, w, sw, V, invT, c);
+  ProjNorm norm(bool swapped, double c, double cd) const {
+    return swapped ? proj_norm_pass(w, sw, z, sz, V, invT, c, cd, false)
+                   : proj_norm_pass(z, sz, w, sw, V, invT, c, cd, true);
   }
   ProjMoments interp(double lse_q, double cd, double t, double c, double d0) const {
     return proj_interp_pass(z, sz, w, sw, V, invT, lse_q, cd, t, c, d0);
@@ -182,6 +183,7 @@ void by_dtype(DType t, F&& f) {
 }  // namespace
 
 void project_kl_forward_rows(const ProjFwd& a, const double* kst) {
+  if (a.out_float && a.z.dtype == DType::f64) return forward_rows<double, float>(a, kst);
   by_dtype(a.z.dtype, [&](auto in, auto o) { forward_rows<decltype(in), decltype(o)>(a, kst); });
 }
 

@@ -7,6 +7,7 @@
 //     log pi~_i = b_i + t d_i - Lambda(t),   Lambda(t) = log sum_S e^{b_i + t d_i}.
 // One pass at (t, c) accumulates, with u_i = t d_i - c and e_i = e^{b_i + u_i}:
 //     S = sum e_i, Su = sum e_i u_i, Sd = sum e_i (d_i - d0), Sd2 = sum e_i (d_i - d0)^2,
+//     Sd3 = sum e_i (d_i - d0)^3 (the third cumulant, for the solver's Halley steps),
 // from which Lambda = c + log S, KL(pi~ || pi_old) = Su / S - log S + log Q (Q = sum e^{b_i},
 // the normaliser of the b_i as rounded), mu = d0 + Sd / S and Var = Sd2 / S - (Sd / S)^2
 // (centred at d0 near the mean, so no cancellation of mu^2). This KL has an absolute rounding
@@ -72,20 +73,36 @@ TRMATH_INLINE void proj_row_loop(const In* z, int64_t sz, const In* w, int64_t s
 using ProjNorm = projsolve::Norm;
 
 // Exact float64 normaliser of the old policy about an approximate centre cw (the exact-KL
-// kernel's lse), and its mass on the common support.
-template <class In>
-inline ProjNorm proj_norm_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
-                               double invT, double cw) {
-  pd aw = {}, aws = {}, aout = {};
+// kernel's lse), and its mass on the common support; with kMoments, also the sums of e_i d_i and
+// e_i d_i^2 over the common support, d_i = (z_i - w_i)/T - cd (the solver's first guess).
+template <bool kMoments, class In>
+inline ProjNorm proj_norm_pass_t(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                                 double invT, double cw, double cd) {
+  pd aw = {}, aws = {}, aout = {}, ad = {}, ad2 = {};
   const double ninf = -std::numeric_limits<double>::infinity();
   proj_row_loop(z, sz, w, sw, V, [&](int64_t, pd zv, pd wv, int64_t) TRMATH_LAMBDA_INLINE {
     pd ew = exp_d(wv * invT - cw);
     pd ewm = wv > ninf ? ew : pd{};
     aw += ewm;
-    aws += zv > ninf ? ewm : pd{};
-    aout += zv > ninf ? pd{} : ewm;
+    const pl zin = zv > ninf;
+    const pd ews = zin ? ewm : pd{};
+    aws += ews;
+    aout += zin ? pd{} : ewm;
+    if (kMoments) {
+      const pd d = zin ? (zv - wv) * invT - cd : pd{};  // ews = 0 where d is not finite
+      const pd ed = ews * d;
+      ad += ed;
+      ad2 += ed * d;
+    }
   });
-  return {hsum(aw), hsum(aws), hsum(aout)};
+  if (!kMoments) return {hsum(aw), hsum(aws), hsum(aout)};
+  return {hsum(aw), hsum(aws), hsum(aout), hsum(ad), hsum(ad2)};
+}
+template <class In>
+inline ProjNorm proj_norm_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                               double invT, double cw, double cd, bool moments) {
+  return moments ? proj_norm_pass_t<true>(z, sz, w, sw, V, invT, cw, cd)
+                 : proj_norm_pass_t<false>(z, sz, w, sw, V, invT, cw, cd);
 }
 
 using ProjMoments = projsolve::Moments;
@@ -95,7 +112,7 @@ template <class In>
 inline ProjMoments proj_interp_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
                                     double invT, double lse_q, double cd, double t, double c,
                                     double d0) {
-  pd S = {}, Su = {}, Sd = {}, Sd2 = {};
+  pd S = {}, Su = {}, Sd = {}, Sd2 = {}, Sd3 = {};
   const double ninf = -std::numeric_limits<double>::infinity();
   proj_row_loop(z, sz, w, sw, V, [&](int64_t, pd zv, pd wv, int64_t) TRMATH_LAMBDA_INLINE {
     pl ok = (zv > ninf) & (wv > ninf);
@@ -109,9 +126,11 @@ inline ProjMoments proj_interp_pass(const In* z, int64_t sz, const In* w, int64_
     Su += e * u;
     pd edc = e * dc;
     Sd += edc;
-    Sd2 += edc * dc;
+    const pd edc2 = edc * dc;
+    Sd2 += edc2;
+    Sd3 += edc2 * dc;
   });
-  return {hsum(S), hsum(Su), hsum(Sd), hsum(Sd2)};
+  return {hsum(S), hsum(Su), hsum(Sd), hsum(Sd2), hsum(Sd3)};
 }
 
 // The exact (cancellation-free) form of the constraint. With r_i = t d_i - lam_r over the common

@@ -5,8 +5,11 @@
 // themselves come from a row object R (the CPU's vectorised loops of project.hpp, or a CUDA
 // block's reductions, whose results every thread of the block holds identically, so that every
 // thread takes the same branches). R provides:
-//   ProjNorm  norm(bool swapped, double c)   sums of e^{w/T - c} (swapped: e^{z/T - c}) over the
-//                                             tokens where the other logits are finite / -inf;
+//   ProjNorm  norm(bool swapped, double c, double cd)   sums of e^{w/T - c} (swapped:
+//                                             e^{z/T - c}) over the tokens where the other logits
+//                                             are finite / -inf; not swapped, also the first two
+//                                             moments of d_i = (z_i - w_i)/T - cd over the common
+//                                             support, weighted by e^{w_i/T - c};
 //   ProjMoments interp(lse_q, cd, t, c, d0);  ProjPhi phi(lse_q, cd, t, lam_r);
 //   ProjMax   max(lse_q, cd, t);              void write(lse_p, lse_q, t, lam, inside);
 //   void fail(int bits)                       NaN output and statistics, status |= bits;
@@ -38,9 +41,10 @@ constexpr int kInfeasible = 256;
 struct Norm {
   double Aw = 0, AwS = 0;  // sum e^{w/T - cw}, and the same over the common support S
   double Aout = 0;         // the same over the tokens outside S (a sum of non-negative terms)
+  double Sd = 0, Sd2 = 0;  // sum over S of e^{w/T - cw} d and of e^{w/T - cw} d^2 (not swapped)
 };
 struct Moments {
-  double S = 0, Su = 0, Sd = 0, Sd2 = 0;
+  double S = 0, Su = 0, Sd = 0, Sd2 = 0, Sd3 = 0;  // Sd3 = sum e_i (d_i - d0)^3
 };
 struct Phi {
   double Phi = 0, Sig = 0;
@@ -60,6 +64,9 @@ constexpr double kRtol = 1e-12;  // |KL - eps| <= kRtol eps at the root (KL by t
 constexpr double kCheapRtol = 1e-8;
 constexpr double kCheapAtol = 1e-14;
 constexpr double kPhiOnly = 1e-4;   // |h| from which the next evaluation is the exact form only
+// The same after a Halley step (next h = O(h^3)): 8e-9 at |h| = 2e-3, within kLastStep when the
+// third derivative is of the order of the first (a miss costs one more pass, never accuracy).
+constexpr double kPhiOnlyHalley = 2e-3;
 constexpr double kLastStep = 1e-8;  // |h| below which the last Newton step needs no new pass
 
 // The host's and the device's libm, one spelling for both (std::min/max semantics kept).
@@ -72,15 +79,69 @@ TRMATH_SOLVE bool s_finite(double x) { return ::fabs(x) < double(INFINITY); }
 TRMATH_SOLVE double s_max(double a, double b) { return a < b ? b : a; }
 TRMATH_SOLVE double s_min(double a, double b) { return b < a ? b : a; }
 
+// The first trial t from a model of the cumulant function of d under pi_old restricted to S,
+// L(t) = log sum_S pi_old_i e^{t d_i} (the solver's Lambda less log Q), whose
+// g(t) = KL(pi~_t || pi_old) = t L'(t) - L(t). Five of its values are known before any trial:
+// L(0) = log pi_old(S), L'(0) and L''(0) (the mean and variance of d under pi_old on S, from
+// the normaliser pass), L(1) = -log Q and L'(1) = KL(pi_new || pi_old) - log Q (pi_new lives on
+// S when its KL is finite). The quartic p through them gives
+//     G(t) = t p'(t) - p(t) = -L(0) + v0 t^2 / 2 + 2 c3 t^3 + 3 c4 t^4,
+// G(0) = -log pi_old(S) < eps < G(1) = KL(pi_new || pi_old), and G(t) = eps is solved by a
+// safeguarded Newton iteration on [0, 1] (no pass over the row). It is exact when d is Gaussian
+// under pi_old (a quadratic L) and close whenever d's skewness varies slowly over [0, 1]; on
+// rows with noise-like log-ratios it puts the first trial within |h| ~ 1e-5 of the root, against
+// ~1e-2 for the small-difference guess t^2 KL = eps, and on sparse or peaked moves within ~1e-3
+// against ~0.3. A poor model only costs evaluations: the bracketing below absorbs it.
+struct Guess {
+  bool ok = false;
+  double t = 0, L0 = 0, m0 = 0, v0 = 0, c3 = 0, c4 = 0;
+};
+TRMATH_SOLVE double guess_lam(const Guess& q, double t) {
+  return q.L0 + t * (q.m0 + t * (0.5 * q.v0 + t * (q.c3 + t * q.c4)));
+}
+TRMATH_SOLVE double guess_mu(const Guess& q, double t) {
+  return q.m0 + t * (q.v0 + t * (3.0 * q.c3 + 4.0 * q.c4 * t));
+}
+TRMATH_SOLVE Guess model_guess(const Norm& nm, double logQ, double K1, double eps) {
+  Guess q;
+  if (!(nm.AwS > 0) || !s_finite(K1)) return q;
+  q.m0 = nm.Sd / nm.AwS;
+  q.v0 = s_max(nm.Sd2 / nm.AwS - q.m0 * q.m0, 0.0);
+  q.L0 = s_log(nm.AwS / nm.Aw);
+  const double L1 = -logQ;
+  const double A = L1 - q.L0 - q.m0 - 0.5 * q.v0, B = K1 + L1 - q.m0 - q.v0;
+  q.c4 = B - 3.0 * A;
+  q.c3 = 4.0 * A - B;
+  if (!(s_finite(q.m0) && s_finite(q.v0) && s_finite(q.c3) && s_finite(q.c4))) return q;
+  double lo = 0.0, hi = 1.0;
+  double t = s_min(s_max(s_exp(0.5 * (s_log(eps) - s_log(K1))), 1e-3), 0.999);
+  for (int i = 0; i < 60; ++i) {
+    const double G = -q.L0 + t * t * (0.5 * q.v0 + t * (2.0 * q.c3 + 3.0 * q.c4 * t)) - eps;
+    if (G > 0) hi = t; else lo = t;
+    const double dG = t * (q.v0 + t * (6.0 * q.c3 + 12.0 * q.c4 * t));
+    double tn = t - G / dG;
+    if (!(tn > lo && tn < hi)) tn = 0.5 * (lo + hi);  // also a zero or NaN dG
+    const bool done = s_abs(tn - t) <= 1e-12 * t;
+    t = tn;
+    if (done) break;
+  }
+  q.t = t;
+  q.ok = t > 0 && t < 1;
+  return q;
+}
+
 // Forward of one row: k = the exact-KL kernel's statistics of the row (k[0] = lse_p, k[1] =
 // lse_q, k[2] = KL(pi_new || pi_old)), status = its error bits.
 //
 // Per row: rows with KL <= eps take one pass that writes log_softmax(z / T) (eta = 0); otherwise
 // one pass computes the old policy's float64 normaliser and its mass on the common support (the
-// feasibility limit), then a bracketed Newton iteration on h(u) = log KL(pi~_{e^u} || pi_old) -
+// feasibility limit, and the first two moments of the log-ratio under it), then a bracketed
+// Newton iteration on h(u) = log KL(pi~_{e^u} || pi_old) -
 // log eps in u = log eta runs one fused pass per step (one exponential per element); near the
 // root the constraint is evaluated in the cancellation-free phi-form, which alone may accept the
-// root, and a last pass writes log pi~. Typical rows: two fused passes and one phi pass.
+// root, and a last pass writes log pi~. The first trial comes from a model of the row (Guess
+// above); steps are Halley's where the third cumulant makes them safe. Typical rows: one fused
+// pass and one phi pass.
 template <class R>
 TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   const double kNaN = double(NAN), kInf = double(INFINITY);
@@ -93,7 +154,7 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
     // the log-ratio, so it carries ulp(max(|lse_q|, |lse_p|)) absolute (1e-13 for logits
     // ~1e3 even when |log pi_new| ~ 1); one pass refines it to float64 accuracy about itself:
     // lse = lse_p + log sum_i e^{z_i/T - lse_p} (the sum is 1 + O(1e-13), exact to an ulp).
-    const Norm np = row.norm(true, lse_p);
+    const Norm np = row.norm(true, lse_p, 0.0);
     const double lse = lse_p + s_log(np.Aw);
     row.write(lse, k[1], 1.0, 0.0, true);
     const double st[kStats] = {0.0, 1.0, lse, k[1], 0.0, 0.0, 0.0, K1};
@@ -105,8 +166,9 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   // of log Q into a rounded lse_q instead would move g by up to ulp(lse_q) absolute (1e-13 for
   // logits ~1e3: 1e-5 relative at eps = 1e-8). The per-element roundings of b_i perturb pi_old
   // by ~ulp(w/T) relative, which moves g by at most TV(pi~, pi_old) times that.
-  const Norm nm = row.norm(false, k[1]);
-  const double lq = k[1], logQ = s_log(nm.Aw);
+  const double lq = k[1], cd = lse_p - lq;
+  const Norm nm = row.norm(false, lq, cd);
+  const double logQ = s_log(nm.Aw);
   // The backward's normaliser of pi_old; its d is the solver's plus log Q, so the stored Lambda
   // and mu are shifted to match (b + t d moves by -(1 - t) log Q).
   const double lse_q_stat = lq + logQ;
@@ -114,7 +176,7 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   const double lim = nm.AwS > 0 ? -s_log(nm.AwS / nm.Aw) : kInf;
   if (!(lim < eps)) return row.fail(kInfeasible);
   const double lse_q = lq;
-  const double cd = lse_p - lse_q;
+  const Guess guess = model_guess(nm, logQ, K1, eps);
   // One evaluation of g = KL(pi~_t || pi_old) and the moments at t. Accuracy: with
   // u_i = t d_i - c, g = Su/S - log S = E~[u] - log S is evaluated as the difference of two
   // numbers of size |log S| + E~|u|, so its absolute error is a few ulps of that (plus the
@@ -122,7 +184,8 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   // harmless: it is a consistent perturbation of the input (the same u_i enters e_i and e_i u_i)
   // and dg/du_i = pi~_i (r_i - g) with r_i = log(pi~_i / pi_old_i), so it moves g by at most
   // ulp(t d) (E~|r| + g) ~ ulp(t d) sqrt(2 g). Hence c must be close to Lambda(t) (|log S| small):
-  //   * the first evaluation takes the tangent of Lambda at t = 1 (for finite KL(pi_new||pi_old));
+  //   * the first evaluation takes the model's Lambda (Guess), or else the tangent of Lambda at
+  //     t = 1 (for finite KL(pi_new||pi_old));
   //   * any whose S left [1e-250, 1e250] (and the first where KL = +inf) is redone with
   //     c = max_i (b_i + t d_i) (a max pass, no exponential): 1 <= S <= V, |log S| <= log V;
   //   * later ones predict c by the tangent Lambda(t') + mu (t - t'), a lower bound of the convex
@@ -132,13 +195,19 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   // evaluation): Var = Sd2/S - (Sd/S)^2 loses about (mean / sd)^2 ulps, at most V ulps at the
   // first evaluation (the maximum carries >= 1/V of the mass, so mean^2 <= V Var) and O(1) once
   // d0 = mu. A poor Var only slows the iteration: Newton steps are taken inside a bracket.
-  double t = 1.0, lam = 0.0, mu = 0.0, var = 0.0, g = 0.0, logS = 0.0;
+  // k3: the third cumulant of d under pi~_t (Lambda'''), for Halley's step and the Taylor
+  // predictions of Lambda, mu and Var.
+  double t = 1.0, lam = 0.0, mu = 0.0, var = 0.0, k3 = 0.0, g = 0.0, logS = 0.0;
   bool have = false;  // lam, mu valid at t
   auto eval = [&](double tn, bool force_max) {
     double c, d0;
     if (have && !force_max) {
       c = lam + mu * (tn - t);
       d0 = mu;
+    } else if (guess.ok && !force_max) {
+      // The model's Lambda and mu at t (see Guess): S ~ 1 to the model's accuracy.
+      c = guess_lam(guess, tn) + logQ;
+      d0 = guess_mu(guess, tn);
     } else if (s_finite(K1) && !force_max) {
       // The tangent at t = 1 (Lambda(1) = log pi_new(S) = 0, Lambda'(1) = E_new[d] = K1):
       // S = e^{Lambda(t) + (1 - t) K1} lies in [1, e^{(1 - t) K1}] -- close to 1 on typical
@@ -158,12 +227,13 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
       m = row.interp(lse_q, cd, tn, c, d0);
     }
     logS = s_log(m.S);
-    const double mean = m.Sd / m.S;
+    const double mean = m.Sd / m.S, m2 = m.Sd2 / m.S;
     g = m.Su / m.S - logS + logQ;
     t = tn;
     lam = c + logS;
     mu = d0 + mean;
-    var = s_max(m.Sd2 / m.S - mean * mean, 0.0);
+    var = s_max(m2 - mean * mean, 0.0);
+    k3 = m.Sd3 / m.S - mean * (3.0 * m2 - 2.0 * mean * mean);
     have = true;
   };
   // g at the current t in the cancellation-free form of the phi pass (no absolute floor): used
@@ -190,7 +260,10 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   // Root of h(u) = log g(e^u) - log eps, decreasing in u = log eta (h > 0: eta too small).
   // Initial guess from g ~ t^2 K1 (exact to first order when pi_new is close to pi_old; it can
   // be far off for distant rows, which the bracketing below absorbs); eta = 1 when K1 = +inf.
-  double u = s_finite(K1) ? s_log(s_max(s_expm1(0.5 * (s_log(K1) - log_eps)), 1e-300)) : 0.0;
+  // Without a model (KL = +inf, or a degenerate row), the start is the small-difference guess
+  // g ~ t^2 KL.
+  double u = guess.ok ? s_log((1.0 - guess.t) / guess.t)
+             : s_finite(K1) ? s_log(s_max(s_expm1(0.5 * (s_log(K1) - log_eps)), 1e-300)) : 0.0;
   u = s_min(s_max(u, -700.0), 700.0);
   // Safeguards: [lo, hi] brackets the root once both ends are finite. While it is open, a
   // Newton step (limited to 30 in u) or, without a usable derivative, a step that doubles each
@@ -207,13 +280,14 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
     const bool width = (hi - lo) <= 4e-16 * s_max(s_abs(u), 1.0);
     bool exact = phi_only;
     if (phi_only) {
-      // After a Newton step from |h| <= kPhiOnly: the next h is expected to be O(h^2), within
-      // the last-step range, so only the exact form is evaluated, about the Taylor prediction
-      // of Lambda (corrected by the pass) and mu, Var (approximate: they only shape the last
-      // step; the backward recomputes them).
+      // After a Newton step from |h| <= kPhiOnly (a Halley step from |h| <= kPhiOnlyHalley):
+      // the next h is expected to be O(h^2) (O(h^3)), within the last-step range, so only the
+      // exact form is evaluated, about the Taylor prediction of Lambda (corrected by the pass)
+      // and mu, Var (approximate: they only shape the last step; the backward recomputes them).
       const double dt = tn - t;
-      lam += mu * dt + 0.5 * var * dt * dt;
-      mu += var * dt;
+      lam += dt * (mu + dt * (0.5 * var + dt * (k3 / 6.0)));
+      mu += dt * (var + dt * (0.5 * k3));
+      var = s_max(var + k3 * dt, 0.0);
       t = tn;
       g = g_exact();
     } else {
@@ -237,22 +311,35 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
       // |dt| <= 1e-8 t; the backward recomputes Lambda, mu and Var exactly at the stored t.
       const double un = u - h / dh;
       const double etan = s_exp(un), tn2 = 1.0 / (1.0 + etan), dt = tn2 - t;
-      lam += mu * dt + 0.5 * var * dt * dt;
-      mu += var * dt;
+      lam += dt * (mu + dt * (0.5 * var + dt * (k3 / 6.0)));
+      mu += dt * (var + dt * (0.5 * k3));
       u = un;
       eta = etan;
       t = tn2;
       break;
     }
     if (h > 0) lo = u; else hi = u;
-    const double step = newton_ok ? -h / dh : kNaN;
+    // Newton's step, refined to Halley's with h'' from the third cumulant where that changes it
+    // by at most a factor 2 (h'' in u: with t_u = -eta t^2, t_uu = eta t^2 (1 - 2t),
+    // g_t = t Var, g_tt = Var + t k3: h'' = (g_tt t_u^2 + g_t t_uu) / g - h'^2).
+    double step = newton_ok ? -h / dh : kNaN;
+    double phi_from = kPhiOnly;
+    if (newton_ok) {
+      const double tu = -eta * t * t, tuu = eta * t * t * (1.0 - 2.0 * t);
+      const double h2 = ((var + t * k3) * tu * tu + t * var * tuu) / g - dh * dh;
+      const double den = 1.0 + step * h2 / (2.0 * dh);
+      if (den >= 0.5 && den <= 2.0) {
+        step /= den;
+        phi_from = kPhiOnlyHalley;
+      }
+    }
     const double cand = u + step;
     if (s_finite(lo) && s_finite(hi)) {
       if (newton_ok && cand > lo && cand < hi && s_abs(2.0 * step) <= dxold) {
         dxold = dx;
         dx = s_abs(step);
         u = cand;
-        phi_only = s_abs(h) <= kPhiOnly * s_min(1.0, -dh);
+        phi_only = s_abs(h) <= phi_from * s_min(1.0, -dh);
       } else {
         dxold = dx;
         dx = 0.5 * (hi - lo);
@@ -260,7 +347,7 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
       }
     } else if (newton_ok && s_finite(cand) && cand > lo && cand < hi) {
       u += s_min(s_max(step, -30.0), 30.0);
-      phi_only = s_abs(h) <= kPhiOnly * s_min(1.0, -dh);
+      phi_only = s_abs(h) <= phi_from * s_min(1.0, -dh);
     } else {
       u = h > 0 ? u + walk : u - walk;
       walk *= 2.0;
