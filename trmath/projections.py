@@ -249,9 +249,12 @@ def project_kl(new_logits: Any, old_logits: Any, epsilon: float, *, temperature:
     -----
     CPU tensors run in C++, and CUDA tensors in CUDA kernels when the extension was built with
     them (one block per row, the same solver): the exact :func:`trmath.kl` pass decides which
-    rows are active, then each active row's multiplier is found by a safeguarded Newton iteration
-    in :math:`\log\eta` (one fused pass over the row per step: one exponential per element), and
-    a last pass writes the output; no ``[N, V]`` temporary besides the output. Other devices (and
+    rows are active, a pass per row takes its float64 normaliser and the moments of the log-ratio,
+    from which a model of the row gives the first trial; each active row's multiplier is then
+    found by a safeguarded Newton / Halley iteration in :math:`\log\eta` (one pass over the row
+    per step: one exponential per element; typically one step, see
+    :doc:`/theory/projections`), and a last pass writes the output; no ``[N, V]`` temporary
+    besides the output. Other devices (and
     CUDA tensors without the CUDA kernels) use a chunked float64 torch implementation with the
     same algorithm. The constraint is met to an absolute error of a
     few :math:`10^{-16}` (the float64 rounding of :math:`\log Z`), i.e. to :math:`10^{-6}`

@@ -93,8 +93,9 @@ struct GpuRow {
     return {v[0], v[1], v[2], v[3], v[4]};
   }
 
-  __device__ ps::Phi phi(double lse_q, double cd, double t, double lam_r) const {
-    double v[2] = {0.0, 0.0};
+  // With moments, also sum p_i (d_i - d0)^k, k = 1..5, p_i = q_i + (p_i - q_i).
+  __device__ ps::Phi phi(double lse_q, double cd, double t, double lam_r, bool moments, double d0) const {
+    double v[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
     each([&](int64_t, double zi, double wi) {
       if (!(zi > -INFINITY && wi > -INFINITY)) return;
       const double d = (zi - wi) * invT - cd, b = wi * invT - lse_q, r = t * d - lam_r;
@@ -111,9 +112,22 @@ struct GpuRow {
       }
       v[0] += ph;
       v[1] += sg;
+      if (moments) {
+        const double dc = d - d0, e1 = (qt + sg) * dc, e2m = e1 * dc, e3 = e2m * dc, e4 = e3 * dc;
+        v[2] += e1;
+        v[3] += e2m;
+        v[4] += e3;
+        v[5] += e4;
+        v[6] += e4 * dc;
+      }
     });
-    block_sum<2>(v);
-    return {v[0], v[1]};
+    if (!moments) {
+      double u[2] = {v[0], v[1]};
+      block_sum<2>(u);
+      return {u[0], u[1]};
+    }
+    block_sum<7>(v);
+    return {v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
   }
 
   // The largest b_i + t d_i over the common support and its d_i (ties: the lowest index).

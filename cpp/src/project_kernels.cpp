@@ -52,8 +52,8 @@ struct CpuRow {
   ProjMoments interp(double lse_q, double cd, double t, double c, double d0) const {
     return proj_interp_pass(z, sz, w, sw, V, invT, lse_q, cd, t, c, d0);
   }
-  ProjPhi phi(double lse_q, double cd, double t, double lam_r) const {
-    return proj_phi_pass(z, sz, w, sw, V, invT, lse_q, cd, t, lam_r);
+  ProjPhi phi(double lse_q, double cd, double t, double lam_r, bool moments, double d0) const {
+    return proj_phi_pass(z, sz, w, sw, V, invT, lse_q, cd, t, lam_r, moments, d0);
   }
   ProjMax max(double lse_q, double cd, double t) const { return proj_max_pass(z, sz, w, sw, V, invT, lse_q, cd, t); }
   void write(double lse_p, double lse_q, double t, double lam, bool inside) const {

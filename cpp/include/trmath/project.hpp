@@ -149,11 +149,15 @@ inline ProjMoments proj_interp_pass(const In* z, int64_t sz, const In* w, int64_
 // at r = -1); elsewhere phi = p (r - 1) + q and p - q from the second exponential.
 using ProjPhi = projsolve::Phi;
 
-template <class In>
-inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
-                             double invT, double lse_q, double cd, double t, double lam_r) {
+// With kMoments, also the moments of pi~ about d0 that the solver's last step needs:
+// p_i = q_i e^{r_i} = q_i + (p_i - q_i) (the Sig term), Sk = sum_S p_i (d_i - d0)^k, k = 1..5;
+// sum_S p_i = A_S + Sig (see above).
+template <bool kMoments, class In>
+inline ProjPhi proj_phi_pass_t(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                               double invT, double lse_q, double cd, double t, double lam_r,
+                               double d0) {
   const double ninf = -std::numeric_limits<double>::infinity();
-  pd aphi = {}, asig = {};
+  pd aphi = {}, asig = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {};
   proj_row_loop(z, sz, w, sw, V, [&](int64_t, pd zv, pd wv, int64_t) TRMATH_LAMBDA_INLINE {
     pl ok = (zv > ninf) & (wv > ninf);
     pd d = ok ? (zv - wv) * invT - cd : pd{};
@@ -170,10 +174,32 @@ inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, i
       phi = small ? phi : pt * (r - 1.0) + qt;
       sig = small ? sig : pt - qt;
     }
-    aphi += ok ? phi : pd{};
-    asig += ok ? sig : pd{};
+    phi = ok ? phi : pd{};
+    sig = ok ? sig : pd{};
+    aphi += phi;
+    asig += sig;
+    if (kMoments) {
+      const pd dc = d - d0;
+      const pd e1 = (qt + sig) * dc;  // qt = 0 where not ok
+      const pd e2m = e1 * dc;
+      const pd e3 = e2m * dc;
+      const pd e4 = e3 * dc;
+      a1 += e1;
+      a2 += e2m;
+      a3 += e3;
+      a4 += e4;
+      a5 += e4 * dc;
+    }
   });
-  return {hsum(aphi), hsum(asig)};
+  if (!kMoments) return {hsum(aphi), hsum(asig)};
+  return {hsum(aphi), hsum(asig), hsum(a1), hsum(a2), hsum(a3), hsum(a4), hsum(a5)};
+}
+template <class In>
+inline ProjPhi proj_phi_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V,
+                             double invT, double lse_q, double cd, double t, double lam_r,
+                             bool moments, double d0) {
+  return moments ? proj_phi_pass_t<true>(z, sz, w, sw, V, invT, lse_q, cd, t, lam_r, d0)
+                 : proj_phi_pass_t<false>(z, sz, w, sw, V, invT, lse_q, cd, t, lam_r, d0);
 }
 
 // The largest y_i = b_i + t d_i over the common support and the d_i where it is attained (the

@@ -10,7 +10,7 @@
 //                                             are finite / -inf; not swapped, also the first two
 //                                             moments of d_i = (z_i - w_i)/T - cd over the common
 //                                             support, weighted by e^{w_i/T - c};
-//   ProjMoments interp(lse_q, cd, t, c, d0);  ProjPhi phi(lse_q, cd, t, lam_r);
+//   ProjMoments interp(lse_q, cd, t, c, d0);  ProjPhi phi(lse_q, cd, t, lam_r, moments, d0);
 //   ProjMax   max(lse_q, cd, t);              void write(lse_p, lse_q, t, lam, inside);
 //   void fail(int bits)                       NaN output and statistics, status |= bits;
 //   void finish(const double (&st)[kProjStats])   the row's statistics.
@@ -48,6 +48,7 @@ struct Moments {
 };
 struct Phi {
   double Phi = 0, Sig = 0;
+  double S1 = 0, S2 = 0, S3 = 0, S4 = 0, S5 = 0;  // with moments: sum_S p_i (d_i - d0)^k
 };
 struct Max {
   double y = -INFINITY, d = 0;
@@ -63,11 +64,17 @@ constexpr double kRtol = 1e-12;  // |KL - eps| <= kRtol eps at the root (KL by t
 // tell where the root is, and the exact form takes over.
 constexpr double kCheapRtol = 1e-8;
 constexpr double kCheapAtol = 1e-14;
-constexpr double kPhiOnly = 1e-4;   // |h| from which the next evaluation is the exact form only
-// The same after a Halley step (next h = O(h^3)): 8e-9 at |h| = 2e-3, within kLastStep when the
-// third derivative is of the order of the first (a miss costs one more pass, never accuracy).
-constexpr double kPhiOnlyHalley = 2e-3;
+// |h| from which the next evaluation is the exact form only: after a Newton step (next
+// h = O(h^2)) and after a Halley step (O(h^3)), so that the next h is expected within
+// kLastPoly when the derivatives of h are of the order of the first (a miss costs one more
+// pass, never accuracy).
+constexpr double kPhiOnly = 1e-3;
+constexpr double kPhiOnlyHalley = 5e-3;
 constexpr double kLastStep = 1e-8;  // |h| below which the last Newton step needs no new pass
+// |h| below which the last step from the Taylor polynomial of g about t (an exact-form
+// evaluation with the cumulants of pi~ up to the fifth at the same t) needs no new pass:
+// error O(h^5), ~1e-15 relative at most.
+constexpr double kLastPoly = 1e-3;
 
 // The host's and the device's libm, one spelling for both (std::min/max semantics kept).
 TRMATH_SOLVE double s_log(double x) { return ::log(x); }
@@ -136,12 +143,14 @@ TRMATH_SOLVE Guess model_guess(const Norm& nm, double logQ, double K1, double ep
 // Per row: rows with KL <= eps take one pass that writes log_softmax(z / T) (eta = 0); otherwise
 // one pass computes the old policy's float64 normaliser and its mass on the common support (the
 // feasibility limit, and the first two moments of the log-ratio under it), then a bracketed
-// Newton iteration on h(u) = log KL(pi~_{e^u} || pi_old) -
-// log eps in u = log eta runs one fused pass per step (one exponential per element); near the
-// root the constraint is evaluated in the cancellation-free phi-form, which alone may accept the
-// root, and a last pass writes log pi~. The first trial comes from a model of the row (Guess
-// above); steps are Halley's where the third cumulant makes them safe. Typical rows: one fused
-// pass and one phi pass.
+// iteration on h(u) = log KL(pi~_{e^u} || pi_old) - log eps in u = log eta (Newton's steps,
+// Halley's where the third cumulant makes them safe) runs one pass per step (one exponential
+// per element); near the root the constraint is evaluated in the cancellation-free phi-form,
+// which alone may accept the root, and a last pass writes log pi~. The first trial comes from a
+// model of the row (Guess above) and is evaluated in the phi-form with the cumulants of pi~ up
+// to the fifth, from which a last step without another pass reaches the root when the model
+// was within |h| <= kLastPoly. Typical rows: that one pass (besides the normaliser and output
+// passes); rows with a few large moves, 1.5 to 1.7 passes.
 template <class R>
 TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   const double kNaN = double(NAN), kInf = double(INFINITY);
@@ -197,8 +206,9 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
   // d0 = mu. A poor Var only slows the iteration: Newton steps are taken inside a bracket.
   // k3: the third cumulant of d under pi~_t (Lambda'''), for Halley's step and the Taylor
   // predictions of Lambda, mu and Var.
-  double t = 1.0, lam = 0.0, mu = 0.0, var = 0.0, k3 = 0.0, g = 0.0, logS = 0.0;
-  bool have = false;  // lam, mu valid at t
+  double t = 1.0, lam = 0.0, mu = 0.0, var = 0.0, k3 = 0.0, k4 = 0.0, k5 = 0.0, g = 0.0, logS = 0.0;
+  bool have = false;     // lam, mu valid at t
+  bool moments = false;  // mu, var, k3, k4, k5 computed at t by an exact-form pass
   auto eval = [&](double tn, bool force_max) {
     double c, d0;
     if (have && !force_max) {
@@ -235,15 +245,33 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
     var = s_max(m2 - mean * mean, 0.0);
     k3 = m.Sd3 / m.S - mean * (3.0 * m2 - 2.0 * mean * mean);
     have = true;
+    moments = false;
   };
   // g at the current t in the cancellation-free form of the phi pass (no absolute floor): used
   // to accept the root, once the pass above has brought g to its own floor. lam may be a Taylor
-  // prediction: the pass returns its correction delta (see project.hpp).
+  // prediction (or the model's): the pass returns its correction delta (see project.hpp). It
+  // also gives the moments of pi~ about the current mu (mu, Var and the cumulants k3, k4, k5 at
+  // t, for the last step; central moments about d0 ~ mu, so no cancellation to speak of);
+  // P_over = sum_S p_i / A_S, how far lam was from Lambda(t).
+  double P_over = 1.0;
   auto g_exact = [&]() {
-    const Phi f = row.phi(lse_q, cd, t, lam - logQ);
+    const double d0 = mu;
+    const Phi f = row.phi(lse_q, cd, t, lam - logQ, true, d0);
     const double P = nm.AwS + f.Sig;
     const double x = (f.Sig - nm.Aout) / nm.Aw;
     lam += s_log1p(x);
+    P_over = P / nm.AwS;
+    const double m1 = f.S1 / P, m2 = f.S2 / P, m3 = f.S3 / P, m4 = f.S4 / P, m5 = f.S5 / P;
+    const double m1s = m1 * m1;
+    mu = d0 + m1;
+    var = s_max(m2 - m1s, 0.0);
+    k3 = m3 - m1 * (3.0 * m2 - 2.0 * m1s);  // the third central moment
+    const double c4 = m4 - 4.0 * m1 * m3 + 6.0 * m1s * m2 - 3.0 * m1s * m1s;
+    const double c5 = m5 - 5.0 * m1 * m4 + 10.0 * m1s * m3 - 10.0 * m1s * m1 * m2 + 4.0 * m1s * m1s * m1;
+    k4 = c4 - 3.0 * var * var;
+    k5 = c5 - 10.0 * k3 * var;
+    moments = true;
+    have = true;
     return (f.Phi + f.Sig) / P - s_log1p(x);
   };
   if (!s_finite(K1)) {
@@ -279,15 +307,29 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
     const double tn = 1.0 / (1.0 + eta);
     const bool width = (hi - lo) <= 4e-16 * s_max(s_abs(u), 1.0);
     bool exact = phi_only;
-    if (phi_only) {
+    if (it == 0 && guess.ok) {
+      // The first evaluation in the exact form, about the model's Lambda and mu: a row whose
+      // model is close (|h| <= kLastPoly) ends after this one pass. If the model's Lambda was
+      // so far off that the pass's sums left a safe range, the fused pass takes over.
+      t = tn;
+      lam = guess_lam(guess, tn) + logQ;
+      mu = guess_mu(guess, tn);
+      g = g_exact();
+      exact = s_finite(g) && g >= 0 && P_over >= 1e-200 && P_over <= 1e200;
+      if (!exact) {
+        have = false;
+        eval(tn, false);
+        exact = width || s_abs(g - eps) <= kCheapRtol * eps + kCheapAtol;
+        if (exact) g = g_exact();
+      }
+    } else if (phi_only) {
       // After a Newton step from |h| <= kPhiOnly (a Halley step from |h| <= kPhiOnlyHalley):
       // the next h is expected to be O(h^2) (O(h^3)), within the last-step range, so only the
       // exact form is evaluated, about the Taylor prediction of Lambda (corrected by the pass)
-      // and mu, Var (approximate: they only shape the last step; the backward recomputes them).
-      const double dt = tn - t;
-      lam += dt * (mu + dt * (0.5 * var + dt * (k3 / 6.0)));
-      mu += dt * (var + dt * (0.5 * k3));
-      var = s_max(var + k3 * dt, 0.0);
+      // and of mu (the centre of the pass's moments, which give mu, Var, k3, k4, k5 at t).
+      const double dt = tn - t, k4m = moments ? k4 : 0.0;
+      lam += dt * (mu + dt * (0.5 * var + dt * (k3 / 6.0 + dt * (k4m / 24.0))));
+      mu += dt * (var + dt * (0.5 * k3 + dt * (k4m / 6.0)));
       t = tn;
       g = g_exact();
     } else {
@@ -301,18 +343,43 @@ TRMATH_SOLVE void forward_row(R& row, const double* k, int status, double eps) {
     const double h = s_log(g) - log_eps;  // -inf or NaN if g underflowed or rounded to <= 0
     const double dh = -eta * t * t * t * var / g;
     const bool newton_ok = dh < 0 && s_finite(dh) && s_finite(h);
-    const bool last = newton_ok && s_abs(h) <= kLastStep * s_min(1.0, -dh);
+    // The last step from the Taylor polynomial of g about t in dt (g' = t Lambda''):
+    //   g(t + x) = g + t Var x + (Var + t k3) x^2/2 + (k3 + t k4/2) x^3/3 + (k4/2 + t k5/6) x^4/4,
+    // solved for g(t + x) = eps by Newton's method from x0 = (eps - g)/(t Var); truncation
+    // O(x^5). Trusted only when it moves the Newton step x0 by less than a fifth.
+    double x_poly = kNaN;
+    if (newton_ok && moments && s_abs(h) <= kLastPoly * s_min(1.0, -dh) && var > 0) {
+      const double a1 = t * var, a2 = 0.5 * (var + t * k3), a3 = (k3 + 0.5 * t * k4) / 3.0;
+      const double a4 = 0.25 * (0.5 * k4 + t * k5 / 6.0);
+      const double x0 = (eps - g) / a1;
+      double x = x0;
+      for (int k = 0; k < 6; ++k) {
+        const double F = (g - eps) + x * (a1 + x * (a2 + x * (a3 + x * a4)));
+        const double dF = a1 + x * (2.0 * a2 + x * (3.0 * a3 + x * 4.0 * a4));
+        x -= F / dF;
+      }
+      if (s_finite(x) && s_abs(x - x0) <= 0.2 * s_abs(x0)) x_poly = x;
+    }
+    const bool last = (newton_ok && s_abs(h) <= kLastStep * s_min(1.0, -dh)) || s_finite(x_poly);
     if (exact && (last || width || s_abs(g - eps) <= kRtol * eps)) {
       if (!last) break;
-      // Last Newton step without another pass (also taken when g already meets the tolerance,
-      // so that eta carries only the rounding error of g, not the tolerance): its error is
-      // O(h^2) (below 1e-15 relative here). Lambda and mu at the new t from their Taylor
-      // series (dLambda/dt = mu, dmu/dt = Var), truncation O(dt^3) and O(dt^2) with
-      // |dt| <= 1e-8 t; the backward recomputes Lambda, mu and Var exactly at the stored t.
-      const double un = u - h / dh;
+      // Last step without another pass (also taken when g already meets the tolerance, so that
+      // eta carries only the rounding error of g, not the tolerance): the polynomial's from
+      // |h| <= kLastPoly (error O(h^5)), else Newton's from |h| <= kLastStep (error O(h^2)):
+      // below 1e-15 relative either way. eta = (1 - t')/t' with 1 - t' = eta t - x (no
+      // cancellation as t' -> 1). Lambda and mu at the new t from their Taylor series
+      // (dLambda/dt = mu, dmu/dt = Var, then k3, k4, k5), truncation O(dt^6) and O(dt^5) with
+      // |dt| <~ 1e-3 t (O(dt^3), O(dt^2) with |dt| <~ 1e-8 t after a fused pass, which has no
+      // k4, k5); the backward recomputes Lambda, mu and Var exactly at the stored t.
+      double un = u - h / dh;
+      if (s_finite(x_poly)) {
+        const double etap = (eta * t - x_poly) / (t + x_poly);
+        if (etap > 0) un = s_log(etap);
+      }
       const double etan = s_exp(un), tn2 = 1.0 / (1.0 + etan), dt = tn2 - t;
-      lam += dt * (mu + dt * (0.5 * var + dt * (k3 / 6.0)));
-      mu += dt * (var + dt * (0.5 * k3));
+      const double k4m = moments ? k4 : 0.0, k5m = moments ? k5 : 0.0;
+      lam += dt * (mu + dt * (0.5 * var + dt * (k3 / 6.0 + dt * (k4m / 24.0 + dt * (k5m / 120.0)))));
+      mu += dt * (var + dt * (0.5 * k3 + dt * (k4m / 6.0 + dt * (k5m / 24.0))));
       u = un;
       eta = etan;
       t = tn2;
