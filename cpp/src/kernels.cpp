@@ -775,8 +775,9 @@ __attribute__((noinline)) void single_bwd_seg(const typename L::Storage* z, int6
     for (int64_t i = 0; i < n; i += L::W) store_lanes<L>(out, n, i, nan);
     return;
   }
-  for (int64_t i = 0; i < n; i += L::W) {
-    V zv = load_at<L>(z, n, i);
+  // One vector's gradient; full vectors and the partial last one in separate loops (as in
+  // pair_bwd_seg: the main loop's stores stay in registers).
+  auto grad = [&](int64_t i, V zv) TRMATH_LAMBDA_INLINE {
     auto wa = L::template shifted<kUnitT>(zv, M, invT);
     V p = L::exp(wa);
     V res;
@@ -793,8 +794,11 @@ __attribute__((noinline)) void single_bwd_seg(const typename L::Storage* z, int6
       res = -g0 * p - g1 * ent;
       if (t >= i && t < i + L::W) res[t - i] += g0;
     }
-    store_lanes<L>(out, n, i, res);
-  }
+    return res;
+  };
+  int64_t i = 0;
+  for (; i + L::W <= n; i += L::W) store_full<L>(out + i, grad(i, L::load(z + i)));
+  if (i < n) store_lanes<L>(out, n, i, grad(i, load_tail<L>(z + i, n - i)));
 }
 
 template <class In, SingleOp kOp>
@@ -860,21 +864,20 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
     }
     return;
   }
-  for (int64_t i = 0; i < n; i += L::W) {
-    V zv = load_at<L>(z, n, i), wv = load_at<L>(w, n, i);
+  // The gradients of one vector of logits (gz, gw zero-initialised by the caller). The full
+  // vectors and the last, partial one are separate loops, so the main loop stores in registers
+  // (with the partial store's branch inside it, the vector went through the stack each time).
+  auto grads = [&](V zv, V wv, V& gz, V& gw) TRMATH_LAMBDA_INLINE {
     Mask zl = zv > ninf, wl = wv > ninf;
-    V gz{}, gw{};
     if constexpr (kOp == PairOp::kl) {
       // d KL/dz = p (eps - KL), with eps - KL formed exactly (the centre moved by T KL), not as a
       // float difference; d KL/dw = -(p - q), from q expm1(eps) where |eps| < 1.
       V eps, epsk;
       if constexpr (kW) L::template logratio2<false, kUnitT>(zv, wv, m, mlo, mlo_kl, invT, eps, epsk);
       else epsk = L::template logratio<false, kUnitT>(zv, wv, m, mlo_kl, invT);
+      // With both gradients, p = q + q expm1(eps) where every lane has |eps| < 1: one
+      // exponential per element instead of two (p to a few ulps, as from its own exponential).
       V p{};
-      if constexpr (kZ) {
-        p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
-        gz = zl ? g * p * epsk : splat<V>(zero);
-      }
       if constexpr (kW) {
         const V q = L::exp(L::template shifted<kUnitT>(wv, lse_q * T, invT));
         const Mask small = vabs(eps) < one;
@@ -883,10 +886,16 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
         else em1 = L::expm1_series(eps);
         em1 = q * em1;
         if (any_lane(~small)) {
-          if constexpr (!kZ) p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
+          p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
           em1 = small ? em1 : p - q;  // p - q
+        } else if constexpr (kZ) {
+          p = q + em1;
         }
         gw = (zl | wl) ? -g * em1 : splat<V>(zero);
+      }
+      if constexpr (kZ) {
+        if constexpr (!kW) p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
+        gz = zl ? g * p * epsk : splat<V>(zero);
       }
     } else if constexpr (kOp == PairOp::tv) {
       V eps = L::template logratio<false, kUnitT>(zv, wv, m, mlo, invT);
@@ -924,6 +933,17 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
       if constexpr (kZ) gz = zl ? g * half * p * (dp - sa) : splat<V>(zero);
       if constexpr (kW) gw = wl ? g * half * q * (dq - sb) : splat<V>(zero);
     }
+  };
+  int64_t i = 0;
+  for (; i + L::W <= n; i += L::W) {
+    V gz{}, gw{};
+    grads(L::load(z + i), L::load(w + i), gz, gw);
+    if constexpr (kZ) store_full<L>(oz + i, gz);
+    if constexpr (kW) store_full<L>(ow + i, gw);
+  }
+  if (i < n) {
+    V gz{}, gw{};
+    grads(load_tail<L>(z + i, n - i), load_tail<L>(w + i, n - i), gz, gw);
     if constexpr (kZ) store_lanes<L>(oz, n, i, gz);
     if constexpr (kW) store_lanes<L>(ow, n, i, gw);
   }
