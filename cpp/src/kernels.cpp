@@ -750,11 +750,6 @@ TRMATH_INLINE void store_lanes(typename L::Storage* dst, int64_t n, int64_t i, t
     for (int k = 0; k < L::W && i + k < n; ++k) store_from_float(dst + i + k, v[k]);
 }
 
-template <class L>
-TRMATH_INLINE typename L::V load_at(const typename L::Storage* p, int64_t n, int64_t i) {
-  return i + L::W <= n ? L::load(p + i) : load_tail<L>(p + i, n - i);
-}
-
 // One segment of a single-row backward, a function per (op, dtype, kUnitT) like pair_bwd_seg:
 // the op and every statistic are loop invariants held in registers (read through the argument
 // struct, they were reloaded after every store, which may alias anything as far as the compiler
