@@ -91,6 +91,27 @@ __device__ __forceinline__ S horner(S x, const Poly<S, N>& p) {
   return r;
 }
 
+// The same with the coefficients as instruction immediates (float: FFMA takes a 32-bit
+// immediate), for the element loops: a constant-memory coefficient the compiler does not fold
+// into the FFMA costs a load (LDC) and a register pair per use. A is a generated table
+// (coefficients.hpp); float(A[k]) rounds each coefficient as mk<float> does, and the evaluation
+// order is horner()'s, so the two give the same bits.
+template <const auto& A, int K>
+__device__ __forceinline__ float horner_imm_from(float x, float r) {
+  if constexpr (K < 0) {
+    return r;
+  } else {
+    constexpr float c = float(A[K]);
+    return horner_imm_from<A, K - 1>(x, r * x + c);
+  }
+}
+template <const auto& A>
+__device__ __forceinline__ float horner_imm(float x) {
+  constexpr int N = int(sizeof(A) / sizeof(A[0]));
+  constexpr float top = float(A[N - 1]);
+  return horner_imm_from<A, N - 2>(x, top);
+}
+
 // ---- block reductions (fixed tree: deterministic) -------------------------------------------------
 // Every thread gets the block's sums (maxima); the tree depends on blockDim.x alone.
 template <int K>

@@ -67,17 +67,11 @@ static_assert(TRMATH_CUDA_SPAN >= 1, "TRMATH_CUDA_SPAN must be positive");
 // element terms, so a timing shows what the loads and maxima cost alone. Its results are wrong.
 
 // ---- series coefficients in constant memory (from the generated host tables) ------------------
-__constant__ Poly<float, coef::em2_f_n> c_em2_f = mk<float>(coef::em2_f);
 __constant__ Poly<double, coef::em2_d_n> c_em2_d = mk<double>(coef::em2_d);
-__constant__ Poly<float, coef::expm1_f_n> c_expm1_f = mk<float>(coef::expm1_f);
 __constant__ Poly<double, coef::expm1_d_n> c_expm1_d = mk<double>(coef::expm1_d);
-__constant__ Poly<float, coef::jsp_f_n> c_jsp_f = mk<float>(coef::jsp_f);
 __constant__ Poly<double, coef::jsp_d_n> c_jsp_d = mk<double>(coef::jsp_d);
-__constant__ Poly<float, coef::jsq_f_n> c_jsq_f = mk<float>(coef::jsq_f);
 __constant__ Poly<double, coef::jsq_d_n> c_jsq_d = mk<double>(coef::jsq_d);
-__constant__ Poly<float, coef::jsd_f_n> c_jsd_f = mk<float>(coef::jsd_f);
 __constant__ Poly<double, coef::jsd_d_n> c_jsd_d = mk<double>(coef::jsd_d);
-__constant__ Poly<float, coef::log1p_f_n> c_log1p_f = mk<float>(coef::log1p_f);
 __constant__ Poly<double, coef::log1p_d_n> c_log1p_d = mk<double>(coef::log1p_d);
 __constant__ Poly<double, coef::phi_d_n> c_phi_d = mk<double>(coef::phi_d);
 
@@ -195,45 +189,49 @@ __device__ __forceinline__ void store_tile(In* p, const S (&v)[E], bool vec, int
 // (p = 0). kAhead tiles are requested ahead of the one f runs on, held in a ring of registers:
 // the loop is unrolled kAhead times so every ring slot is a compile-time index (a dynamically
 // indexed array would go to local memory). Which tiles a thread gets, and the order f sees them
-// in, do not depend on kAhead, so neither do the results. kPair = false: w is ignored.
-template <class In, bool kPair, class F>
-__device__ __forceinline__ void for_tiles(const In* z, const In* w, int64_t V, int64_t vsz, int64_t vsw,
+// in, do not depend on kAhead, so neither do the results. kPair = false: w is ignored. Idx is
+// the type of the element and tile indices: int where V <= kSpan (the span kernels: fewer
+// instructions per tile than 64-bit index arithmetic), int64_t for whole rows; strided
+// addresses are formed in 64 bits either way.
+template <class In, bool kPair, class Idx = int64_t, class F>
+__device__ __forceinline__ void for_tiles(const In* z, const In* w, Idx V, int64_t vsz, int64_t vsw,
                                           bool vec, F&& f) {
   using T = Tile<In>;
   using S = typename T::S;
   using Raw = typename T::Raw;
   constexpr int E = T::E;
   constexpr int kAhead = TRMATH_CUDA_PREFETCH;
-  const int64_t nt = (V + E - 1) / E;
-  const int64_t bd = blockDim.x;
-  auto load = [&](int64_t t, Raw& a, Raw& b) {
-    const int64_t i = t * E;
-    if (vec && i + E <= V) {
+  const Idx nt = (V + E - 1) / E;
+  const Idx nvec = vec ? V / E : Idx(0);  // tiles t < nvec are whole and 16-byte aligned
+  const Idx bd = blockDim.x;
+  auto load = [&](Idx t, Raw& a, Raw& b) {
+    const Idx i = t * E;
+    if (t < nvec) {
       a = T::vec(z + i);
       if (kPair) b = T::vec(w + i);
     } else {
-      a = T::gather(z + i * vsz, vsz, V - i);
-      if (kPair) b = T::gather(w + i * vsw, vsw, V - i);
+      a = T::gather(z + int64_t(i) * vsz, vsz, int64_t(V - i));
+      if (kPair) b = T::gather(w + int64_t(i) * vsw, vsw, int64_t(V - i));
     }
   };
   // With kAhead = 1 this is the plain loop: tile t reduced while tile t + blockDim.x loads.
   Raw za[kAhead], wa[kAhead];
-  int64_t t = threadIdx.x;
+  Idx t = threadIdx.x;
 #pragma unroll
   for (int k = 0; k < kAhead; ++k)
     if (t + k * bd < nt) load(t + k * bd, za[k], wa[k]);
   for (; t < nt; t += kAhead * bd) {
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
-      const int64_t tk = t + k * bd;
+      const Idx tk = t + k * bd;
       if (k > 0 && tk >= nt) break;
-      const int64_t tn = tk + kAhead * bd;
+      const Idx tn = tk + kAhead * bd;
       Raw zb, wb;
       if (tn < nt) load(tn, zb, wb);
       S zs[E], ws[E];
       T::unpack(za[k], zs);
       if (kPair) T::unpack(wa[k], ws);
-      f(zs, ws, tk * E);
+      f(zs, ws, int64_t(tk) * E);
       za[k] = zb;
       if (kPair) wa[k] = wb;
     }
@@ -248,6 +246,12 @@ __device__ __forceinline__ float ex2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// max(a, b) where b is never NaN: a NaN a leaves b, as `a > b ? a : b` does, in one instruction
+// instead of a compare and a select. Of +0 and -0 either may come back; a maximum is only ever
+// used as a shift or a centre, where the two are the same number.
+__device__ __forceinline__ float maxnum(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double maxnum(double a, double b) { return fmax(a, b); }
 
 // The per-row (or per-thread) constants of the element formulas, for 16/32-bit inputs, and the
 // element formulas themselves, at the fewest instructions that keep the CPU kernels' error
@@ -290,16 +294,16 @@ struct CentreF {
     e = fabsf(d) < INFINITY ? e : 0.0f;
     return ((d - mh) + (e - c2)) * invT;
   }
-  __device__ static float em2(float x) { return x * x * horner(x, c_em2_f); }
-  __device__ static float expm1s(float x) { return x * horner(x, c_expm1_f); }
-  __device__ static float jsp(float x) { return x * x * horner(x, c_jsp_f); }
-  __device__ static float jsq(float x) { return x * x * horner(x, c_jsq_f); }
-  __device__ static float jsd(float x) { return x * horner(x, c_jsd_f); }
+  __device__ static float em2(float x) { return x * x * horner_imm<coef::em2_f>(x); }
+  __device__ static float expm1s(float x) { return x * horner_imm<coef::expm1_f>(x); }
+  __device__ static float jsp(float x) { return x * x * horner_imm<coef::jsp_f>(x); }
+  __device__ static float jsq(float x) { return x * x * horner_imm<coef::jsq_f>(x); }
+  __device__ static float jsd(float x) { return x * horner_imm<coef::jsd_f>(x); }
   // log(1 + lo/hi) for 0 <= lo <= hi (0 where hi = 0): 2 atanh(s), s = lo / (2 hi + lo) in
   // [0, 1/3] with one division (as on the CPU, elementary.hpp's log1p_ratio_c).
   __device__ static float log1p_ratio(float lo, float hi) {
     const float s = hi > 0.0f ? lo / (hi + hi + lo) : 0.0f;
-    return 2.0f * s * horner(s * s, c_log1p_f);
+    return 2.0f * s * horner_imm<coef::log1p_f>(s * s);
   }
 };
 
@@ -418,13 +422,13 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) single_s
     c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
     int flags = 0;
     S tM = ninf;
-    for_tiles<In, false>(z, z, V, vs, vs, vec, [&](S (&v)[E], S (&)[E], int64_t) {
+    for_tiles<In, false, int>(z, z, int(V), vs, vs, vec, [&](S (&v)[E], S (&)[E], int64_t) {
       S mx = ninf;
       bool bad = false;  // NaN or +inf (each compare is false for NaN)
 #pragma unroll
       for (int u = 0; u < E; ++u) {
         bad |= !(v[u] < pinf);
-        mx = v[u] > mx ? v[u] : mx;
+        mx = maxnum(v[u], mx);
       }
       if (bad) {
 #pragma unroll
@@ -659,7 +663,10 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
   const bool wneg = wv == ninf, zneg = zv == ninf, only_p = wneg && !zneg;
   qzp |= only_p;
   S qt = c.qexp(wv);  // 0 where w = -inf
-  S x = wneg ? zero : c.x(zv, wv);
+  // x for every element, then 0 where w = -inf (c.x is finite or +-inf there): branch-free, as
+  // the masked elements are few.
+  S x = c.x(zv, wv);
+  x = wneg ? zero : x;
   const bool small = fabs(x) < S(1);
   S e2 = C::em2(x);
   S em1_s = x + e2;
@@ -718,8 +725,8 @@ template <int kT> struct NTerms { static constexpr int value = kT == kCentre ? 3
 
 // One full pass over a row at a fixed centre; returns the block sums in v[] (slot layout of
 // pair_terms) and ORs kQZeroP into flags.
-template <class In, int kT>
-__device__ void full_pass(const In* z, const In* w, int64_t V, int64_t vsz, int64_t vsw, bool vec,
+template <class In, int kT, class Idx = int64_t>
+__device__ void full_pass(const In* z, const In* w, Idx V, int64_t vsz, int64_t vsw, bool vec,
                           const typename CentreOf<typename Tile<In>::S>::type& c,
                           double (&v)[NTerms<kT>::value], int& flags) {
   using S = typename Tile<In>::S;
@@ -728,7 +735,7 @@ __device__ void full_pass(const In* z, const In* w, int64_t V, int64_t vsz, int6
   constexpr int E = Tile<In>::E;
   for (int j = 0; j < K; ++j) v[j] = 0.0;
   bool qzp = false;
-  for_tiles<In, true>(z, w, V, vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
+  for_tiles<In, true, Idx>(z, w, V, vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
     S t[K];
 #pragma unroll
     for (int j = 0; j < K; ++j) t[j] = 0;
@@ -858,7 +865,7 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) pair_ful
       const bool vec = vsz == 1 && vsw == 1 && aligned16(z) && aligned16(w);
       typename CentreOf<S>::type c;
       c.set(s.Mz, s.Mw, s.m, kDouble ? s.mres : 0.0, s.mlo, invT, exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT));
-      full_pass<In, kT>(z, w, V, vsz, vsw, vec, c, v, f);
+      full_pass<In, kT, int>(z, w, int(V), vsz, vsw, vec, c, v, f);
     }
     if (threadIdx.x == 0) {
       double* o = rec + wk * kFullRec;
@@ -900,14 +907,14 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) pair_spa
     double aQ = 0.0, aZ = 0.0, aPhi = 0.0, aMag = 0.0, aR = 0.0;
     auto to_acc = [&] { acc.Q = aQ; acc.Z = aZ; acc.Phi = aPhi; acc.mag = aMag; acc.R = aR; };
     auto from_acc = [&] { aQ = acc.Q; aZ = acc.Z; aPhi = acc.Phi; aMag = acc.mag; aR = acc.R; };
-    for_tiles<In, true>(z, w, V, vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
+    for_tiles<In, true, int>(z, w, int(V), vsz, vsw, vec, [&](S (&zv)[E], S (&wv)[E], int64_t) {
       S mz = ninf, mw = ninf;
       bool bad = false;  // NaN or +inf (each compare is false for NaN)
 #pragma unroll
       for (int u = 0; u < E; ++u) {
         bad |= !(zv[u] < pinf) || !(wv[u] < pinf);
-        mz = zv[u] > mz ? zv[u] : mz;
-        mw = wv[u] > mw ? wv[u] : mw;
+        mz = maxnum(zv[u], mz);
+        mw = maxnum(wv[u], mw);
       }
       if (bad) {
 #pragma unroll
@@ -920,8 +927,8 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) pair_spa
       }
       const bool anyz = mz > ninf, anyw = mw > ninf;
       if (flags & kErrorBits) return;
-      tMz = mz > tMz ? mz : tMz;
-      tMw = mw > tMw ? mw : tMw;
+      tMz = maxnum(mz, tMz);
+      tMw = maxnum(mw, tMw);
       if (mz > sMz + thr || mw > sMw + thr) {  // -inf + thr = -inf: the first live tile moves
         sMz = tMz;
         sMw = tMw;
