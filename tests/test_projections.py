@@ -461,8 +461,8 @@ def test_kl_infeasible_and_unvalidated_nan(backend):
 # TV ball
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
-def test_tv_against_mpmath(dtype):
-    for kind in ("random", "masked", "peaked"):
+def test_tv_against_mpmath(backend, dtype):
+    for kind in ("random", "masked", "peaked", "old_zero", "near"):
         z, w = _rows(kind, 30, 12)
         zt, wt = torch.tensor(z).to(dtype), torch.tensor(w).to(dtype)
         tv = float(trmath.tv(zt.double(), wt.double()))
@@ -477,6 +477,98 @@ def test_tv_against_mpmath(dtype):
             if dtype == torch.float64:  # TV(pi~, pi_old) = min(delta, TV), on the returned rows
                 got = float(trmath.tv(lp, wt))
                 assert abs(got / min(delta, tv) - 1) <= 1e-10
+
+
+def _tv_case(seed: int, R: int, V: int, dtype: torch.dtype):
+    """Rows with masks of every kind, equal rows, and rows inside and outside the ball."""
+    g = torch.Generator().manual_seed(seed)
+    z = 2.0 * torch.randn(R, V, dtype=torch.float64, generator=g)
+    w = z + torch.randn(R, V, dtype=torch.float64, generator=g) * torch.linspace(0.0, 3.0, R, dtype=torch.float64)[:, None]
+    z[1, :3] = -INF  # tokens only pi_old has
+    w[2, 3:5] = -INF  # tokens only pi_new has
+    z[3, 5:7] = -INF
+    w[3, 5:7] = -INF  # masked in both
+    return z.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16))
+def test_tv_compiled_path_matches_torch_path(dtype):
+    """The C++ log-mixture and its backward against the float64 torch formula (autograd through
+    it): values, lambda and both gradients, with a loss that also uses lambda; row 0 is an equal
+    pair (inside), the spread of the others grows with the row index."""
+    if not P._tv_cpp_available(torch.zeros(1)):
+        pytest.skip("core without the TV projection kernels")
+    z0, w0 = _tv_case(5, 7, 37, dtype)
+    delta, T = 0.2, 0.9
+    res = {}
+    for force in (False, True):
+        P._FORCE_TORCH[0] = force
+        try:
+            z, w = z0.clone().requires_grad_(), w0.clone().requires_grad_()
+            lp, lam = trmath.project_tv(z, w, delta, temperature=T, return_lambda=True)
+            gout = torch.cos(torch.arange(lp.numel(), dtype=lp.dtype).reshape(lp.shape))
+            loss = (torch.where(torch.isfinite(lp), lp, 0.0) * gout).sum() + (lam.to(lp.dtype) ** 2).sum()
+            loss.backward()
+            res[force] = (lp.detach(), lam.detach(), z.grad, w.grad)
+        finally:
+            P._FORCE_TORCH[0] = False
+    (lp, lam, dz, dw), (lp_t, lam_t, dz_t, dw_t) = res[False], res[True]
+    assert 0 < int((lam < 1).sum()) < lam.numel()  # both kinds of row
+    torch.testing.assert_close(lam, lam_t, rtol=1e-13, atol=0)
+    assert torch.equal(torch.isfinite(lp), torch.isfinite(lp_t)) and torch.equal(lp.isneginf(), lp_t.isneginf())
+    fin = torch.isfinite(lp)
+    # Both round the same float64 log-mixture once (float64: a few ulps apart).
+    tol = 1e-13 if dtype == torch.float64 else 2.0 ** -23
+    assert float(((lp[fin].double() - lp_t[fin].double()).abs() / lp_t[fin].double().abs().clamp_min(1)).max()) <= tol
+    # Gradients: both paths round a float64 gradient once to the dtype; the two float64 values
+    # differ by rounding only, so the results by at most an ulp of the element (<= 2^-8 of
+    # the largest in bfloat16, 2^-23 in float32).
+    gtol = {torch.float64: 1e-12, torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7}[dtype]
+    for a, b in ((dz, dz_t), (dw, dw_t)):
+        scale = float(b.double().abs().max())
+        assert float((a.double() - b.double()).abs().max()) <= gtol * scale
+
+
+def test_tv_blocks_and_batch_shape_do_not_change_results():
+    """Rows are normalised a block at a time; results are bitwise those of one block, for a
+    leading batch shape and strided inputs too."""
+    if not P._tv_cpp_available(torch.zeros(1)):
+        pytest.skip("core without the TV projection kernels")
+    z, w = _tv_case(6, 9, 50, torch.float32)
+    ref = trmath.project_tv(z, w, 0.1)
+    old = P._TV_BLOCK
+    try:
+        P._TV_BLOCK = 120  # two rows per block
+        assert torch.equal(trmath.project_tv(z, w, 0.1), ref)
+        zs = torch.stack((z, z), -1)[..., 0]  # strided rows
+        assert torch.equal(trmath.project_tv(zs.reshape(3, 3, 50), w.reshape(3, 3, 50), 0.1).reshape(9, 50), ref)
+        zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+        trmath.project_tv(zz, ww, 0.1).exp().sum().backward()
+        g1 = (zz.grad.clone(), ww.grad.clone())
+    finally:
+        P._TV_BLOCK = old
+    zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+    trmath.project_tv(zz, ww, 0.1).exp().sum().backward()
+    assert torch.equal(zz.grad, g1[0]) and torch.equal(ww.grad, g1[1])
+
+
+def test_tv_unvalidated_nan_stays_nan(backend):
+    z, w = _tv_case(7, 4, 16, torch.float32)
+    z[2, 4] = math.nan
+    out = trmath.project_tv(z, w, 0.1, validate=False)
+    assert torch.isnan(out[2]).all()
+    assert not torch.isnan(out[[0, 1, 3]]).any()
+
+
+def test_tv_masked_gradcheck():
+    z, w = _tv_case(8, 4, 9, torch.float64)
+    z, w = z.requires_grad_(), w.requires_grad_()
+
+    def f(z, w):
+        lp, lam = trmath.project_tv(z, w, 0.15, temperature=1.1, return_lambda=True)
+        return torch.where(torch.isfinite(lp), lp, 0.0), lam
+
+    assert torch.autograd.gradcheck(f, (z, w))
 
 
 def test_tv_identity_and_gradcheck():

@@ -246,6 +246,37 @@ def project_kl_backward(g, z, w, stats, temperature: float, need_z: bool, need_w
     return dz, dw
 
 
+TV_MIX_PRM = 5  # per-row constants of the TV projection's log-mixture (cpp/src/project_args.hpp)
+
+
+def has_tv_projection() -> bool:
+    """Whether the compiled core has the TV projection's log-mixture kernels."""
+    return hasattr(_core, "project_tv_mix_forward")
+
+
+def project_tv_mix_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, prm: torch.Tensor,
+                           out: torch.Tensor) -> None:
+    """Writes ``logaddexp(z/T - ca, w/T - cb)`` of every row pair ``[R, V]`` into ``out`` (contiguous
+    ``[R, V]``, float32 for 16/32-bit inputs, float64 for float64); ``prm``: float64
+    ``[R, TV_MIX_PRM]`` = (ca, cb, lse_p, lse_q, lam)."""
+    if out.numel():
+        _core.project_tv_mix_forward(_desc(z), _desc(w), float(temperature), prm.contiguous().data_ptr(),
+                                     out.data_ptr())
+
+
+def project_tv_mix_backward(z: torch.Tensor, w: torch.Tensor, temperature: float, prm: torch.Tensor,
+                            g: torch.Tensor, dz: torch.Tensor | None, dw: torch.Tensor | None,
+                            dlam: torch.Tensor) -> None:
+    """The log-mixture's part of the gradient (into ``dz``, ``dw``: contiguous, the inputs'
+    dtype, or None) and dL/dlam through it (into ``dlam``, float64 ``[R]``); ``g``: float64
+    contiguous ``[R, V]``."""
+    if dlam.numel() == 0:
+        return
+    _core.project_tv_mix_backward(_desc(z), _desc(w), float(temperature), prm.contiguous().data_ptr(),
+                                  g.data_ptr(), dz.data_ptr() if dz is not None else 0,
+                                  dw.data_ptr() if dw is not None else 0, dlam.data_ptr())
+
+
 def topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[..., k]`` (int64) of the ``k`` largest logits of each row, sorted by value
     (descending) then index: ties go to the lower index, so the result is deterministic."""

@@ -117,11 +117,146 @@ def project_tv(new_logits: Any, old_logits: Any, delta: float, *, temperature: f
     >>> round(float(trmath.tv(lp, old)), 6)
     0.1
     """
-    z, w, T, back = _pair_args(new_logits, old_logits, temperature, validate)
+    z, w, T, back = _pair_args(new_logits, old_logits, temperature, False)
     delta = _check_radius(delta, "delta")
-    out, lam = _pt.tv_project(z, w, delta, T)
-    out = back(out.to(_out_dtype(z.dtype)))
+    if _tv_cpp_available(z):
+        # Invalid rows are reported by the TV kernel's first pass (no extra pass over the inputs).
+        lead, V = tuple(z.shape[:-1]), z.shape[-1]
+        z2, w2 = z.reshape(-1, V), w.reshape(-1, V)
+        status = torch.zeros(z2.shape[0], dtype=torch.int32)
+        if torch.is_grad_enabled() and (z.requires_grad or w.requires_grad):
+            out, lam = _TVProjectCpp.apply(z2, w2, delta, T, status)
+        else:  # no graph to record
+            out, prm, _, _ = _tv_forward(z2, w2, delta, T, status)
+            lam = prm[:, 4]
+        bad = status & 127  # (128: some q_i = 0 < p_i, not an error)
+        if validate and bool(bad.any()):
+            raise_for_status(bad.reshape(lead), lead, _NAMES)
+        out, lam = out.reshape(z.shape), lam.reshape(lead)
+    else:
+        if validate:
+            raise_for_status((_status(z, 1) | _status(w, 8)).cpu(), tuple(z.shape[:-1]), _NAMES)
+        out, lam = _pt.tv_project(z, w, delta, T)
+        out = out.to(_out_dtype(z.dtype))
+    out = back(out)
     return (out, back(lam)) if return_lambda else out
+
+
+# Rows of the TV projection are normalised in float64 (as the constraint and lambda must be exact
+# to float64 accuracy) a block of rows at a time: at most this many elements of each input are
+# converted at once (8 MiB each), so no [N, V] float64 copy of the inputs exists.
+_TV_BLOCK = 1 << 20
+
+
+def _tv_cpp_available(z: torch.Tensor) -> bool:
+    if _FORCE_TORCH[0] or z.device.type != "cpu":
+        return False
+    from . import _backend
+
+    return _backend.has_tv_projection()
+
+
+def _tv_blocks(R: int, V: int):
+    step = max(1, _TV_BLOCK // max(V, 1))
+    return [slice(r, min(R, r + step)) for r in range(0, R, step)]
+
+
+class _Blocks:
+    """float64 buffers of one block of rows, reused from block to block (from the core's
+    buffer cache, so a call does not map and fault in fresh pages for every block)."""
+
+    def __init__(self, R: int, V: int, k: int):
+        from . import _backend
+
+        rows = min(R, max(1, _TV_BLOCK // max(V, 1)))
+        self.bufs = [_backend._empty_large((rows, V), torch.float64) for _ in range(k)]
+
+    def take(self, n: int, *srcs):
+        """The first ``n`` rows of the buffers, filled from ``srcs`` (None: left unfilled)."""
+        out = []
+        for buf, src in zip(self.bufs, srcs):
+            v = buf[:n]
+            if src is not None:
+                v.copy_(src)
+            out.append(v)
+        return out
+
+
+def _tv_forward(z2: torch.Tensor, w2: torch.Tensor, delta: float, T: float, status: torch.Tensor):
+    """The C++ TV projection of rows ``[R, V]``: exact float64 TV and normalisers per block of
+    rows, then the log-mixture kernel over the inputs as stored. Returns ``(out [R, V], prm
+    [R, 5], tv [R], stats [R, PAIR_STATS])`` (prm: see :func:`trmath._backend.project_tv_mix_forward`)
+    and writes each row's status (the exact kernels' bits) into ``status`` ``[R]``."""
+    from . import _backend
+
+    R, V = z2.shape
+    tv = torch.empty(R, dtype=torch.float64)
+    stats = torch.empty((R, _backend.PAIR_STATS), dtype=torch.float64)
+    buf = _Blocks(R, V, 2)
+    for b in _tv_blocks(R, V):
+        zb, wb = buf.take(b.stop - b.start, z2[b], w2[b])
+        o, st, stt, _ = _backend.pair_forward(zb, wb, T, "tv")
+        tv[b] = o
+        stats[b] = st
+        status[b] = stt
+    del buf
+    outside = tv > delta
+    lam = torch.where(outside, delta / torch.where(outside, tv, torch.ones_like(tv)), torch.ones_like(tv))
+    lse_p, lse_q = stats[:, 0], stats[:, 1]
+    cb = torch.where(outside, lse_q - torch.log1p(-lam), torch.full_like(lam, math.inf))
+    prm = torch.stack((lse_p - torch.log(lam), cb, lse_p, lse_q, lam), -1).contiguous()
+    out = _backend._empty_large((R, V), _out_dtype(z2.dtype))
+    _backend.project_tv_mix_forward(z2, w2, T, prm, out)
+    return out, prm, tv, stats
+
+
+class _TVProjectCpp(torch.autograd.Function):
+    """C++ forward (:func:`_tv_forward`) and backward: the log-mixture's part of the gradient
+    plus the exact TV kernel's backward scaled by dL/dTV = -dL/dlam * lam / TV (rows outside
+    the ball), both in float64 per block of rows, rounded once to the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, z2, w2, delta, T, status):
+        out, prm, tv, stats = _tv_forward(z2, w2, delta, T, status)
+        ctx.save_for_backward(z2, w2, prm, tv, stats)
+        ctx.T = T
+        return out, prm[:, 4].clone()
+
+    @staticmethod
+    def backward(ctx, g, glam):
+        from . import _backend
+
+        z2, w2, prm, tv, stats = ctx.saved_tensors
+        need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        R, V = z2.shape
+        dz = _backend._empty_like_input(z2) if need_z else None
+        dw = _backend._empty_like_input(w2) if need_w else None
+        if g is None:
+            g = torch.zeros((R, V), dtype=torch.float64)
+        buf = _Blocks(R, V, 5)
+        for b in _tv_blocks(R, V):
+            zb, wb, gb, dzb, dwb = buf.take(b.stop - b.start, z2[b], w2[b], g[b], None, None)
+            dzb = dzb if need_z else None
+            dwb = dwb if need_w else None
+            dlam = torch.empty(zb.shape[0], dtype=torch.float64)
+            _backend.project_tv_mix_backward(zb, wb, ctx.T, prm[b], gb, dzb, dwb, dlam)
+            lam, tvb = prm[b, 4], tv[b]
+            if glam is not None:
+                dlam = dlam + glam[b].to(torch.float64)
+            outside = lam < 1.0
+            if bool(outside.any()):
+                dtv = torch.where(outside, -dlam * lam / torch.where(outside, tvb, torch.ones_like(tvb)),
+                                  torch.zeros_like(tvb))
+                tz, tw = _backend.pair_backward(dtv, zb, wb, stats[b], ctx.T, "tv", need_z, need_w)
+                if need_z:
+                    dzb += tz
+                if need_w:
+                    dwb += tw
+            if need_z:
+                dz[b] = dzb
+            if need_w:
+                dw[b] = dwb
+        return dz, dw, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,12 +25,16 @@ namespace isa_generic {
 void project_kl_forward_rows(const ProjFwd& a, const double* kst);
 void project_kl_backward_rows(const ProjBwd& a);
 void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
+void project_tv_forward_rows(const TvMix& a);
+void project_tv_backward_rows(const TvMix& a);
 }  // namespace isa_generic
 #if defined(TRMATH_HAVE_AVX2)
 namespace isa_avx2 {
 void project_kl_forward_rows(const ProjFwd& a, const double* kst);
 void project_kl_backward_rows(const ProjBwd& a);
 void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
+void project_tv_forward_rows(const TvMix& a);
+void project_tv_backward_rows(const TvMix& a);
 }  // namespace isa_avx2
 #endif
 #if defined(TRMATH_HAVE_AVX512)
@@ -38,6 +42,8 @@ namespace isa_avx512 {
 void project_kl_forward_rows(const ProjFwd& a, const double* kst);
 void project_kl_backward_rows(const ProjBwd& a);
 void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
+void project_tv_forward_rows(const TvMix& a);
+void project_tv_backward_rows(const TvMix& a);
 }  // namespace isa_avx512
 #endif
 
@@ -72,6 +78,8 @@ void forward_rows_any(const ProjFwd& a, const double* kst) { TRMATH_PROJ_CALL(pr
 void tail_rows_any(const View& z, const View& w, double* out, double* mass) {
   TRMATH_PROJ_CALL(sparse_tail_rows, z, w, out, mass)
 }
+void tv_forward_any(const TvMix& a) { TRMATH_PROJ_CALL(project_tv_forward_rows, a) }
+void tv_backward_any(const TvMix& a) { TRMATH_PROJ_CALL(project_tv_backward_rows, a) }
 
 // The exact-KL kernel's statistics of every row, then the projection (GIL released).
 void project_forward(const ProjFwd& a) {
@@ -107,6 +115,24 @@ View f64_rows(const double* buf, int64_t rows, int64_t S1) {
 }  // namespace
 
 void register_project(py::module_& m) {
+  // TV projection: the log-mixture of each row pair at per-row constants prm [rows, 5] (see
+  // project_args.hpp), and its backward (the mixture's part of the gradient, dL/dlam).
+  m.def("project_tv_mix_forward", [](const Desc& z, const Desc& w, double T, uintptr_t prm, uintptr_t out) {
+    TvMix a = tv_mix_args(z, w, T, prm);
+    a.out = reinterpret_cast<void*>(out);
+    py::gil_scoped_release nogil;
+    tv_forward_any(a);
+  });
+  m.def("project_tv_mix_backward", [](const Desc& z, const Desc& w, double T, uintptr_t prm, uintptr_t g,
+                                      uintptr_t dz, uintptr_t dw, uintptr_t dlam) {
+    TvMix a = tv_mix_args(z, w, T, prm);
+    a.g = reinterpret_cast<const double*>(g);
+    a.dz = reinterpret_cast<void*>(dz);
+    a.dw = reinterpret_cast<void*>(dw);
+    a.dlam = reinterpret_cast<double*>(dlam);
+    py::gil_scoped_release nogil;
+    tv_backward_any(a);
+  });
   m.def("project_kl_forward", [](const Desc& z, const Desc& w, double eps, double T, uintptr_t out,
                                  uintptr_t stats, uintptr_t status) {
     ProjFwd a = proj_fwd_args(z, w, eps, T, out, stats, status);

@@ -107,6 +107,35 @@ void backward_rows(const ProjBwd& a) {
   });
 }
 
+template <class In, class Out>
+void tvmix_forward_rows(const TvMix& a) {
+  const int64_t V = a.z.V(), rows = a.z.rows();
+  const int64_t sz = a.z.vstride(), sw = a.w.vstride();
+  const double invT = 1.0 / a.T;
+  parallel_for(rows, [&](int64_t r) {
+    const double* P = a.prm + kTvMixPrm * r;
+    tvmix_write_pass(row_ptr<In>(a.z, r), sz, row_ptr<In>(a.w, r), sw, V, invT, P[0], P[1],
+                     static_cast<Out*>(a.out) + r * V);
+  });
+}
+
+template <class In>
+void tvmix_backward_rows(const TvMix& a) {
+  const int64_t V = a.z.V(), rows = a.z.rows();
+  const int64_t sz = a.z.vstride(), sw = a.w.vstride();
+  const double invT = 1.0 / a.T;
+  parallel_for(rows, [&](int64_t r) {
+    const double* P = a.prm + kTvMixPrm * r;
+    const In* z = row_ptr<In>(a.z, r);
+    const In* w = row_ptr<In>(a.w, r);
+    const double* g = a.g + r * V;
+    const TvMixSums q = tvmix_grad_sums(z, sz, w, sw, g, V, invT, P[0], P[1], P[4]);
+    a.dlam[r] = q.s3;
+    tvmix_grad_write(z, sz, w, sw, g, V, invT, P[0], P[1], P[2], P[3], q.s1, q.s2,
+                     a.dz ? static_cast<In*>(a.dz) + r * V : nullptr, a.dw ? static_cast<In*>(a.dw) + r * V : nullptr);
+  });
+}
+
 // One row of log-probabilities x (S entries) to float64 out[0 .. S) with its tail bucket
 // out[S] = log(1 - sum e^x) appended (project_kl_sparse). Returns the log-mass
 // s = log sum e^x (NaN if some entry is NaN, +inf if one is +inf, -inf if all are -inf); the
@@ -201,6 +230,14 @@ void sparse_tail_rows(const View& z, const View& w, double* out, double* mass) {
 
 void project_kl_backward_rows(const ProjBwd& a) {
   by_dtype(a.z.dtype, [&](auto in, auto) { backward_rows<decltype(in)>(a); });
+}
+
+void project_tv_forward_rows(const TvMix& a) {
+  by_dtype(a.z.dtype, [&](auto in, auto o) { tvmix_forward_rows<decltype(in), decltype(o)>(a); });
+}
+
+void project_tv_backward_rows(const TvMix& a) {
+  by_dtype(a.z.dtype, [&](auto in, auto) { tvmix_backward_rows<decltype(in)>(a); });
 }
 
 }  // namespace TRMATH_NS

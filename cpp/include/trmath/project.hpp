@@ -318,5 +318,97 @@ inline void proj_grad_write(const In* z, int64_t sz, const In* w, int64_t sw, co
   });
 }
 
+
+// ---- TV ball (project_tv): a two-component log-mixture of each row pair --------------------
+// With per-row constants ca = lse_p - log(lam) and cb = lse_q - log(1 - lam) (cb = +inf inside
+// the ball, lam = 1): A_i = z_i/T - ca = log(lam p_i), B_i = w_i/T - cb = log((1 - lam) q_i) and
+//     log pi~_i = logaddexp(A_i, B_i) = M + log(1 + e),  M = max(A, B), e = e^{min - M} <= 1,
+// so a row inside the ball gets z_i/T - lse_p exactly. NaN in, NaN out; both -inf: -inf.
+// The responsibilities rho_i = lam p_i / pi~_i = 1/(1 + e) (A >= B) or e/(1 + e), and
+// sig_i = 1 - rho_i, formed the same way, need no logarithm.
+struct TvMixLanes {
+  pd M, e, rho, sig;
+  pl ok, nan;
+};
+
+TRMATH_INLINE TvMixLanes tvmix_lanes(pd zv, pd wv, double invT, double ca, double cb) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  TvMixLanes r;
+  const pd A = zv * invT - ca, B = wv * invT - cb;
+  const pl agb = A >= B;
+  r.M = agb ? A : B;
+  const pd lo = agb ? B : A;
+  r.ok = r.M > ninf;
+  r.nan = (A != A) | (B != B);
+  r.e = r.ok ? exp_d(lo - r.M) : pd{};
+  const pd big = 1.0 / (1.0 + r.e), small = r.e * big;
+  r.rho = r.ok ? (agb ? big : small) : pd{};
+  r.sig = r.ok ? (agb ? small : big) : pd{};
+  return r;
+}
+
+template <class In, class Out>
+inline void tvmix_write_pass(const In* z, int64_t sz, const In* w, int64_t sw, int64_t V, double invT, double ca,
+                             double cb, Out* out) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const pd one = splat<pd>(1.0);
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, pd zv, pd wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    const TvMixLanes m = tvmix_lanes(zv, wv, invT, ca, cb);
+    pd r = m.M + log1p_ratio_c(m.e, one, coef::log1p_d);
+    r = m.ok ? r : splat<pd>(ninf);
+    r = m.nan ? splat<pd>(std::numeric_limits<double>::quiet_NaN()) : r;
+    for (int64_t k = 0; k < n; ++k) proj_store(out + i + k, r[k]);
+  });
+}
+
+// Backward pass 1: S1 = sum g rho, S2 = sum g sig and, for a row outside the ball (lam < 1),
+// dL/dlam through the mixture, sum g (p - q) / pi~ = sum g (rho / lam - sig / (1 - lam)).
+struct TvMixSums {
+  double s1, s2, s3;
+};
+
+template <class In>
+inline TvMixSums tvmix_grad_sums(const In* z, int64_t sz, const In* w, int64_t sw, const double* g, int64_t V,
+                                 double invT, double ca, double cb, double lam) {
+  const bool outside = lam < 1.0;
+  const double il = 1.0 / lam, i1l = outside ? 1.0 / (1.0 - lam) : 0.0;
+  pd a = {}, b = {}, c = {};
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, pd zv, pd wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    pd gv = {};
+    for (int64_t k = 0; k < n; ++k) gv[k] = g[i + k];
+    const TvMixLanes m = tvmix_lanes(zv, wv, invT, ca, cb);
+    gv = m.ok ? gv : pd{};
+    a += gv * m.rho;
+    b += gv * m.sig;
+    if (outside) c += gv * (m.rho * il - m.sig * i1l);
+  });
+  return {hsum(a), hsum(b), hsum(c)};
+}
+
+// Backward pass 2, the mixture's part of the gradient (p = e^{z/T - lse_p}, q likewise):
+//     dz_i = (g_i rho_i - p_i S1) / T,  dw_i = (g_i sig_i - q_i S2) / T.
+template <class In, class Out>
+inline void tvmix_grad_write(const In* z, int64_t sz, const In* w, int64_t sw, const double* g, int64_t V,
+                             double invT, double ca, double cb, double lse_p, double lse_q, double S1, double S2,
+                             Out* dz, Out* dw) {
+  const double ninf = -std::numeric_limits<double>::infinity();
+  proj_row_loop(z, sz, w, sw, V, [&](int64_t i, pd zv, pd wv, int64_t n) TRMATH_LAMBDA_INLINE {
+    pd gv = {};
+    for (int64_t k = 0; k < n; ++k) gv[k] = g[i + k];
+    const TvMixLanes m = tvmix_lanes(zv, wv, invT, ca, cb);
+    gv = m.ok ? gv : pd{};
+    if (dz) {
+      const pd p = zv > ninf ? exp_d(zv * invT - lse_p) : pd{};
+      const pd gz = (gv * m.rho - p * S1) * invT;
+      for (int64_t k = 0; k < n; ++k) proj_store(dz + i + k, gz[k]);
+    }
+    if (dw) {
+      const pd q = wv > ninf ? exp_d(wv * invT - lse_q) : pd{};
+      const pd gw = (gv * m.sig - q * S2) * invT;
+      for (int64_t k = 0; k < n; ++k) proj_store(dw + i + k, gw[k]);
+    }
+  });
+}
+
 }  // namespace simd
 }  // namespace trmath
