@@ -83,6 +83,10 @@ def project_tv(new_logits: Any, old_logits: Any, delta: float, *, temperature: f
     :math:`\log\tilde\pi_i = \operatorname{logaddexp}(\log(1-\lambda) + \log\pi_{old,i},\
     \log\lambda + \log\pi_{new,i})`, and :math:`\mathrm{TV}` is the exact :func:`trmath.tv`
     evaluated in float64, so the constraint holds to float64 accuracy before the output rounding.
+    On the CPU the rows are converted to float64 a block at a time and the mixture and its
+    gradient are C++ passes (no ``[N, V]`` temporary besides the output); other devices (CUDA)
+    evaluate the float64 formula with autograd, which holds several ``[N, V]`` float64
+    temporaries (see :doc:`/theory/projections`).
 
     Parameters
     ----------
