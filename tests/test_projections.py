@@ -560,6 +560,27 @@ def test_tv_unvalidated_nan_stays_nan(backend):
     assert not torch.isnan(out[[0, 1, 3]]).any()
 
 
+def test_tv_gradient_where_tv_squared_underflows(backend):
+    """Both rows near a point mass on the same token: TV ~ 1e-217, so TV^2 underflows. The
+    gradient through lambda = delta / TV is -lambda / TV dTV, finite (it was inf * 0 = NaN on
+    the torch path); here it is checked against its closed form: with lambda = 1e-6, log pi~ is
+    log q to first order, and dL/dw = g - q sum(g) up to O(lambda)."""
+    z = torch.tensor([[-1.2, 0.43, 0.5, 999.5, 0.86, -1.9, -0.16, -0.38]], dtype=torch.float64)
+    w = z.clone()
+    w[0, 3] = 499.5
+    tv = float(trmath.tv(z, w))
+    assert 0 < tv < 1e-200
+    zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+    lp, lam = trmath.project_tv(zz, ww, 1e-6 * tv, return_lambda=True)
+    assert abs(float(lam.detach()) / 1e-6 - 1) <= 1e-12
+    g = torch.cos(torch.arange(8, dtype=torch.float64))
+    (lp * g).sum().backward()
+    assert bool(torch.isfinite(zz.grad).all()) and bool(torch.isfinite(ww.grad).all())
+    q = torch.softmax(w, -1)
+    torch.testing.assert_close(ww.grad[0], g - q[0] * g.sum(), rtol=0, atol=1e-5)
+    assert float(zz.grad.abs().max()) <= 1e-5
+
+
 def test_tv_masked_gradcheck():
     z, w = _tv_case(8, 4, 9, torch.float64)
     z, w = z.requires_grad_(), w.requires_grad_()
@@ -845,6 +866,51 @@ def test_kl_properties_on_generated_rows(pair, eps, shift):
     # half an ulp of the logit scale), and both outputs carry a few ulps of it
     lp2 = trmath.project_kl(z + shift, w - 0.5 * shift, eps)
     torch.testing.assert_close(lp2[fin], lp[fin], rtol=0, atol=1e-12 * (1 + abs(shift)) + 8 * ulps)
+
+
+@given(pair=row_pairs(1, 48), frac=st.sampled_from([1e-6, 0.1, 0.5, 0.99, 2.0]),
+       T=st.sampled_from([0.5, 1.0, 3.0]))
+def test_tv_properties_on_generated_rows(pair, frac, T):
+    """Both paths on generated rows (peaked, masked, equal, shifted, ... families), with the
+    radius a fraction of the row's TV (2.0: inside the ball): values, lambda and gradients
+    agree; the constraint is met with equality when active; inside, the output is pi_new."""
+    z, w = (torch.from_numpy(x).unsqueeze(0) for x in pair)
+    tv = float(trmath.tv(z, w, temperature=T))
+    delta = frac * tv if tv > 0 else 0.5
+    if not delta > 0:  # TV underflows to a subnormal fraction
+        return
+    res = []
+    for force in (False, True):
+        old = P._FORCE_TORCH[0]
+        P._FORCE_TORCH[0] = force
+        try:
+            zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+            lp, lam = trmath.project_tv(zz, ww, delta, temperature=T, return_lambda=True)
+            c = torch.cos(torch.arange(lp.shape[-1], dtype=torch.float64))
+            (torch.where(torch.isfinite(lp), lp, 0.0) * c).sum().backward()
+            res.append((lp.detach(), float(lam.detach()), zz.grad, ww.grad))
+        finally:
+            P._FORCE_TORCH[0] = old
+    (lp, lam, dz, dw), (lp_t, lam_t, dz_t, dw_t) = res
+    assert lam == lam_t  # the same float64 TV kernel, the same division
+    assert torch.equal(lp.isneginf(), lp_t.isneginf()) and bool(torch.isfinite(lp[~lp.isneginf()]).all())
+    fin = torch.isfinite(lp)
+    # Both are logit/T - lse + log-mixture terms in float64: a few ulps of the logit scale.
+    scale = float(torch.cat([z[torch.isfinite(z)], w[torch.isfinite(w)]]).abs().max()) / T + 1.0
+    torch.testing.assert_close(lp[fin], lp_t[fin], rtol=0, atol=64 * 2.0 ** -52 * scale)
+    # Gradient terms are of size |g|/T (|g| <= 1 here); where they cancel to an exact 0 (one
+    # token, say) each path keeps a few ulps of that size, not of the result. Outside the ball
+    # dL/dlam = sum g (p - q) / pi~ is a difference of terms of size sum|g| <= V, and it reaches
+    # the logits multiplied by lam / TV: its rounding, ~1e-16 V lam / (T TV), is each path's own
+    # (rows equal but for their last bits have TV ~ 1e-17).
+    gs = float(torch.cat([dz_t.abs().flatten(), dw_t.abs().flatten()]).max()) + 1.0 / T
+    gtol = 1e-9 * gs + (1e-13 * z.shape[-1] / T * lam / tv if lam < 1.0 else 0.0)
+    assert float((dz - dz_t).abs().max()) <= gtol and float((dw - dw_t).abs().max()) <= gtol
+    got = float(trmath.tv(lp, w / T))  # lp is at temperature 1
+    if lam < 1.0:  # (plus the rounding of log-probs formed at the logit scale)
+        assert abs(got - delta) <= 1e-9 * delta + 64 * 2.0 ** -52 * scale
+    else:
+        torch.testing.assert_close(lp, torch.log_softmax(z / T, -1), rtol=0, atol=64 * 2.0 ** -52 * scale)
 
 
 def test_sparse_support_logprobs_are_exact_and_differentiable():

@@ -284,7 +284,12 @@ def tv_project(z: Tensor, w: Tensor, delta: float, T: float) -> tuple[Tensor, Te
     tv = _tv(z64, w64, temperature=T, validate=False)
     outside = tv > delta
     tv_safe = torch.where(outside, tv, torch.ones_like(tv))
-    lam = torch.where(outside, delta / tv_safe, torch.ones_like(tv))
+    # lambda = delta / TV with the derivative -lambda / TV formed as such: autograd of the
+    # quotient forms -delta / TV^2, and TV^2 underflows for rows whose TV is below 1e-154
+    # (point masses on the same token), where the gradient would turn into inf * 0 = NaN.
+    tv_d = tv_safe.detach()
+    lam0 = delta / tv_d
+    lam = torch.where(outside, lam0 - lam0 * ((tv_safe - tv_d) / tv_d), torch.ones_like(tv))
     lam_mix = torch.where(outside, lam, torch.full_like(lam, 0.5)).unsqueeze(-1)
     a, b = _logprobs(z64, T), _logprobs(w64, T)
     # Tokens masked in both rows stay -inf without a 0 * inf in the backward of logaddexp.
