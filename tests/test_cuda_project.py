@@ -7,6 +7,9 @@ the kernels).
   output log-probabilities and both gradients, every dtype, two temperatures, V up to 151936.
 * Determinism (a row's result alone, in a batch, at any position), strided inputs, the caller's
   stream, bad and infeasible rows, and that CUDA tensors really take these kernels.
+* project_tv on CUDA tensors (the float64 formula around trmath.tv's CUDA kernels) against the
+  CPU's compiled path: values, lambda and both gradients, and finite gradients where TV^2
+  underflows.
 """
 
 from __future__ import annotations
@@ -238,3 +241,57 @@ def test_gradcheck_float64():
         fin = torch.isfinite(trmath.project_kl(z, w, eps, temperature=T))
         assert int((~fin).sum()) == 1  # pi~ = 0 where pi_old = 0: a constant -inf, left out
         assert torch.autograd.gradcheck(lambda a, b: trmath.project_kl(a, b, eps, temperature=T)[fin], (z, w))
+
+
+# ------------------------------------------------------------------------------------------------
+# project_tv on CUDA tensors: the float64 formula with autograd (trmath.tv's CUDA kernels inside),
+# against the CPU's compiled path (itself checked against mpmath and the formula on the CPU)
+# ------------------------------------------------------------------------------------------------
+def _tv_run(z, w, delta, T, G, device):
+    zz = z.to(device).clone().requires_grad_()
+    ww = w.to(device).clone().requires_grad_()
+    lp, lam = trmath.project_tv(zz, ww, delta, temperature=T, return_lambda=True)
+    loss = (torch.where(torch.isfinite(lp), lp.double(), 0.0) * G.to(lp.device)).sum() + (lam ** 2).sum()
+    dz, dw = torch.autograd.grad(loss, (zz, ww))
+    return lp.detach().cpu(), lam.detach().cpu(), dz.cpu(), dw.cpu()
+
+
+def _tv_compare(a, b, dtype):
+    (lp, lam, dz, dw), (lp_c, lam_c, dz_c, dw_c) = a, b
+    # The same float64 TV kernel's value on both devices up to its rounding (1e-12 relative).
+    torch.testing.assert_close(lam, lam_c, rtol=1e-11, atol=0)
+    assert torch.equal(lp.isneginf(), lp_c.isneginf()) and not bool(torch.isnan(lp).any())
+    fin = torch.isfinite(lp)
+    # Both round a float64 log-mixture once: an ulp apart (float64: a few ulps of the logits).
+    tol = 1e-12 if dtype == torch.float64 else 2.0 ** -23
+    rel = (lp[fin].double() - lp_c[fin].double()).abs() / lp_c[fin].double().abs().clamp_min(1)
+    assert float(rel.max()) <= tol
+    gtol = {torch.float64: 1e-9, torch.float32: 2.0 ** -22, torch.bfloat16: 2.0 ** -7}[dtype]
+    for x, y in ((dz, dz_c), (dw, dw_c)):
+        assert bool(torch.isfinite(x).all())
+        assert float((x.double() - y.double()).abs().max()) <= gtol * (float(y.double().abs().max()) + 1.0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=_dname)
+@pytest.mark.parametrize("kind", ("random", "near", "peaked", "masked", "old_zero"))
+def test_project_tv_against_cpu(kind, dtype):
+    z, w = _family(kind, 5, 301, 23)
+    z, w = z.to(dtype), w.to(dtype)
+    tv = trmath.tv(z.double(), w.double(), temperature=0.8)
+    delta = float(tv.sort().values[2])  # rows above and below the radius
+    G = torch.cos(torch.arange(z.numel(), dtype=torch.float64)).reshape(z.shape)
+    _tv_compare(_tv_run(z, w, delta, 0.8, G, "cuda"), _tv_run(z, w, delta, 0.8, G, "cpu"), dtype)
+
+
+def test_project_tv_gradient_where_tv_squared_underflows():
+    """Both rows near a point mass on the same token (TV ~ 1e-217): finite gradients, as on the
+    CPU (the formula's -delta / TV^2 used to overflow into NaN)."""
+    z = torch.tensor([[-1.2, 0.43, 0.5, 999.5, 0.86, -1.9, -0.16, -0.38]], dtype=torch.float64)
+    w = z.clone()
+    w[0, 3] = 499.5
+    delta = 1e-6 * float(trmath.tv(z, w))
+    G = torch.cos(torch.arange(8, dtype=torch.float64))[None]
+    a, b = _tv_run(z, w, delta, 1.0, G, "cuda"), _tv_run(z, w, delta, 1.0, G, "cpu")
+    for x, y in zip(a[2:], b[2:]):
+        assert bool(torch.isfinite(x).all())
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-9)
