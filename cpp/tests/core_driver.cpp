@@ -1,7 +1,8 @@
 // Standalone driver of the CPU kernels for the sanitizer build (ASan + UBSan + LeakSanitizer):
 // every entry point, every dtype, odd vocabulary sizes (1 .. two segments + 1), strided rows,
 // masked tokens, both execution modes (rows in parallel / segments in parallel), the
-// KL-ball projection's solver and backward, and the sparse projection's tail buckets. Checks the results against a plain double-precision
+// KL-ball projection's solver and backward, the TV projection's log-mixture and its backward,
+// and the sparse projection's tail buckets. Checks the results against a plain double-precision
 // reference to catch gross errors; precision itself is tested from Python against mpmath.
 #include <cmath>
 #include <cstdio>
@@ -19,6 +20,8 @@ extern const KernelTable table;
 void project_kl_forward_rows(const ProjFwd& a, const double* kst);
 void project_kl_backward_rows(const ProjBwd& a);
 void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
+void project_tv_forward_rows(const TvMix& a);
+void project_tv_backward_rows(const TvMix& a);
 }  // namespace isa_generic
 }
 using namespace trmath;
@@ -163,6 +166,69 @@ void run_case(DType dt, int64_t N, int64_t V, int64_t vstride, std::mt19937_64& 
     for (size_t i = 0; i < pdz.size(); ++i)
       check(std::isfinite(simd::to_double(pdz[i])) && std::isfinite(simd::to_double(pdw[i])),
             "projection backward finite", V);
+  }
+  // TV projection: the exact TV kernel's statistics, then the log-mixture at lambda = 1/2 (rows
+  // outside the ball) or 1 (every third row, inside): normalised rows at TV(pi~, pi_old) =
+  // lambda TV; the backward's mixture part sums to 0 over each row, dL/dlam is finite.
+  {
+    PairFwd k;
+    k.z = z; k.w = w; k.T = 1.0; k.op = PairOp::tv;
+    k.out = out;
+    k.stats = stats.data(); k.status = status.data();
+    isa_generic::table.pair_fwd(k);
+    std::vector<double> prm(size_t(N * kTvMixPrm));
+    for (int64_t r = 0; r < N; ++r) {
+      const double lam = r % 3 == 2 ? 1.0 : 0.5, lp = stats[size_t(r * kPairStats)], lq = stats[size_t(r * kPairStats + 1)];
+      double* P = prm.data() + r * kTvMixPrm;
+      P[0] = lp - std::log(lam);
+      P[1] = lam < 1.0 ? lq - std::log1p(-lam) : INFINITY;
+      P[2] = lp; P[3] = lq; P[4] = lam;
+    }
+    std::vector<double> md(size_t(N * V));
+    std::vector<float> mf(size_t(N * V));
+    TvMix m;
+    m.z = z; m.w = w; m.T = 1.0; m.prm = prm.data();
+    m.out = f64 ? (void*)md.data() : (void*)mf.data();
+    isa_generic::project_tv_forward_rows(m);
+    for (int64_t r = 0; r < N; ++r) {
+      double lz = -INFINITY, lw = -INFINITY, sz = 0, sw = 0;
+      for (int64_t i = 0; i < V; ++i) lz = std::fmax(lz, zd[r * V + i]), lw = std::fmax(lw, wd[r * V + i]);
+      for (int64_t i = 0; i < V; ++i) sz += std::exp(zd[r * V + i] - lz), sw += std::exp(wd[r * V + i] - lw);
+      double mass = 0, tvm = 0, tv0 = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        const double l = f64 ? md[size_t(r * V + i)] : double(mf[size_t(r * V + i)]);
+        const double pt = l > -INFINITY ? std::exp(l) : 0.0;
+        const double p = std::exp(zd[r * V + i] - lz) / sz, q = std::exp(wd[r * V + i] - lw) / sw;
+        mass += pt;
+        tvm += 0.5 * std::fabs(pt - q);
+        tv0 += 0.5 * std::fabs(p - q);
+      }
+      check(std::fabs(mass - 1.0) <= 1e-5, "TV projection normalised", V);
+      check(std::fabs(tvm - prm[size_t(r * kTvMixPrm + 4)] * tv0) <= 1e-5, "TV projection distance", V);
+    }
+    std::vector<T> tdz(size_t(N * V)), tdw(size_t(N * V));
+    std::vector<double> tg(size_t(N * V)), dlam(N);
+    for (size_t i = 0; i < tg.size(); ++i) tg[i] = std::cos(double(i));
+    m.g = tg.data(); m.dz = tdz.data(); m.dw = tdw.data(); m.dlam = dlam.data();
+    isa_generic::project_tv_backward_rows(m);
+    // The sum is (S1 + S2)(1 - sum p): 0 up to the normalisers' error (this driver takes them
+    // from the 16/32-bit kernels, within 1e-5; Python passes float64 ones), plus the rounding
+    // of each stored gradient to T (relative u).
+    const double u = dt == DType::f64 ? 0x1p-52 : dt == DType::f32 ? 0x1p-23 : dt == DType::bf16 ? 0x1p-8 : 0x1p-11;
+    const double nerr = f64 ? 1e-12 : 1e-5;
+    for (int64_t r = 0; r < N; ++r) {
+      double s = 0, sa = 0, sg = 0;
+      bool fin = std::isfinite(dlam[r]);
+      for (int64_t i = 0; i < V; ++i) {
+        const double a = simd::to_double(tdz[r * V + i]), b = simd::to_double(tdw[r * V + i]);
+        s += a + b;
+        sa += std::fabs(a) + std::fabs(b);
+        sg += std::fabs(tg[size_t(r * V + i)]);
+        fin &= std::isfinite(a) && std::isfinite(b);
+      }
+      check(fin, "TV projection backward finite", V);
+      check(std::fabs(s) <= u * sa + nerr * sg, "TV projection backward sums to 0 over the vocabulary", V);
+    }
   }
   // The sparse projection's tail buckets (rows of z and w read as log-probabilities): the
   // copies, the log-masses and the tails' masses against double sums.
