@@ -235,11 +235,12 @@ class _TVProjectCpp(torch.autograd.Function):
         R, V = z2.shape
         dz = _backend._empty_like_input(z2) if need_z else None
         dw = _backend._empty_like_input(w2) if need_w else None
-        if g is None:
-            g = torch.zeros((R, V), dtype=torch.float64)
         buf = _Blocks(R, V, 5)
         for b in _tv_blocks(R, V):
-            zb, wb, gb, dzb, dwb = buf.take(b.stop - b.start, z2[b], w2[b], g[b], None, None)
+            gsrc = None if g is None else g[b]
+            zb, wb, gb, dzb, dwb = buf.take(b.stop - b.start, z2[b], w2[b], gsrc, None, None)
+            if g is None:  # only lambda was used
+                gb.zero_()
             dzb = dzb if need_z else None
             dwb = dwb if need_w else None
             dlam = torch.empty(zb.shape[0], dtype=torch.float64)
