@@ -7,7 +7,7 @@ the kernels).
   output log-probabilities and both gradients, every dtype, two temperatures, V up to 151936.
 * Determinism (a row's result alone, in a batch, at any position), strided inputs, the caller's
   stream, bad and infeasible rows, and that CUDA tensors really take these kernels.
-* project_tv on CUDA tensors (the float64 formula around trmath.tv's CUDA kernels) against the
+* project_tv on CUDA tensors (float64 torch blocks around trmath.tv's CUDA kernels) against the
   CPU's compiled path: values, lambda and both gradients, and finite gradients where TV^2
   underflows.
 """
@@ -244,7 +244,7 @@ def test_gradcheck_float64():
 
 
 # ------------------------------------------------------------------------------------------------
-# project_tv on CUDA tensors: the float64 formula with autograd (trmath.tv's CUDA kernels inside),
+# project_tv on CUDA tensors: float64 torch blocks (trmath.tv's CUDA kernels inside),
 # against the CPU's compiled path (itself checked against mpmath and the formula on the CPU)
 # ------------------------------------------------------------------------------------------------
 def _tv_run(z, w, delta, T, G, device):

@@ -586,7 +586,48 @@ def test_tv_gradient_where_tv_squared_underflows(backend):
     assert float(zz.grad.abs().max()) <= 1e-5
 
 
-def test_tv_masked_gradcheck():
+def test_tv_invalid_rows_are_nan_with_their_lambda(backend):
+    """validate=False: a row with NaN or +inf in either input, or entirely -inf, comes back NaN
+    throughout with lambda NaN (the torch path returned log_softmax(z) and lambda = 1 for NaN in
+    old_logits, the C++ path lambda = 1); the other rows are those of the valid rows alone."""
+    z, w = _tv_case(9, 6, 16, torch.float32)
+    ref, lam_ref = trmath.project_tv(z[[0, 5]], w[[0, 5]], 0.1, return_lambda=True)
+    z[1, 3] = math.nan
+    w[2, 7] = math.nan
+    w[3, 0] = math.inf
+    z[4] = -INF
+    out, lam = trmath.project_tv(z, w, 0.1, validate=False, return_lambda=True)
+    assert torch.isnan(out[1:5]).all() and torch.isnan(lam[1:5]).all()
+    assert torch.equal(out[[0, 5]], ref) and torch.equal(lam[[0, 5]], lam_ref)
+    with pytest.raises(ValueError, match="row 1"):
+        trmath.project_tv(z, w, 0.1)
+
+
+def test_tv_torch_blocks_do_not_change_results():
+    """The torch path (other devices) works a block of rows at a time in float64: values, lambda
+    and gradients are bitwise those of one block."""
+    z, w = _tv_case(10, 9, 50, torch.float32)
+
+    def run():
+        zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, lam = trmath.project_tv(zz, ww, 0.1, temperature=1.3, return_lambda=True)
+        (torch.where(torch.isfinite(lp), lp, 0.0).sin().sum() + lam.sum()).backward()
+        return lp.detach(), lam.detach(), zz.grad, ww.grad
+
+    old, oldc = P._FORCE_TORCH[0], pt._CHUNK_ELEMS
+    try:
+        P._FORCE_TORCH[0] = True
+        ref = run()
+        pt._CHUNK_ELEMS = 100  # two rows per block
+        got = run()
+    finally:
+        P._FORCE_TORCH[0], pt._CHUNK_ELEMS = old, oldc
+    assert 0 < int((ref[1] < 1).sum()) < 9
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+def test_tv_masked_gradcheck(backend):
     z, w = _tv_case(8, 4, 9, torch.float64)
     z, w = z.requires_grad_(), w.requires_grad_()
 
@@ -597,7 +638,7 @@ def test_tv_masked_gradcheck():
     assert torch.autograd.gradcheck(f, (z, w))
 
 
-def test_tv_identity_and_gradcheck():
+def test_tv_identity_and_gradcheck(backend):
     g = torch.Generator().manual_seed(13)
     z = torch.randn(3, 8, dtype=torch.float64, generator=g).requires_grad_()
     w = torch.randn(3, 8, dtype=torch.float64, generator=g).requires_grad_()

@@ -276,27 +276,134 @@ def kl_project(z: Tensor, w: Tensor, eps: float, T: float) -> tuple[Tensor, Tens
     return _KLProject.apply(z, w, eps, T)
 
 
-def tv_project(z: Tensor, w: Tensor, delta: float, T: float) -> tuple[Tensor, Tensor]:
-    """Differentiable TV projection; returns (float64 log-probs ``[..., V]``, lambda ``[...]``)."""
+def _tv_mix(a: Tensor, b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(M, e, a_top)`` of the log-mixture of float64 log-probabilities ``a``, ``b`` ``[n, V]``
+    with weights ``lam``, ``1 - lam`` ``[n]``: with ``A = a + log lam``, ``B = b + log(1 - lam)``
+    (``-inf`` where ``lam = 1``), ``M = max(A, B)``, ``e = exp(min(A, B) - M)`` in ``[0, 1]`` (0 where
+    both are ``-inf``) and ``a_top = A >= B``; ``log pi~ = M + log1p(e)``."""
+    A = a + torch.log(lam).unsqueeze(-1)
+    B = b + torch.log1p(-lam).unsqueeze(-1)
+    M = torch.maximum(A, B)
+    e = torch.exp(torch.minimum(A, B) - M)
+    e = torch.where(torch.isneginf(M), torch.zeros((), dtype=e.dtype, device=e.device), e)
+    return M, e, A >= B
+
+
+def _tv_lambda(tv: Tensor, delta: float) -> Tensor:
+    """``min(1, delta / TV)`` per row; NaN where TV is (an invalid row)."""
+    outside = tv > delta
+    lam = torch.where(outside, delta / torch.where(outside, tv, torch.ones_like(tv)), torch.ones_like(tv))
+    return torch.where(torch.isnan(tv), tv, lam)
+
+
+def tv_forward(z: Tensor, w: Tensor, delta: float, T: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log pi~ [n, V] in out_dtype, lambda [n], TV [n])`` of ``[n, V]`` logits, a block of rows
+    at a time in float64 (no ``[n, V]`` float64 temporary beyond one block)."""
     from .exact import tv as _tv
 
-    z64, w64 = z.to(torch.float64), w.to(torch.float64)
-    tv = _tv(z64, w64, temperature=T, validate=False)
-    outside = tv > delta
-    tv_safe = torch.where(outside, tv, torch.ones_like(tv))
-    # lambda = delta / TV with the derivative -lambda / TV formed as such: autograd of the
-    # quotient forms -delta / TV^2, and TV^2 underflows for rows whose TV is below 1e-154
-    # (point masses on the same token), where the gradient would turn into inf * 0 = NaN.
-    tv_d = tv_safe.detach()
-    lam0 = delta / tv_d
-    lam = torch.where(outside, lam0 - lam0 * ((tv_safe - tv_d) / tv_d), torch.ones_like(tv))
-    lam_mix = torch.where(outside, lam, torch.full_like(lam, 0.5)).unsqueeze(-1)
-    a, b = _logprobs(z64, T), _logprobs(w64, T)
-    # Tokens masked in both rows stay -inf without a 0 * inf in the backward of logaddexp.
-    both = torch.isneginf(a) & torch.isneginf(b)
-    zero = torch.zeros((), dtype=a.dtype, device=a.device)
-    a_s, b_s = torch.where(both, zero, a), torch.where(both, zero, b)
-    mix = torch.logaddexp(torch.log1p(-lam_mix) + b_s, torch.log(lam_mix) + a_s)
-    mix = torch.where(both, torch.full((), -math.inf, dtype=a.dtype, device=a.device), mix)
-    out = torch.where(outside.unsqueeze(-1), mix, a)
-    return out, lam
+    n, v = z.shape
+    out = torch.empty((n, v), dtype=out_dtype, device=z.device)
+    lams = torch.empty(n, dtype=torch.float64, device=z.device)
+    tvs = torch.empty(n, dtype=torch.float64, device=z.device)
+    for sl in _blocks(n, v):
+        zc, wc = z[sl].to(torch.float64), w[sl].to(torch.float64)
+        tv = _tv(zc, wc, temperature=T, validate=False)
+        del zc, wc
+        lam = _tv_lambda(tv, delta)
+        # log((1 - lam) q + lam p) as a log-mixture (max + log1p(exp(-|A - B|))), never the log
+        # of a rounded sum; A exactly where lam = 1 (B = -inf), -inf where both are.
+        lp = _logprobs(z[sl], T).add_(torch.log(lam).unsqueeze(-1))
+        lp = torch.logaddexp(lp, _logprobs(w[sl], T).add_(torch.log1p(-lam).unsqueeze(-1)))
+        # An invalid row (NaN, +inf, all -inf: TV is NaN) is NaN throughout, never a number.
+        lp = torch.where(torch.isnan(lam).unsqueeze(-1), torch.full_like(lp, math.nan), lp)
+        out[sl] = lp
+        lams[sl] = lam
+        tvs[sl] = tv
+    return out, lams, tvs
+
+
+def tv_backward(g: Tensor | None, glam: Tensor | None, z: Tensor, w: Tensor, lam: Tensor, tv: Tensor,
+                T: float, need_z: bool = True, need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    r"""Gradient of the TV projection (see :doc:`/theory/projections`): with the
+    responsibilities :math:`\rho_i = \lambda p_i/\tilde\pi_i`, :math:`\sigma_i = 1 - \rho_i`,
+
+    .. math::
+
+        \partial L/\partial z_j = (g_j\rho_j - p_j\textstyle\sum_i g_i\rho_i)/T
+        + \Lambda\,\partial\mathrm{TV}/\partial z_j,\qquad
+        \partial L/\partial w_j = (g_j\sigma_j - q_j\textstyle\sum_i g_i\sigma_i)/T
+        + \Lambda\,\partial\mathrm{TV}/\partial w_j,
+
+    :math:`\Lambda = -(\lambda/\mathrm{TV})\,\partial L/\partial\lambda` outside the ball (0
+    inside), :math:`\partial L/\partial\lambda = \sum_i g_i(\rho_i/\lambda - \sigma_i/(1-\lambda))`
+    plus ``glam``; :math:`\partial\mathrm{TV}` is :func:`trmath.tv`'s own backward. Float64 per
+    block of rows, rounded once to the inputs' dtypes."""
+    from .exact import tv as _tv
+
+    n, v = z.shape
+    dz = torch.empty((n, v), dtype=z.dtype, device=z.device) if need_z else None
+    dw = torch.empty((n, v), dtype=w.dtype, device=w.device) if need_w else None
+    for sl in _blocks(n, v):
+        zc, wc = z[sl].to(torch.float64), w[sl].to(torch.float64)
+        a, b = _logprobs(zc, T), _logprobs(wc, T)
+        lm = lam[sl]
+        M, e, a_top = _tv_mix(a, b, lm)
+        live = ~torch.isneginf(M)  # tokens masked in both rows have no gradient
+        zero = torch.zeros((), dtype=a.dtype, device=a.device)
+        rho = torch.where(a_top, 1.0 / (1.0 + e), e / (1.0 + e))
+        rho = torch.where(live, rho, zero)
+        sig = torch.where(live, 1.0 - rho, zero)
+        G = zero.expand(a.shape) if g is None else g[sl].to(torch.float64)
+        G = torch.where(live, G, zero)
+        Gr, Gs = G * rho, G * sig
+        dlam = (Gr / lm.unsqueeze(-1) - Gs / (1.0 - lm).unsqueeze(-1)).sum(-1) if g is not None else torch.zeros_like(lm)
+        if glam is not None:
+            dlam = dlam + glam[sl].to(torch.float64)
+        outside = lm < 1.0
+        gz = (Gr - torch.exp(a) * Gr.sum(-1, keepdim=True)) / T if need_z else None
+        gw = (Gs - torch.exp(b) * Gs.sum(-1, keepdim=True)) / T if need_w else None
+        if bool(outside.any()):
+            tvb = tv[sl]
+            scale = torch.where(outside, -(dlam * lm) / torch.where(outside, tvb, torch.ones_like(tvb)),
+                                torch.zeros_like(tvb))
+            with torch.enable_grad():
+                zz = zc.detach().requires_grad_(need_z)
+                ww = wc.detach().requires_grad_(need_w)
+                inputs = [x for x, nd in ((zz, need_z), (ww, need_w)) if nd]
+                grads = torch.autograd.grad(_tv(zz, ww, temperature=T, validate=False), inputs, scale)
+            it = iter(grads)
+            if need_z:
+                gz = gz + next(it)
+            if need_w:
+                gw = gw + next(it)
+        if need_z:
+            dz[sl] = gz
+        if need_w:
+            dw[sl] = gw
+    return dz, dw
+
+
+class _TVProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, w, delta, T, out_dtype):
+        out, lam, tv = tv_forward(z, w, delta, T, out_dtype)
+        ctx.save_for_backward(z, w, lam, tv)
+        ctx.T = T
+        return out, lam
+
+    @staticmethod
+    def backward(ctx, g, glam):
+        z, w, lam, tv = ctx.saved_tensors
+        nz, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dz, dw = tv_backward(g, glam, z, w, lam, tv, ctx.T, nz, nw)
+        return dz, dw, None, None, None
+
+
+def tv_project(z: Tensor, w: Tensor, delta: float, T: float) -> tuple[Tensor, Tensor]:
+    """Differentiable TV projection of logits ``[..., V]``; returns (log-probs ``[..., V]``,
+    float32 for 16/32-bit inputs and float64 for float64 ones, and lambda ``[...]``, float64)."""
+    v = z.shape[-1]
+    lead = tuple(z.shape[:-1])
+    odt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    out, lam = _TVProject.apply(z.reshape(-1, v), w.reshape(-1, v), delta, T, odt)
+    return out.reshape(z.shape), lam.reshape(lead)

@@ -85,8 +85,10 @@ def project_tv(new_logits: Any, old_logits: Any, delta: float, *, temperature: f
     evaluated in float64, so the constraint holds to float64 accuracy before the output rounding.
     On the CPU the rows are converted to float64 a block at a time and the mixture and its
     gradient are C++ passes (no ``[N, V]`` temporary besides the output); other devices (CUDA)
-    evaluate the float64 formula with autograd, which holds several ``[N, V]`` float64
-    temporaries (see :doc:`/theory/projections`).
+    evaluate the same mixture and gradient with float64 torch operations a block of rows at a
+    time (see :doc:`/theory/projections`). A row that is invalid (NaN, ``+inf``, or entirely
+    ``-inf`` in either input) comes back NaN throughout, with :math:`\lambda` NaN, when
+    ``validate=False``.
 
     Parameters
     ----------
@@ -141,7 +143,6 @@ def project_tv(new_logits: Any, old_logits: Any, delta: float, *, temperature: f
         if validate:
             raise_for_status((_status(z, 1) | _status(w, 8)).cpu(), tuple(z.shape[:-1]), _NAMES)
         out, lam = _pt.tv_project(z, w, delta, T)
-        out = out.to(_out_dtype(z.dtype))
     out = back(out)
     return (out, back(lam)) if return_lambda else out
 
@@ -205,7 +206,7 @@ def _tv_forward(z2: torch.Tensor, w2: torch.Tensor, delta: float, T: float, stat
         status[b] = stt
     del buf
     outside = tv > delta
-    lam = torch.where(outside, delta / torch.where(outside, tv, torch.ones_like(tv)), torch.ones_like(tv))
+    lam = _pt._tv_lambda(tv, delta)  # NaN for an invalid row, whose output is NaN throughout
     lse_p, lse_q = stats[:, 0], stats[:, 1]
     cb = torch.where(outside, lse_q - torch.log1p(-lam), torch.full_like(lam, math.inf))
     prm = torch.stack((lse_p - torch.log(lam), cb, lse_p, lse_q, lam), -1).contiguous()
