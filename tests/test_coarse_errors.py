@@ -97,6 +97,32 @@ def test_nan_raises_and_never_becomes_a_number(fn):
         assert torch.isnan(out[1, 2]) and bool(torch.isfinite(out[0]).all())
 
 
+@pytest.mark.parametrize("bad", (math.nan, math.inf), ids=("nan", "inf"))
+@pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
+def test_unvalidated_bad_entry_gives_nan_gradients(fn, bad):
+    """validate=False: an invalid entry (NaN, +inf) makes its row's value and both arguments'
+    gradients NaN, at the entry itself too (it was 0 there: the entry was replaced by 0 and the
+    value selected NaN, which passes no gradient); every other row is unchanged."""
+    lp, lq = _args(fn)
+    ref_p, ref_q = lp.clone().requires_grad_(), lq.clone().requires_grad_()
+    fn(ref_p, ref_q).sum().backward()
+    lq[1, 2] = bad
+    p, q = lp.clone().requires_grad_(), lq.clone().requires_grad_()
+    out = fn(p, q, validate=False)
+    out.sum().backward()
+    rows = [0] + list(range(2, lp.shape[0]))
+    if fn in TOPK:  # one value per row
+        assert torch.isnan(out[1]) and bool(torch.isfinite(out[rows]).all())
+        for g, ref in ((p.grad, ref_p.grad), (q.grad, ref_q.grad)):
+            assert torch.isnan(g[1]).all() and torch.equal(g[rows], ref[rows])
+    else:  # one value per entry
+        assert torch.isnan(out[1, 2]) and int(torch.isnan(out).sum()) == 1
+        for g, ref in ((p.grad, ref_p.grad), (q.grad, ref_q.grad)):
+            assert torch.isnan(g[1, 2]) and int(torch.isnan(g).sum()) == 1
+            keep = ~torch.isnan(g)
+            assert torch.equal(g[keep], ref[keep])
+
+
 @pytest.mark.parametrize("dt", (torch.float16, torch.bfloat16, torch.float32, F64))
 @pytest.mark.parametrize("fn", ALL, ids=lambda f: f.__name__)
 def test_positive_logprob_tolerance(fn, dt):

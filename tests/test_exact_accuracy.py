@@ -466,6 +466,48 @@ def test_across_segment_boundary(dtype):
     raise_failures(failures)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("T", (1.0, 0.7))
+def test_rising_rows_single_reductions(dtype, T):
+    """Rows whose logits rise (sorted, as after a sort by value): a long segment's one-read pass
+    moves its lane maxima on every vector until, after kOnlineMoves moves, every lane moves once
+    to the maximum of the rest of the segment. Rising rows (plain, with a masked block, with a
+    peak in the middle of the first segment, falling after a rise) across two segments, against
+    the oracle. Values are multiples of 1/8 (exact in every dtype; the oracle exponentiates each
+    distinct value once)."""
+    V = 20000
+    rng = StableRNG(_seed("rising", V, _dname(dtype)))
+    base = np.sort(np.clip(np.round(8.0 * 2.0 * rng.normal(V)) / 8.0, -12.0, 12.0))
+    rows = [base.copy() for _ in range(4)]
+    rows[1][3000:3100] = -INF  # a masked block after the switch
+    rows[2][9000] = 30.0  # the segment's maximum in the middle of its rise
+    rows[3][16384:] = base[16384:][::-1]  # the second segment falls
+    z = torch.stack([cast(r, dtype) for r in rows])
+    w = z.flip(0)
+    tokens = torch.tensor([V - 1, 3050 - 1, 9000, 16384, 0, 17000, 12, 19999], dtype=torch.int64)
+    failures = []
+    for func in FUNCS[3:]:
+        failures += check(func, z, w, tokens, dtype, T, f"[{_dname(dtype)} rising V={V} T={T}]")
+    raise_failures(failures)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32, torch.float64), ids=_dname)
+def test_rising_rows_report_nan_and_inf_after_the_switch(dtype):
+    """A NaN or +inf late in a rising row (after the lanes moved to the rest's maximum, which
+    skips NaN) is still reported: ValueError naming the row, or NaN with validate=False."""
+    V = 16384
+    z = torch.arange(V, dtype=torch.float64).div(64.0).expand(3, V).clone()
+    z[1, 12000] = math.nan
+    z[2, 12000] = INF
+    z = z.to(dtype)
+    for fn in (trmath.logsumexp, trmath.entropy):
+        for r, what in ((1, "NaN"), (2, r"\+inf")):
+            with pytest.raises(ValueError, match=f"row 1 contains {what}"):
+                fn(z[[0, r]])
+        out = fn(z, validate=False)
+        assert bool(torch.isfinite(out[0])) and bool(torch.isnan(out[1:]).all())
+
+
 @pytest.mark.parametrize(
     "dtype",
     [torch.bfloat16, pytest.param(torch.float32, marks=pytest.mark.slow),

@@ -32,6 +32,7 @@ kept probabilities of a Top-K row may exceed 1 by rounding only: ``log sum_S p <
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,23 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
         raise TypeError(
             f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}"
         )
+
+
+class _Sanitize(torch.autograd.Function):
+    """``x`` with its bad entries (NaN, > 0 beyond rounding) set to 0 and rounding above 0
+    clamped to 0; the gradient is NaN at the bad entries (an unvalidated NaN never turns into a
+    number, its gradient included) and 0 where the clamp is active."""
+
+    @staticmethod
+    def forward(ctx, x, bad):  # type: ignore[override]
+        ctx.save_for_backward(x, bad)
+        return torch.where(bad, torch.zeros_like(x), x).clamp_max(0.0)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, bad = ctx.saved_tensors
+        gx = torch.where(x > 0, torch.zeros_like(g), g)
+        return torch.where(bad, torch.full_like(g, math.nan), gx), None
 
 
 def _prepare(p: Any, q: Any, pname: str, qname: str, topk: bool, validate: bool):
@@ -123,7 +141,7 @@ def _prepare(p: Any, q: Any, pname: str, qname: str, topk: bool, validate: bool)
             bad = nan | pos
             bad = bad.any(-1) if topk else bad
             bad_rows = bad if bad_rows is None else (bad_rows | bad)
-        xs.append(torch.where(nan, torch.zeros_like(x), x).clamp_max(0.0))  # -inf stays -inf
+        xs.append(_Sanitize.apply(x, nan | pos))  # -inf stays -inf
     return xs[0], xs[1], out_dtype, back, bad_rows, (lp.dtype, lq.dtype)
 
 
@@ -159,7 +177,9 @@ def _run(p, q, pname, qname, kind, validate):
     else:
         out = _impl.coarse(lp.unsqueeze(-1), lq.unsqueeze(-1), kind)
     if bad is not None:
-        out = torch.where(bad, torch.full_like(out, float("nan")), out)
+        # times NaN (not a selection, whose gradient would be 0): the value and the gradient of an
+        # invalid row are NaN; the others are multiplied by 1, exactly.
+        out = out * torch.where(bad, torch.full_like(out, math.nan), torch.ones_like(out))
     return back(out.to(odt))
 
 

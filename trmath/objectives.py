@@ -320,6 +320,11 @@ def aggregate_loss(
     so padding holding ``inf`` or NaN changes nothing; a fully masked sequence contributes 0 and
     is not counted; an all-masked batch gives 0 (with zero gradient), never NaN.
 
+    Other frameworks' conventions, through ``normalizer``: verl's ``seq-mean-token-sum-norm``
+    divides by :math:`L` alone (``normalizer=1``); TRL's ``dr_grpo`` divides by :math:`B L`, and
+    its ``grpo``/``sapo`` sequence means by :math:`B`, counting fully masked sequences
+    (``normalizer=B``; the same as the default when no sequence is fully masked).
+
     Parameters
     ----------
     token_loss : torch.Tensor, shape ``[B, T]``
@@ -480,7 +485,9 @@ def importance_weights(
 
     The weights are detached (they multiply the per-token loss as constants). The truncated
     weight is :math:`C` where :math:`\log w > \log C` and :math:`e^{\log w}` elsewhere, so a
-    huge sequence weight never overflows.
+    huge sequence weight never overflows. MIS as here (weight 1 on the kept tokens) is verl's
+    rejection mask; TRL's ``token_mask`` and OpenRLHF's ``icepop`` also multiply the kept tokens
+    by :math:`w_t` (the TIS weights times this mask).
 
     Parameters
     ----------
@@ -655,6 +662,12 @@ def ppo_loss(
     :math:`A_t<0, r_t>c`). The objective :math:`-\ell_t` never exceeds :math:`r_t A_t`
     without the dual clip.
 
+    The log-ratio is not clamped. verl and OpenRLHF clamp :math:`\log r_t` to
+    :math:`[-20, 20]` before exponentiating, which changes the loss only beyond that range (where
+    the unclipped :math:`A_t < 0` side is then :math:`e^{20} |A_t|` instead of :math:`r_t |A_t|`);
+    the dual clip (``clip_ratio_c``) bounds that side here, and verl applies it by default with
+    :math:`c = 3`.
+
     Parameters
     ----------
     logprob : torch.Tensor, shape ``[B, T]``
@@ -779,6 +792,9 @@ def cispo_loss(
         \qquad \nabla\ell_t = -\operatorname{clip}(r_t)\,A_t\,\nabla\log\pi(a_t).
 
     The value is a surrogate (it contains :math:`\log\pi`); only its gradient is meaningful.
+    ``eps_high`` is relative to 1 (the cap is :math:`1 + \epsilon_{\rm high}`), as in verl; TRL's
+    ``epsilon_high`` for CISPO is the absolute cap :math:`\epsilon_{\max}`, so TRL's
+    :math:`\epsilon_{\max}` is ``eps_high = eps_max - 1`` with ``eps_low=None`` here.
 
     Parameters
     ----------
@@ -907,7 +923,10 @@ def sapo_loss(
 
     with :math:`\tau_t = \tau_{\rm pos}` for :math:`A_t > 0` and :math:`\tau_{\rm neg}`
     otherwise. At :math:`r = 1` the gradient is the on-policy one; it decays smoothly as the
-    ratio leaves 1 instead of dropping to 0 at a threshold.
+    ratio leaves 1 instead of dropping to 0 at a threshold. The default aggregation is the
+    common option's ``"token-mean"``; verl's SAPO always averages per sequence first
+    (``aggregation="seq-mean-token-mean"`` here), and TRL's does too, dividing by the batch size
+    including fully masked sequences (add ``normalizer=B`` to match it on such batches).
 
     Parameters
     ----------
@@ -1095,7 +1114,9 @@ def dppo_mask(
     policy :math:`\pi` at position :math:`t` (anchored to the rollout, never to a recomputed
     old policy). Padding (``mask`` false) is ``False``. Only updates that *move further* out of
     the trust region in the advantage's direction are masked; a token outside the region whose
-    update brings it back keeps its gradient. Everything here is detached.
+    update brings it back keeps its gradient. A token with :math:`A_t = 0` is kept (its loss and
+    gradient are 0 either way; implementations that apply the :math:`A_t < 0` rule to it count
+    it in ``masked_frac``). Everything here is detached.
 
     Parameters
     ----------

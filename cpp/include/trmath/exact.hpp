@@ -295,6 +295,10 @@ TRMATH_INLINE void move_maxima(d4& R, d4& K, d4& B, d4 Mo, d4 Mn, l4 up, double 
 // elements made the pass 1.10-1.24x faster than a start from nothing, 1024 another 1.02-1.05x,
 // 4096 0.96-1.00x of 1024 (float64: 0.97-1.08x, memory-bound).
 constexpr int64_t kOnlinePrefix = 1024;
+// Moves of the lane maxima after which seg_online1 moves every lane to the maximum of the rest of
+// its segment (one more read of it, from cache): random logits move ~10-30 times per segment,
+// a sorted row on every vector, which made it ~10x slower than an unsorted one.
+constexpr int kOnlineMoves = 64;
 
 template <class L, bool kEntropy, bool kUnitT>
 TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double invT, double& mx,
@@ -343,16 +347,33 @@ TRMATH_INLINE void seg_online1_t(const typename L::Storage* z, int64_t n, double
     bB = zero;
     cnt = 0;
   };
+  int64_t pos = 0;  // index of the element vector the loop body holds
+  int moves = 0;
   for_lanes<L>(z, n, [&](V v) TRMATH_LAMBDA_INLINE {
     const Mask up = v > m;
     if (any_lane(up)) {
       flush();
+      // The lanes move to the elements above their maxima; after kOnlineMoves such moves
+      // (rising logits: a sorted row moves on every vector) every lane moves once to the
+      // maximum of the rest of the segment instead, so none moves again.
+      V mt = v;
+      if (++moves > kOnlineMoves) {
+        V rm = vmax(v, splat<V>(std::numeric_limits<S>::lowest()));  // NaN and -inf skipped
+        int64_t j = pos + W;
+        for (; j + W <= n; j += W) rm = vmax(L::load(z + j), rm);
+        if (j < n) rm = vmax(load_tail<L>(z + j, n - j), rm);
+        S r0 = rm[0];
+        for (int i = 1; i < W; ++i) r0 = rm[i] > r0 ? rm[i] : r0;
+        mt = splat<V>(r0);  // >= every lane of v
+      }
+      const Mask upm = mt > m;
       for (int h = 0; h < W / 4; ++h) {
-        const d4 Mo = quarter_d(m, h), Mn = quarter_d(v, h);
+        const d4 Mo = quarter_d(m, h), Mn = quarter_d(mt, h);
         move_maxima<kEntropy>(Rv[h], Kv[h], Bv[h], Mo, Mn, Mn > Mo, invT);
       }
-      m = up ? v : m;
+      m = upm ? mt : m;
     }
+    pos += W;
     V a = v - m;  // exact near the lane's maximum; relative 2^-24 (float) elsewhere; -inf masked
     if constexpr (!kUnitT) a = a * sinvT;
     const Mask top = v == m;
