@@ -454,6 +454,22 @@ def test_clip_fraction_split_by_sign():
     assert float(m["ratio_max"]) == pytest.approx(1.8) and float(m["ratio_min"]) == pytest.approx(0.2)
 
 
+def test_weight_and_diagnostic_errors_name_their_own_arguments():
+    """importance_weights' first argument is old_logprob and mismatch_metrics' second is
+    trainer_logprob: errors name those (they named the internal 'logprob')."""
+    o = torch.full((2, 3), -1.0)
+    bad = o.clone()
+    bad[1, 2] = math.nan
+    with pytest.raises(ValueError, match=r"^old_logprob: contains NaN at valid position \(1, 2\)"):
+        trmath.importance_weights(bad, o)
+    with pytest.raises(ValueError, match=r"^trainer_logprob: contains NaN at valid position \(1, 2\)"):
+        trmath.mismatch_metrics(o, bad)
+    with pytest.raises(ValueError, match=r"^old_logprob: expected shape \[B, T\]"):
+        trmath.importance_weights(torch.zeros(3), o)
+    with pytest.raises(ValueError, match=r"^rollout_logprob: expected shape \(2, 3\) \(as trainer_logprob\)"):
+        trmath.mismatch_metrics(torch.zeros(2, 4), o)
+
+
 def test_mismatch_diagnostics_against_mpmath():
     """k1/k3 means and the normalised ESS from the sampled tokens, against 60-digit references
     on the exact float64 inputs; tiny log-ratios (1e-9) where exp(lr) - 1 - lr would cancel."""

@@ -603,6 +603,30 @@ def test_tv_invalid_rows_are_nan_with_their_lambda(backend):
         trmath.project_tv(z, w, 0.1)
 
 
+@pytest.mark.parametrize("op", ("kl", "tv"))
+def test_invalid_rows_get_nan_gradients(backend, op):
+    """validate=False: both inputs' gradients are NaN on an invalid row (NaN in one input, or a
+    row entirely -inf); the other rows' gradients are those of the valid rows alone."""
+    z, w = _tv_case(11, 5, 12, torch.float64)
+
+    def grads(z, w):
+        zz, ww = z.clone().requires_grad_(), w.clone().requires_grad_()
+        f = trmath.project_kl if op == "kl" else trmath.project_tv
+        out = f(zz, ww, 0.05 if op == "kl" else 0.1, validate=False)
+        torch.where(torch.isfinite(out), out, 0.0).sin().sum().backward()
+        return zz.grad, ww.grad
+
+    keep = [0, 4]
+    ref = grads(z[keep], w[keep])
+    z[1, 2] = math.nan
+    w[2, 5] = math.nan
+    z[3] = -INF
+    dz, dw = grads(z, w)
+    for g, r in zip((dz, dw), ref):
+        assert torch.isnan(g[1:4]).all()
+        assert torch.equal(g[keep], r)
+
+
 def test_tv_torch_blocks_do_not_change_results():
     """The torch path (other devices) works a block of rows at a time in float64: values, lambda
     and gradients are bitwise those of one block."""

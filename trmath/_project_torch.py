@@ -247,6 +247,9 @@ def kl_backward(g: Tensor, z: Tensor, w: Tensor, eta: Tensor, T: float, need_z: 
             po = torch.exp(bb)
             gz[act] = (t * r - kappa * t * t * pt * dc) / T
             gw[act] = ((1.0 - t) * r - kappa * (t * (1.0 - t) * pt * dc - pt + po)) / T
+        bad = torch.isnan(e)  # an invalid row (validate=False): NaN gradients for both inputs
+        gz[bad] = math.nan
+        gw[bad] = math.nan
         if need_z:
             dz[sl] = gz
         if need_w:

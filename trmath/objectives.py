@@ -154,27 +154,28 @@ class _Batch:
     dtype: torch.dtype
 
 
-def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate) -> _Batch:
-    lp = _float_tensor(logprob, "logprob")
+def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, lp_name="logprob") -> _Batch:
+    """The shared argument checks; ``lp_name``: how errors name ``logprob`` (the public name)."""
+    lp = _float_tensor(logprob, lp_name)
     rl = _float_tensor(rollout_logprob, "rollout_logprob")
     if lp.dim() != 2:
-        raise ValueError(f"logprob: expected shape [B, T], got {tuple(lp.shape)}")
+        raise ValueError(f"{lp_name}: expected shape [B, T], got {tuple(lp.shape)}")
     shape = tuple(lp.shape)
     for t, name in ((rl, "rollout_logprob"),):
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape} (as logprob), got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape {shape} (as {lp_name}), got {tuple(t.shape)}")
         if t.device != lp.device:
-            raise ValueError(f"{name}: on {t.device}, logprob on {lp.device}")
+            raise ValueError(f"{name}: on {t.device}, {lp_name} on {lp.device}")
     old = None
     if old_logprob is not None:
         old = _float_tensor(old_logprob, "old_logprob")
         if tuple(old.shape) != shape:
-            raise ValueError(f"old_logprob: expected shape {shape} (as logprob), got {tuple(old.shape)}")
+            raise ValueError(f"old_logprob: expected shape {shape} (as {lp_name}), got {tuple(old.shape)}")
         if old.device != lp.device:
-            raise ValueError(f"old_logprob: on {old.device}, logprob on {lp.device}")
+            raise ValueError(f"old_logprob: on {old.device}, {lp_name} on {lp.device}")
     adv = _float_tensor(advantages, "advantages")
     if adv.device != lp.device:
-        raise ValueError(f"advantages: on {adv.device}, logprob on {lp.device}")
+        raise ValueError(f"advantages: on {adv.device}, {lp_name} on {lp.device}")
     if adv.dim() == 1 and adv.shape[0] == shape[0]:
         adv = adv[:, None].expand(shape)
     elif tuple(adv.shape) != shape:
@@ -182,7 +183,7 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate) 
     valid = _as_mask(mask, shape, lp.device)
     dt = torch.float64 if torch.float64 in (lp.dtype, rl.dtype) else torch.float32
     if validate:
-        _check_finite_where(lp.detach(), valid, "logprob")
+        _check_finite_where(lp.detach(), valid, lp_name)
         _check_finite_where(rl, valid, "rollout_logprob")
         if old is not None:
             _check_finite_where(old, valid, "old_logprob")
@@ -521,7 +522,7 @@ def importance_weights(
     """
     o = _float_tensor(old_logprob, "old_logprob")
     b = _prepare(o, rollout_logprob, torch.zeros(o.shape[0] if o.dim() else 0, dtype=o.dtype, device=o.device),
-                 mask, o, True)
+                 mask, o, True, "old_logprob")
     if correction is None:
         raise ValueError("correction: expected 'tis' or 'mis', got None")
     w, keep, _ = _is_weights(b, correction, level, cap, low)
@@ -559,7 +560,8 @@ def mismatch_metrics(rollout_logprob: Any, trainer_logprob: Any, mask: Any = Non
     (0.0, 1.0)
     """
     b = _prepare(trainer_logprob, rollout_logprob,
-                 torch.zeros(_tensor(trainer_logprob, "trainer_logprob").shape[:1]), mask, None, True)
+                 torch.zeros(_tensor(trainer_logprob, "trainer_logprob").shape[:1]), mask, None, True,
+                 "trainer_logprob")
     return _mismatch(b.rollout, b.lp, b.valid)
 
 

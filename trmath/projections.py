@@ -258,9 +258,12 @@ class _TVProjectCpp(torch.autograd.Function):
                     dzb += tz
                 if need_w:
                     dwb += tw
+            bad = torch.isnan(lam)  # an invalid row (validate=False): NaN gradients, never a number
             if need_z:
+                dzb[bad] = math.nan
                 dz[b] = dzb
             if need_w:
+                dwb[bad] = math.nan
                 dw[b] = dwb
         return dz, dw, None, None, None
 
