@@ -454,6 +454,45 @@ def test_clip_fraction_split_by_sign():
     assert float(m["ratio_max"]) == pytest.approx(1.8) and float(m["ratio_min"]) == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("value", (math.nan, math.inf, -math.inf), ids=("nan", "+inf", "-inf"))
+@pytest.mark.parametrize("arg", ("logprob", "rollout_logprob", "old_logprob", "advantages"))
+@pytest.mark.parametrize("loss", ("ppo", "dual_clip", "cispo", "gspo", "sapo", "ppo+mis", "ppo+tis"))
+def test_unvalidated_bad_value_makes_its_token_loss_nan(loss, arg, value):
+    """validate=False: a NaN or infinite value at a valid position gives a NaN token loss (an
+    infinite rollout log-prob made the ratio 0 or inf, which a clip turned into a finite loss;
+    a NaN importance weight was dropped by MIS's mask); the other sequences are unchanged."""
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(3, 4, dtype=torch.float64, generator=g) - 0.1
+    mu = lp - 0.3 * torch.randn(3, 4, dtype=torch.float64, generator=g)
+    old = lp - 0.1 * torch.randn(3, 4, dtype=torch.float64, generator=g)
+    A = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    fn = {"ppo": trmath.ppo_loss, "dual_clip": trmath.ppo_loss, "cispo": trmath.cispo_loss,
+          "gspo": trmath.gspo_loss, "sapo": trmath.sapo_loss, "ppo+mis": trmath.ppo_loss,
+          "ppo+tis": trmath.ppo_loss}[loss]
+    kw = {"clip_ratio_c": 3.0} if loss == "dual_clip" else {}
+    if "+" in loss:
+        kw.update(is_correction=loss.split("+")[1], is_cap=2.0)
+    args = {"logprob": lp, "rollout_logprob": mu, "old_logprob": old, "advantages": A}
+    ref, _ = fn(args["logprob"], args["rollout_logprob"], args["advantages"], old_logprob=old,
+                aggregation=None, **kw)
+    args[arg] = args[arg].clone()
+    args[arg][1, 2] = value
+    out, m = fn(args["logprob"], args["rollout_logprob"], args["advantages"],
+                old_logprob=args["old_logprob"], aggregation=None, validate=False, **kw)
+    if arg == "rollout_logprob" and "+" not in loss:
+        # the ratio is anchored to old_logprob: the rollout's log-probs enter the diagnostics only
+        assert torch.equal(out, ref) and math.isnan(float(m["mismatch_k1"]))
+        # without old_logprob the ratio is against the rollout's log-probs
+        out, _ = fn(args["logprob"], args["rollout_logprob"], args["advantages"], aggregation=None,
+                    validate=False, **kw)
+        assert torch.isnan(out[1, 2]) and not bool(torch.isnan(out[[0, 2]]).any())
+    else:
+        assert torch.isnan(out[1, 2])
+        assert torch.equal(out[[0, 2]], ref[[0, 2]])
+    with pytest.raises(ValueError, match=f"^{arg}: contains"):
+        fn(args["logprob"], args["rollout_logprob"], args["advantages"], old_logprob=args["old_logprob"], **kw)
+
+
 def test_weight_and_diagnostic_errors_name_their_own_arguments():
     """importance_weights' first argument is old_logprob and mismatch_metrics' second is
     trainer_logprob: errors name those (they named the internal 'logprob')."""

@@ -188,6 +188,14 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
         if old is not None:
             _check_finite_where(old, valid, "old_logprob")
         _check_finite_where(adv, valid, "advantages")
+    else:
+        # Unvalidated: NaN propagates, and an infinite value (invalid as well) becomes NaN, so
+        # that no clip, cap or zero ratio turns it into a finite loss. lp keeps its graph
+        # (inf + NaN is NaN; the gradient passes unchanged).
+        lp = lp + torch.where(torch.isinf(lp.detach()), math.nan, 0.0).to(lp.dtype)
+        rl, adv = (torch.where(torch.isinf(x), torch.full_like(x, math.nan), x) for x in (rl, adv))
+        if old is not None:
+            old = torch.where(torch.isinf(old), torch.full_like(old, math.nan), old)
     zero = torch.zeros((), dtype=dt, device=lp.device)
     # Select, never multiply: whatever padding holds (inf, NaN) is replaced before any arithmetic,
     # and the gradient of torch.where is exactly 0 at the positions it does not select.
@@ -457,7 +465,7 @@ def _is_weights(b: _Batch, correction, level, cap, low) -> tuple[torch.Tensor, t
     else:
         log_low = math.log(low) if low > 0 else -math.inf
         out = (log_w > log_cap) | (log_w < log_low)
-        w = ones
+        w = torch.where(torch.isnan(log_w), log_w, ones)  # an unvalidated NaN stays NaN
         keep = valid & ~out
         metrics["is_masked_frac"] = _frac(out & valid, valid, b.dtype)
     metrics["is_weight_mean"] = _mean(torch.where(keep, w, torch.zeros_like(w)), valid)
@@ -574,7 +582,8 @@ def _finish(token_loss, keep, b: _Batch, metrics: dict, *, aggregation, normaliz
     metrics.update(is_metrics)
     zero = torch.zeros((), dtype=token_loss.dtype, device=token_loss.device)
     keep = keep & is_keep & b.valid
-    loss_mat = torch.where(keep, token_loss * w if is_correction == "tis" else token_loss, zero)
+    # (MIS weights are 1, or NaN where an unvalidated log-weight is)
+    loss_mat = torch.where(keep, token_loss * w if is_correction is not None else token_loss, zero)
     trainer = b.old if b.has_old else b.lp
     metrics.update(_mismatch(b.rollout, trainer, b.valid))
     metrics["n_tokens"] = b.valid.sum().detach()
