@@ -843,6 +843,37 @@ def test_kl_skewed_log_ratios_against_mpmath(backend, kind, eps, dtype):
 # ------------------------------------------------------------------------------------------------
 # TROLL's loss
 # ------------------------------------------------------------------------------------------------
+def test_troll_loss_errors_name_its_arguments(backend):
+    """Bad per-token inputs at valid positions raise naming them (they were not checked, and an
+    infinite rollout log-prob gave a finite loss); bad logits rows name logits / rollout_logits
+    (they were named after project_kl's arguments); padding may hold anything per token."""
+    g = torch.Generator().manual_seed(19)
+    logits = torch.randn(2, 3, 8, dtype=torch.float64, generator=g)
+    old = torch.randn(2, 3, 8, dtype=torch.float64, generator=g)
+    tok = torch.randint(0, 8, (2, 3), generator=g)
+    lp = torch.log_softmax(logits, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    lpo = torch.log_softmax(old, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    adv = torch.randn(2, 3, dtype=torch.float64, generator=g)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    kw = dict(logits=logits, rollout_logits=old, tokens=tok)
+    for i, name in enumerate(("logprob", "rollout_logprob", "advantages")):
+        for v, what in ((math.nan, "NaN"), (math.inf, r"\+inf")):
+            args = [lp.clone(), lpo.clone(), adv.clone()]
+            args[i][1, 2] = v  # padding: selected out
+            loss, _ = trmath.troll_loss(*args, mask, **kw)
+            assert math.isfinite(float(loss))
+            args[i][0, 1] = v
+            with pytest.raises(ValueError, match=rf"^{name}: contains {what} at valid position \(0, 1\)"):
+                trmath.troll_loss(*args, mask, **kw)
+    for key in ("logits", "rollout_logits"):
+        bad = dict(kw)
+        bad[key] = kw[key].clone()
+        bad[key][1, 0, 3] = math.nan
+        with pytest.raises(ValueError, match=rf"^{key}: row \(1, 0\) contains NaN"):
+            trmath.troll_loss(lp, lpo, adv, mask, **bad)
+
+
 def test_troll_loss_value_gradient_and_mask():
     g = torch.Generator().manual_seed(17)
     logits = (torch.randn(2, 5, 16, dtype=torch.float64, generator=g) * 2).requires_grad_()

@@ -58,14 +58,14 @@ def _status(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (st * bits).reshape(z.shape[:-1])
 
 
-def _pair_args(new_logits, old_logits, temperature, validate, kernel_checks=False):
-    z, back = as_tensor(new_logits, "new_logits")
-    w, _ = as_tensor(old_logits, "old_logits")
-    z, w = check_pair(z, w, "new_logits", "old_logits")
+def _pair_args(new_logits, old_logits, temperature, validate, kernel_checks=False, names=_NAMES):
+    z, back = as_tensor(new_logits, names[0])
+    w, _ = as_tensor(old_logits, names[1])
+    z, w = check_pair(z, w, *names)
     T = check_temperature(temperature)
     # The C++ path reports invalid rows from its first pass (no extra pass over the inputs).
     if validate and not (kernel_checks and _cpp_available(z)):
-        raise_for_status((_status(z, 1) | _status(w, 8)).cpu(), tuple(z.shape[:-1]), _NAMES)
+        raise_for_status((_status(z, 1) | _status(w, 8)).cpu(), tuple(z.shape[:-1]), names)
     return z, w, T, back
 
 
@@ -322,7 +322,7 @@ def _raise_infeasible(bad: torch.Tensor, lead: tuple[int, ...], eps: float) -> N
             "KL(q || pi_new) = +inf")
 
 
-def _project_kl(z, w, eps, T, validate):
+def _project_kl(z, w, eps, T, validate, names=_NAMES):
     lead = tuple(z.shape[:-1])
     V = z.shape[-1]
     if _cpp_available(z):
@@ -334,7 +334,7 @@ def _project_kl(z, w, eps, T, validate):
             fwd = _backend.cuda_project_kl_forward if z.is_cuda else _backend.project_kl_forward
             out, stats, status = fwd(z, w, eps, T)
         if validate and bool(status.any()):  # one reduction when every row is valid
-            raise_for_status((status & 127).cpu(), lead, _NAMES)
+            raise_for_status((status & 127).cpu(), lead, names)
             _raise_infeasible((status & _STATUS_INFEASIBLE) != 0, lead, eps)
         return out, stats[..., 0]
     lp, eta = _pt.kl_project(z.reshape(-1, V), w.reshape(-1, V), eps, T)
@@ -680,7 +680,9 @@ def troll_loss(logprob: Any, rollout_logprob: Any, advantages: Any, mask: Any = 
         :math:`\log\mu(a_t)` from the rollout engine: the denominator of the ratio.
     advantages : shape ``[B, T]`` or ``[B]``
     mask : shape ``[B, T]``, optional
-        Valid tokens (bool or 0/1); all valid by default. Excluded positions are selected out.
+        Valid tokens (bool or 0/1); all valid by default. At excluded positions the per-token
+        inputs (``logprob``, ``rollout_logprob``, ``advantages``) may hold anything (they are
+        selected out); the logits of every position are projected and must be valid rows.
     logits : torch.Tensor, shape ``[B, T, V]``
         Logits of :math:`\pi` (carry the gradient).
     rollout_logits : shape ``[B, T, V]``
@@ -731,7 +733,8 @@ def troll_loss(logprob: Any, rollout_logprob: Any, advantages: Any, mask: Any = 
     T = check_temperature(temperature)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha: must be finite and >= 0, got {alpha!r}")
-    z, w = check_pair(logits, rollout_logits.detach(), "logits", "rollout_logits")
+    names = ("logits", "rollout_logits")
+    z, w, T, _ = _pair_args(logits, rollout_logits.detach(), T, True, kernel_checks=True, names=names)
     lead = tuple(z.shape[:-1])
     tok = check_tokens(tokens, z)
     if bool(((tok < 0) | (tok >= z.shape[-1])).any()):
@@ -756,7 +759,12 @@ def troll_loss(logprob: Any, rollout_logprob: Any, advantages: Any, mask: Any = 
         valid = torch.ones(lead, dtype=torch.bool, device=z.device)
     else:
         valid = lead_tensor(mask, "mask") != 0
-    lp_t, eta = project_kl(z, w, epsilon, temperature=T, return_eta=True)
+    from .objectives import _check_finite_where
+
+    for x, name in ((lp_pi, "logprob"), (lp_mu, "rollout_logprob"), (A, "advantages")):
+        _check_finite_where(x, valid, name)
+    # (invalid rows of either logits are reported by the projection's first pass, named as here)
+    lp_t, eta = _project_kl(z, w, _check_radius(epsilon, "epsilon"), T, True, names)
     lp_t_a = torch.gather(lp_t, -1, tok.to(torch.int64).unsqueeze(-1)).squeeze(-1).to(torch.float64)
     zero = torch.zeros((), dtype=torch.float64, device=z.device)
     # Selected out (never 0 * inf): padding may hold anything.
