@@ -231,3 +231,22 @@ def test_hidden_path_refuses_full_logit_objectives():
         adapter.compute_loss_from_hidden("dppo", h, W, ro, divergence="exact_tv", delta=0.1)
     with pytest.raises(ValueError, match="weight: expected shape"):
         adapter.hidden_logprobs(h, torch.randn(10, 5), torch.tensor([[1, 2]]))
+
+
+def test_hidden_logprobs_names_the_position_of_bad_logits():
+    """NaN in the hidden states (or +inf through the head): the error names the inputs and the
+    [B, T] position, whatever the chunking and with or without a graph (it named a row of the
+    chunk's logits)."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 5, 8, generator=g)
+    W = torch.randn(100, 8, generator=g)
+    tok = torch.randint(0, 100, (2, 5), generator=g)
+    h[1, 3, 2] = float("nan")
+    for chunk in (1, 3, 1024):
+        for grad in (False, True):
+            with pytest.raises(ValueError, match=r"^hidden, weight, bias: the logits at position \(1, 3\)"):
+                adapter.hidden_logprobs(h.clone().requires_grad_(grad), W, tok, chunk_tokens=chunk)
+    b = torch.zeros(100)
+    b[7] = float("inf")
+    with pytest.raises(ValueError, match=r"position \(0, 0\) contain NaN or \+inf"):
+        adapter.hidden_logprobs(h[:, :2], W, tok[:, :2], bias=b)

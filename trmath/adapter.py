@@ -217,12 +217,24 @@ def compute_loss(objective: str, logits: Tensor, rollout: Rollout, *, temperatur
 
 
 def _chunk_scores(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, ids: Tensor | None,
-                  temperature: float) -> tuple[Tensor, Tensor | None]:
-    """Token log-probs (and top-K log-probs) of one chunk of positions, from its hidden states."""
+                  temperature: float, start: int = 0, lead: tuple = ()) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs (and top-K log-probs) of one chunk of positions, from its hidden states.
+    ``start``: the chunk's first flat position in ``lead`` (the [..., T] shape), for errors."""
     import trmath
 
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    lp = trmath.token_logprobs(logits, tokens, temperature=temperature)
+    # The logits are checked here, so that an error names the position and the inputs it came
+    # from (the kernels' own message would name a row of the chunk's logits).
+    lp = trmath.token_logprobs(logits, tokens, temperature=temperature, validate=False)
+    bad = torch.isnan(lp.detach())
+    if bool(bad.any()):
+        i = start + int(torch.nonzero(bad)[0])
+        pos = []
+        for d in reversed(lead or (i + 1,)):
+            pos.append(i % d)
+            i //= d
+        pos = tuple(reversed(pos))
+        raise ValueError(f"hidden, weight, bias: the logits at position {pos} contain NaN or +inf")
     tk = trmath.gather_logprobs(logits, ids, temperature=temperature) if ids is not None else None
     return lp, tk
 
@@ -291,9 +303,10 @@ def hidden_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Ten
         sl = slice(s, s + chunk_tokens)
         ci = ids[sl] if ids is not None else None
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            lp, tk = checkpoint(_chunk_scores, h[sl], weight, bias, t[sl], ci, temperature, use_reentrant=False)
+            lp, tk = checkpoint(_chunk_scores, h[sl], weight, bias, t[sl], ci, temperature, s, lead,
+                                use_reentrant=False)
         else:
-            lp, tk = _chunk_scores(h[sl], weight, bias, t[sl], ci, temperature)
+            lp, tk = _chunk_scores(h[sl], weight, bias, t[sl], ci, temperature, s, lead)
         lps.append(lp)
         tks.append(tk)
     lp = torch.cat(lps).reshape(lead)
