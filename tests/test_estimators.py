@@ -198,6 +198,32 @@ def test_nan_raises_naming_argument_and_index():
         trmath.k3(good, good, behaviour_logprob=bad)
 
 
+@pytest.mark.parametrize("kind", ("k1", "k2", "k3"))
+@pytest.mark.parametrize("arg, value", [(0, math.nan), (0, math.inf), (0, -math.inf), (0, 0.5),
+                                        (1, math.nan), (1, math.inf), (1, 0.5),
+                                        (2, math.nan), (2, math.inf), (2, -math.inf)])
+def test_unvalidated_invalid_entry_gives_nan(kind, arg, value):
+    """validate=False: what validation rejects gives NaN at that entry -- also through the opt-in
+    clamp and the importance weight (+inf was clamped to a bound, and a +inf behaviour log-prob
+    made the weight and the estimate 0) -- with a NaN gradient there; a masked entry is free."""
+    fn = getattr(trmath, kind)
+    x = [torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64) for _ in range(3)]
+    x[1] = x[1] - 0.3
+    x[2] = x[2] + 0.2
+    x[arg][1] = value
+    s = x[0].clone().requires_grad_()
+    for clamp in (None, (-1.0, 1.0)):
+        out = fn(s, x[1], behaviour_logprob=x[2], clamp=clamp, validate=False)
+        val = out if clamp is None else out.value
+        assert torch.isnan(val[1]) and not bool(torch.isnan(val[[0, 2]]).any())
+    (g,) = torch.autograd.grad(fn(s, x[1], behaviour_logprob=x[2], validate=False).sum(), s)
+    assert torch.isnan(g[1]) and bool(torch.isfinite(g[[0, 2]]).all())
+    masked = fn(s, x[1], behaviour_logprob=x[2], mask=torch.tensor([True, False, True]), validate=False)
+    assert float(masked.detach()[1]) == 0.0
+    with pytest.raises(ValueError, match=("sampler", "other", "behaviour")[arg]):
+        fn(s, x[1], behaviour_logprob=x[2])
+
+
 def test_positive_logprob_beyond_tolerance_raises():
     with pytest.raises(ValueError, match="other_logprob: entry at index 1 is a log-probability above 0"):
         trmath.k3(np.array([-1.0, -1.0]), np.array([-1.0, 0.5]))

@@ -199,6 +199,12 @@ def _estimate(kind: str, sampler_logprob, other_logprob, behaviour_logprob, stra
                          "the importance-weighted estimators carry their own unbiased gradient")
     tensors, valid, out_dtype, back = _prepare(args, mask, validate)
     xs = [t.to(torch.float64) for t in tensors]
+    if not validate:
+        # Unvalidated: what validation rejects becomes NaN (NaN itself propagates), so that no
+        # clamp, zero weight or infinite ratio turns it into a number; the gradient passes.
+        for i, (x, t) in enumerate(zip(xs, tensors)):
+            bad = (x > LOGPROB_TOLERANCE[t.dtype]) | ((x == -math.inf) if i != 1 else False)
+            xs[i] = x + torch.where(bad.detach(), math.nan, 0.0).to(x.dtype)
     if valid is not None:  # select, never multiply: padding may hold -inf or NaN
         xs = [torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs]
     s, o = xs[0], xs[1]
@@ -251,7 +257,8 @@ _COMMON_DOC = r"""
     validate : bool, optional
         If true (default), NaN, ``+inf``, a log-probability above
         :data:`LOGPROB_TOLERANCE`, or ``-inf`` in ``sampler_logprob`` or ``behaviour_logprob``
-        raise :class:`ValueError` naming the argument and the first bad index.
+        raise :class:`ValueError` naming the argument and the first bad index. If false, such
+        entries give NaN (also through ``clamp``), never a number.
 
     Returns
     -------
