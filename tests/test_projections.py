@@ -760,12 +760,18 @@ def test_sparse_rejects_invalid_rows(value, what, arg):
     name = ("new_logprobs", "old_logprobs")[arg]
     with pytest.raises(ValueError, match=rf"{name}: row 2 {what}"):
         trmath.project_kl_sparse(*args, 0.1)
-    if value is not None and value != value:
-        # validate=False: a NaN row propagates as NaN, the other rows are unaffected
-        out = trmath.project_kl_sparse(*args, 0.1, validate=False)
-        assert torch.isnan(out[2]).all() and torch.isnan(out[3]).all()
-        ref = trmath.project_kl_sparse(good[:2], good[:2], 0.1)
-        assert torch.equal(out[:2], ref)
+    if value is None or value != value:
+        # validate=False: a NaN row, or one entirely -inf (it was a finite distribution wholly in
+        # the tail, eta = 0), is NaN with eta NaN, value and gradient; the other rows unaffected
+        for grad in (False, True):
+            a = [x.clone().requires_grad_(grad) for x in args]
+            out, eta = trmath.project_kl_sparse(*a, 0.1, validate=False, return_eta=True)
+            assert torch.isnan(out[2:]).all() and torch.isnan(eta[2:]).all()
+            ref = trmath.project_kl_sparse(good[:2], good[:2], 0.1)
+            assert torch.equal(out[:2].detach(), ref)
+            if grad:
+                out.nan_to_num(0.0).sum().backward()
+                assert torch.isnan(a[arg].grad[2]).all() and bool(torch.isfinite(a[arg].grad[:2]).all())
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16, torch.float16))

@@ -583,7 +583,7 @@ def _with_tails(z: torch.Tensor, w: torch.Tensor, names: tuple[str, str], valida
     else:
         both, s = _tails_torch(z, w)
     _tail_checks(s, z, w, names, validate)
-    return both[0], both[1]
+    return both[0], both[1], s
 
 
 def project_kl_sparse(new_logprobs: Any, old_logprobs: Any, epsilon: float, *,
@@ -612,6 +612,9 @@ def project_kl_sparse(new_logprobs: Any, old_logprobs: Any, epsilon: float, *,
         Radius :math:`\varepsilon > 0`.
     return_eta : bool, optional
     validate : bool, optional
+        Raise :class:`ValueError` for a row with NaN or ``+inf``, or entirely ``-inf``
+        (default); if false such rows come back NaN (with :math:`\eta` NaN). Kept probabilities
+        summing to more than 1 beyond rounding always raise.
 
     Returns
     -------
@@ -643,9 +646,16 @@ def project_kl_sparse(new_logprobs: Any, old_logprobs: Any, epsilon: float, *,
             if res is not None:
                 out, eta = res
                 return (back(out), back(eta)) if return_eta else back(out)
-    zt, wt = _with_tails(z, w, ("new_logprobs", "old_logprobs"), validate)
+    zt, wt, s = _with_tails(z, w, ("new_logprobs", "old_logprobs"), validate)
     out, eta = _project_kl(zt, wt, eps, 1.0, validate)
     out = out.to(_out_dtype(z.dtype))
+    if not validate:
+        # A row entirely -inf (which validation rejects) is NaN, value and gradient, not a
+        # distribution put wholly in its tail.
+        bad = torch.isneginf(s.detach()).any(0)
+        if bool(bad.any()):
+            out = out * torch.where(bad, math.nan, 1.0).to(out.dtype)
+            eta = torch.where(bad.squeeze(-1), math.nan, eta)
     return (back(out), back(eta)) if return_eta else back(out)
 
 
