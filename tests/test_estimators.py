@@ -199,11 +199,11 @@ def test_nan_raises_naming_argument_and_index():
 
 
 @pytest.mark.parametrize("kind", ("k1", "k2", "k3"))
-@pytest.mark.parametrize("arg, value", [(0, math.nan), (0, math.inf), (0, -math.inf), (0, 0.5),
-                                        (1, math.nan), (1, math.inf), (1, 0.5),
+@pytest.mark.parametrize("arg, value", [(0, math.nan), (0, math.inf), (0, -math.inf),
+                                        (1, math.nan), (1, math.inf),
                                         (2, math.nan), (2, math.inf), (2, -math.inf)])
 def test_unvalidated_invalid_entry_gives_nan(kind, arg, value):
-    """validate=False: what validation rejects gives NaN at that entry -- also through the opt-in
+    """validate=False: NaN or an infinity validation rejects gives NaN at that entry -- also through the opt-in
     clamp and the importance weight (+inf was clamped to a bound, and a +inf behaviour log-prob
     made the weight and the estimate 0) -- with a NaN gradient there; a masked entry is free."""
     fn = getattr(trmath, kind)

@@ -200,10 +200,11 @@ def _estimate(kind: str, sampler_logprob, other_logprob, behaviour_logprob, stra
     tensors, valid, out_dtype, back = _prepare(args, mask, validate)
     xs = [t.to(torch.float64) for t in tensors]
     if not validate:
-        # Unvalidated: what validation rejects becomes NaN (NaN itself propagates), so that no
-        # clamp, zero weight or infinite ratio turns it into a number; the gradient passes.
-        for i, (x, t) in enumerate(zip(xs, tensors)):
-            bad = (x > LOGPROB_TOLERANCE[t.dtype]) | ((x == -math.inf) if i != 1 else False)
+        # Unvalidated: an infinite entry that validation rejects (+inf; -inf where the token was
+        # drawn) becomes NaN (NaN itself propagates), so that no clamp, zero weight or infinite
+        # ratio turns it into a number; the gradient passes.
+        for i, x in enumerate(xs):
+            bad = (x == math.inf) | ((x == -math.inf) if i != 1 else False)
             xs[i] = x + torch.where(bad.detach(), math.nan, 0.0).to(x.dtype)
     if valid is not None:  # select, never multiply: padding may hold -inf or NaN
         xs = [torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs]
@@ -257,8 +258,8 @@ _COMMON_DOC = r"""
     validate : bool, optional
         If true (default), NaN, ``+inf``, a log-probability above
         :data:`LOGPROB_TOLERANCE`, or ``-inf`` in ``sampler_logprob`` or ``behaviour_logprob``
-        raise :class:`ValueError` naming the argument and the first bad index. If false, such
-        entries give NaN (also through ``clamp``), never a number.
+        raise :class:`ValueError` naming the argument and the first bad index. If false, NaN
+        and such infinite entries give NaN (also through ``clamp``), never a number.
 
     Returns
     -------
