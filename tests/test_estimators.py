@@ -218,6 +218,11 @@ def test_unvalidated_invalid_entry_gives_nan(kind, arg, value):
         assert torch.isnan(val[1]) and not bool(torch.isnan(val[[0, 2]]).any())
     (g,) = torch.autograd.grad(fn(s, x[1], behaviour_logprob=x[2], validate=False).sum(), s)
     assert torch.isnan(g[1]) and bool(torch.isfinite(g[[0, 2]]).all())
+    if arg < 2:  # on-policy too (k1's gradient is a constant +-1 that ignored the NaN)
+        o = x[1].clone().requires_grad_()
+        gs, go = torch.autograd.grad(fn(s, o, validate=False).sum(), (s, o))
+        for gg in (gs, go):
+            assert torch.isnan(gg[1]) and bool(torch.isfinite(gg[[0, 2]]).all())
     masked = fn(s, x[1], behaviour_logprob=x[2], mask=torch.tensor([True, False, True]), validate=False)
     assert float(masked.detach()[1]) == 0.0
     with pytest.raises(ValueError, match=("sampler", "other", "behaviour")[arg]):
