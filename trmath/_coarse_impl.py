@@ -430,7 +430,6 @@ class _Coarse(torch.autograd.Function):
         out = parts.binary_tv() if kind == "binary_tv" else (parts.tv() if kind.endswith("tv") else parts.kl())
         ctx.parts = parts
         ctx.kind = kind
-        ctx.bad = torch.isnan(out)  # invalid rows (validate=False): NaN gradients, never a number
         return out
 
     @staticmethod
@@ -438,12 +437,7 @@ class _Coarse(torch.autograd.Function):
         parts: Parts = ctx.parts
         gp, gq = parts.tv_grads() if ctx.kind.endswith("tv") else parts.kl_grads()
         gg = g.unsqueeze(-1)
-        gp, gq = gg * gp, gg * gq
-        if bool(ctx.bad.any()):
-            bad = ctx.bad.unsqueeze(-1)
-            gp = torch.where(bad, torch.full_like(gp, math.nan), gp)
-            gq = torch.where(bad, torch.full_like(gq, math.nan), gq)
-        return gp, gq, None, None, None, None
+        return gg * gp, gg * gq, None, None, None, None
 
 
 def coarse(lp: Tensor, lq: Tensor, kind: str, dd: bool = True, A: Tensor | None = None,
