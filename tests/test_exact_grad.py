@@ -212,6 +212,35 @@ def test_backward_against_oracle(family, backend, dtype, T):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("T", (1.0, 0.7))
+@pytest.mark.parametrize("V", (64, 1000, 5000))
+def test_entropy_gradient_of_near_uniform_rows(V, T):
+    """Near-uniform rows: -p (log p + H) cancels (log p and -H are both about -log V), so the
+    gradient is far below its terms. The kernel forms log p + H about the row's own constant
+    (lse - H) T; every entry is then within some 15 float32 ulps of the row's largest gradient:
+    p's argument carries the forward's log-normaliser (float exponentials summed in double, a
+    few 1e-7 absolute: up to ~7 ulp of p), the exponential <= 2 ulp, the centred log-ratio
+    (two subtractions and a scaling) <= 3 ulp, g / T and the two products 3 ulp; 14.3 ulp seen
+    over these rows, 32 allowed. The log p + H formed after rounding log p left up to 4600 ulp
+    (1.7e-4 relative at V = 1000, spread 1e-3)."""
+    rng = StableRNG(V + int(10 * T))
+    for spread in (1e-3, 1e-5, 1.0):
+        z = torch.from_numpy(spread * rng.normal(3 * V).reshape(3, V)).to(torch.float32)
+        g = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+        tokens = torch.tensor([0, V // 2, V - 1])
+        ref = np.asarray(mp_grad_batch("entropy", z, temperature=T, grad_output=g), dtype=np.float64)
+        bound = 32 * 2.0 ** -24 * np.abs(ref).max(-1, keepdims=True)
+        for mode in ("entropy", "token_logprobs+entropy"):
+            zz = z.clone().requires_grad_(True)
+            if mode == "entropy":
+                h = trmath.entropy(zz, temperature=T)
+            else:
+                _, h = trmath.token_logprobs(zz, tokens, temperature=T, return_entropy=True)
+            (h * g.float()).sum().backward()
+            err = np.abs(zz.grad.double().numpy() - ref)
+            assert (err <= bound).all(), (mode, spread, float((err / bound).max()) * 32)
+
+
 @pytest.mark.parametrize("dtype", tuple(GRAD_TOL), ids=_dname)
 @pytest.mark.parametrize("func", PAIR)
 def test_backward_log_ratios_in_bands_around_the_series_radii(func, dtype):

@@ -493,6 +493,20 @@ def test_unvalidated_bad_value_makes_its_token_loss_nan(loss, arg, value):
         fn(args["logprob"], args["rollout_logprob"], args["advantages"], old_logprob=args["old_logprob"], **kw)
 
 
+@pytest.mark.parametrize("shape", ((0, 4), (3, 0)))
+def test_empty_batch_gives_zero_loss(shape):
+    """An empty batch (no sequences, or sequences of length 0) is a loss of 0 with a zero
+    gradient and finite metrics, as a fully masked one (the max/min metrics crashed on it)."""
+    for fn, kw in ((trmath.ppo_loss, {}), (trmath.ppo_loss, {"clip_ratio_c": 3.0}),
+                   (trmath.cispo_loss, {}), (trmath.gspo_loss, {}), (trmath.sapo_loss, {}),
+                   (trmath.dppo_loss, {}), (trmath.ppo_loss, {"is_correction": "mis"})):
+        lp = torch.zeros(shape, requires_grad=True)
+        loss, m = fn(lp, torch.zeros(shape), torch.zeros(shape), **kw)
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and lp.grad.shape == lp.shape
+        assert all(math.isfinite(float(v)) for v in m.values()), fn.__name__
+
+
 def test_weight_and_diagnostic_errors_name_their_own_arguments():
     """importance_weights' first argument is old_logprob and mismatch_metrics' second is
     trainer_logprob: errors name those (they named the internal 'logprob')."""

@@ -230,6 +230,8 @@ def _mean(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
 def _max(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     """Largest ``x`` over ``sel`` (0 if empty); no host synchronisation, no boolean indexing."""
     x = x.detach()
+    if x.numel() == 0:  # an empty batch (a shape, known on the host)
+        return torch.zeros((), dtype=x.dtype, device=x.device)
     m = torch.where(sel, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max()
     return torch.where(sel.any(), m, torch.zeros_like(m))
 
