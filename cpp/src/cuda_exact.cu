@@ -1158,7 +1158,9 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
     const int64_t tok = a.tokens ? a.tokens[r] : -1;
     const bool bad = lse != lse;
     C c;
-    c.set(lse * a.T, lse * a.T, 0.0, 0.0, 0.0, invT, 1.0);
+    // The second centre is (lse - H) T: log p + H is formed about it (as on the CPU; formed as
+    // log p + H after rounding log p, it cancelled on near-uniform rows).
+    c.set(lse * a.T, (lse - H) * a.T, 0.0, 0.0, 0.0, invT, 1.0);
     for (int j = 0; j < kBwdTiles; ++j) {
       const int64_t i0 = ch * kChunk + (int64_t(j) * kBwdThreads + threadIdx.x) * E;
       if (i0 >= V) break;
@@ -1166,25 +1168,23 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
       Tl::unpack(vec && i0 + E <= V ? Tl::vec(z + i0) : Tl::gather(z + i0 * vs, vs, V - i0), zv);
 #pragma unroll
       for (int k = 0; k < E; ++k) {
-        S p, wa;
+        S p, lp;  // lp: log p + H
         if constexpr (std::is_same<S, double>::value) {
-          wa = (zv[k] - lse * a.T) * invT;
-          p = C::ex(wa);
+          p = C::ex((zv[k] - lse * a.T) * invT);
+          lp = (zv[k] - (lse - H) * a.T) * invT;
         } else {
-          wa = c.shifted(zv[k], c.Mzh, c.Mzl);
           p = c.pexp(zv[k]);
+          lp = c.shifted(zv[k], c.Mwh, c.Mwl);
         }
         const bool live = zv[k] > S(-INFINITY);
         S v;
         switch (a.op) {
           case SingleOp::lse: v = g0 * p; break;
           case SingleOp::entropy: {
-            S lp = wa + S(H);
             v = live ? -g0 * p * lp : S(0);
             break;
           }
           default: {
-            S lp = wa + S(H);
             S ent = live ? p * lp : S(0);
             v = -g0 * p - g1 * ent;
             if (i0 + k == tok) v += g0;
