@@ -170,6 +170,17 @@ def test_tokens_wrong_shape_or_dtype(func):
         single(func, x, [0, 1, 2, 3])
     with pytest.raises(TypeError, match="tokens: expected an integer dtype"):
         single(func, x, np.zeros(4, dtype=np.float32))
+    # a single row takes a Python or numpy integer (as numpy indexing gives one), nothing else
+    row = torch.arange(5.0)
+    ref = single(func, row, torch.tensor(3))
+    for tok in (3, np.int64(3), np.int32(3)):
+        got = single(func, row, tok)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), (tok, got, ref)
+    with pytest.raises(ValueError, match=m("tokens: expected shape (4,)") + ".*" + m("got ()")):
+        single(func, x, 3)
+    for bad in (True, 3.0):
+        with pytest.raises(TypeError, match="tokens: expected an integer torch.Tensor or numpy array"):
+            single(func, row, bad)
 
 
 # ------------------------------------------------------------------------------------------------

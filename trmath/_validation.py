@@ -63,10 +63,15 @@ def check_pair(p: torch.Tensor, q: torch.Tensor, pname: str, qname: str) -> tupl
 
 
 def check_tokens(tokens: Any, logits: torch.Tensor, name: str = "tokens") -> torch.Tensor:
+    if isinstance(tokens, np.integer):  # the one token of a single row, as numpy indexing gives it
+        tokens = np.asarray(tokens)
+    elif isinstance(tokens, int) and not isinstance(tokens, bool):
+        tokens = torch.tensor(tokens, dtype=torch.int64, device=logits.device)
     if isinstance(tokens, np.ndarray):
         tokens = torch.from_numpy(tokens)
     if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{name}: expected an integer torch.Tensor or numpy array, got {type(tokens).__name__}")
+        raise TypeError(f"{name}: expected an integer torch.Tensor or numpy array (or an int for a "
+                        f"single row), got {type(tokens).__name__}")
     if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
         raise TypeError(f"{name}: expected an integer dtype, got {tokens.dtype}")
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):

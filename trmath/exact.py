@@ -134,7 +134,8 @@ def token_logprobs(
     ----------
     logits : torch.Tensor or numpy.ndarray, shape ``[..., V]``
     tokens : integer tensor or array, shape ``[...]``
-        Token ids in ``[0, V)``; an id outside raises :class:`ValueError` naming the row.
+        Token ids in ``[0, V)``; an id outside raises :class:`ValueError` naming the row. For a
+        single row (``logits`` of shape ``[V]``) a Python or numpy integer is accepted too.
     temperature : float, optional
         Score at the temperature the tokens were sampled at.
     return_entropy : bool, optional
