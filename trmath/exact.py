@@ -2,7 +2,8 @@ r"""Exact full-vocabulary reductions of policy rows.
 
 Every function takes logits ``[..., V]`` (float16, bfloat16, float32 or float64; any strides;
 torch tensors or numpy arrays) and returns one value per row ``[...]``: float32 for 16/32-bit
-inputs, float64 for float64 inputs. Rows are read in place and reduced in fused passes; no
+inputs, float64 for float64 inputs, of the first logits argument's kind (a numpy array for a
+numpy array, a tensor for a tensor). Rows are read in place and reduced in fused passes; no
 ``[N, V]`` temporary is ever built, forward or backward.
 
 Accuracy (against 50-digit references on the exact distributions the inputs represent):
