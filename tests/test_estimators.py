@@ -452,3 +452,18 @@ def test_random_float64_pairs_against_mpmath(s, o):
     sv, ov = np.array([s]), np.array([min(o, 0.0)])
     got = trmath.k3(sv, ov)
     assert ulps(got, _oracle("k3", sv, ov), "float64").max() <= ULP_BOUND["float64"]
+
+
+def test_unvalidated_estimators_compile_without_graph_breaks():
+    """validate=False has no data-dependent branch (the NaN factor is applied unconditionally):
+    k1/k2/k3 and the binary coarse divergences compile with fullgraph=True, to the eager bits."""
+    g = torch.Generator().manual_seed(5)
+    a = -torch.rand(3, 4, generator=g) - 1e-3
+    b = -torch.rand(3, 4, generator=g) - 1e-3
+    a[1, 2] = math.nan
+    for fn in (trmath.k1, trmath.k2, trmath.k3, trmath.binary_tv, trmath.binary_kl):
+        torch._dynamo.reset()
+        f = torch.compile(lambda x, y, fn=fn: fn(x, y, validate=False), backend="aot_eager", fullgraph=True)
+        got, ref = f(a, b), fn(a, b, validate=False)
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(got[1, 2]))
+        assert torch.equal(got.nan_to_num(), ref.nan_to_num()), fn.__name__

@@ -219,11 +219,11 @@ def _estimate(kind: str, sampler_logprob, other_logprob, behaviour_logprob, stra
     if not validate:
         # times NaN where an input is NaN: the value is NaN already, and so becomes the gradient
         # (k1's is a constant +-1 that would otherwise ignore the NaN); others are times 1, exactly
+        # (unconditionally: a data-dependent branch would break a torch.compile graph)
         nanm = torch.isnan(xs[0].detach())
         for x in xs[1:]:
             nanm = nanm | torch.isnan(x.detach())
-        if bool(nanm.any()):
-            val = val * torch.where(nanm, math.nan, 1.0).to(val.dtype)
+        val = val * torch.where(nanm, math.nan, 1.0).to(val.dtype)
     if valid is not None:
         val = torch.where(valid, val, torch.zeros((), dtype=val.dtype, device=val.device))
     out = val.to(out_dtype)
