@@ -791,3 +791,36 @@ def test_sequence_weight_cannot_overflow():
         assert math.isfinite(float(loss)) and math.isfinite(float(m["mismatch_ess"]))
     with pytest.raises(ValueError, match="correction: expected 'tis' or 'mis', got None"):
         trmath.importance_weights(old, mu, correction=None)
+
+
+@pytest.mark.parametrize("loss", ("ppo", "dual_clip", "cispo", "gspo", "sapo", "ppo+mis", "ppo+tis"))
+def test_unvalidated_objectives_compile_without_graph_breaks(loss):
+    """With validate=False the objectives have no data-dependent branch: a training step's loss
+    compiles with fullgraph=True, value and gradient equal to eager (NaN where a bad value is)."""
+    g = torch.Generator().manual_seed(8)
+    lp0 = -torch.rand(3, 5, generator=g) - 0.05
+    mu = lp0 - 0.2 * torch.randn(3, 5, generator=g)
+    A = torch.randn(3, 5, generator=g)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    fn = {"cispo": trmath.cispo_loss, "gspo": trmath.gspo_loss, "sapo": trmath.sapo_loss}.get(loss, trmath.ppo_loss)
+    kw = {"clip_ratio_c": 3.0} if loss == "dual_clip" else {}
+    if "+" in loss:
+        kw.update(is_correction=loss.split("+")[1], old_logprob=lp0.detach() + 0.01)
+
+    def step(lp, mu, A, mask):
+        return fn(lp, mu, A, mask, validate=False, aggregation=None, **kw)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for bad in (None, math.inf):
+        m = mu.clone()
+        if bad is not None:
+            m[1, 1] = bad
+        a, b = lp0.clone().requires_grad_(), lp0.clone().requires_grad_()
+        ref, got = step(a, m, A, mask), compiled(b, m, A, mask)
+        assert torch.equal(ref.isnan(), got.isnan()) and torch.equal(ref.nan_to_num(), got.nan_to_num())
+        ref.nan_to_num().sum().backward()
+        got.nan_to_num().sum().backward()
+        assert torch.equal(a.grad.isnan(), b.grad.isnan())
+        assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
