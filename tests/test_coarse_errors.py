@@ -202,3 +202,20 @@ def test_builder_errors():
         trmath.gather_logprobs(z, torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="logits: expected a floating dtype"):
         trmath.gather_logprobs(torch.zeros(2, 5, dtype=torch.int64), torch.tensor([[0], [1]]))
+
+
+def test_unvalidated_coarse_divergences_compile_without_graph_breaks():
+    """validate=False has no data-dependent branch (the rows entirely -inf are handled by
+    selection): the Top-K and binary divergences compile with fullgraph=True, to the eager bits,
+    an invalid row included."""
+    g = torch.Generator().manual_seed(6)
+    p = torch.log_softmax(torch.randn(4, 6, generator=g), -1)[:, :4].contiguous()
+    q = torch.log_softmax(torch.randn(4, 6, generator=g), -1)[:, :4].contiguous()
+    q[2] = -math.inf  # all of q's mass in the tail: a valid coarse distribution
+    p[3, 1] = math.nan
+    for fn in TOPK + (trmath.binary_tv, trmath.binary_kl):
+        torch._dynamo.reset()
+        f = torch.compile(lambda a, b, fn=fn: fn(a, b, validate=False), backend="aot_eager", fullgraph=True)
+        got, ref = f(p, q), fn(p, q, validate=False)
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+        assert bool(got.isnan().any())

@@ -406,12 +406,11 @@ def log_kept_mass(lp: Tensor) -> Tensor:
     """``log sum_S exp(lp_i)`` in float64 (the exact module's fused, relatively accurate lse)."""
     from .exact import logsumexp
 
+    # (unconditionally: a data-dependent branch would break a torch.compile graph)
     allneg = torch.isneginf(lp).all(-1)
-    if bool(allneg.any()):
-        safe = torch.where(allneg.unsqueeze(-1), torch.zeros_like(lp), lp)
-        out = logsumexp(safe, validate=False)
-        return torch.where(allneg, torch.full_like(out, -INF), out)
-    return logsumexp(lp, validate=False)
+    safe = torch.where(allneg.unsqueeze(-1), torch.zeros_like(lp), lp)
+    out = logsumexp(safe, validate=False)
+    return torch.where(allneg, torch.full_like(out, -INF), out)
 
 
 class _Coarse(torch.autograd.Function):
