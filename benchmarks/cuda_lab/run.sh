@@ -21,22 +21,31 @@ T0=$(date +%s)
 # name -> extra nvcc flags
 declare -A FLAGS=(
   [base]=""
-  [orig]="-DTRMATH_LAB_SRC=\"orig/cpp/src/cuda_exact.cu\""
-  [pf2]="-DTRMATH_CUDA_PREFETCH=2"
-  [pf3]="-DTRMATH_CUDA_PREFETCH=3"
-  [mb4]="-DTRMATH_CUDA_SPAN_MINBLOCKS=4"
-  [pf2mb4]="-DTRMATH_CUDA_PREFETCH=2 -DTRMATH_CUDA_SPAN_MINBLOCKS=4"
+  [sync]="-DTRMATH_CUDA_ASYNC=0"
+  [as16]="-DTRMATH_CUDA_ASYNC16=4"
+  [as2]="-DTRMATH_CUDA_ASYNC=2"
+  [as3]="-DTRMATH_CUDA_ASYNC=3"
+  [as5]="-DTRMATH_CUDA_ASYNC=5"
+  [as3mb4]="-DTRMATH_CUDA_ASYNC=3 -DTRMATH_CUDA_SPAN_MINBLOCKS=4"
+  [nolean]="-DTRMATH_CUDA_FIRST_LEAN=0"
+  [sync_nolean]="-DTRMATH_CUDA_ASYNC=0 -DTRMATH_CUDA_FIRST_LEAN=0"
   [mb2]="-DTRMATH_CUDA_SPAN_MINBLOCKS=2"
-  [pf2mb2]="-DTRMATH_CUDA_PREFETCH=2 -DTRMATH_CUDA_SPAN_MINBLOCKS=2"
+  [orig]="-DTRMATH_LAB_SRC=\"orig/cpp/src/cuda_exact.cu\""
+  [pf2]="-DTRMATH_CUDA_ASYNC=0 -DTRMATH_CUDA_PREFETCH=2"
+  [pf3]="-DTRMATH_CUDA_ASYNC=0 -DTRMATH_CUDA_PREFETCH=3"
+  [mb4]="-DTRMATH_CUDA_SPAN_MINBLOCKS=4"
+  [pf2mb4]="-DTRMATH_CUDA_ASYNC=0 -DTRMATH_CUDA_PREFETCH=2 -DTRMATH_CUDA_SPAN_MINBLOCKS=4"
+  [pf2mb2]="-DTRMATH_CUDA_ASYNC=0 -DTRMATH_CUDA_PREFETCH=2 -DTRMATH_CUDA_SPAN_MINBLOCKS=2"
   [span16k]="-DTRMATH_CUDA_SPAN=16384"
   [span64k]="-DTRMATH_CUDA_SPAN=65536"
   [noterms]="-DTRMATH_CUDA_LAB_NOTERMS"
-  [noterms_pf2]="-DTRMATH_CUDA_LAB_NOTERMS -DTRMATH_CUDA_PREFETCH=2"
+  [noterms_pf2]="-DTRMATH_CUDA_LAB_NOTERMS -DTRMATH_CUDA_ASYNC=0 -DTRMATH_CUDA_PREFETCH=2"
+  [noterms_sync]="-DTRMATH_CUDA_LAB_NOTERMS -DTRMATH_CUDA_ASYNC=0"
 )
-ORDER=(base orig pf2 pf3 mb4 pf2mb4 mb2 pf2mb2 span16k span64k noterms noterms_pf2)
+ORDER=(base sync as16 as2 as3 as5 as3mb4 nolean sync_nolean orig pf2 pf3 mb4 pf2mb4 mb2 pf2mb2 span16k span64k noterms noterms_sync noterms_pf2)
 if [ -n "${VARIANTS:-}" ]; then read -r -a ORDER <<<"$VARIANTS"; fi
 # Variants whose results must equal base's bit for bit (same reduction tree, all terms).
-SAME="base pf2 pf3 mb4 pf2mb4 mb2 pf2mb2"
+SAME="base sync as16 as2 as3 as5 as3mb4 nolean sync_nolean pf2 pf3 mb4 pf2mb4 mb2 pf2mb2"
 
 NVCC=${NVCC:-nvcc}
 command -v "$NVCC" >/dev/null || { echo "run.sh: nvcc not found" >&2; exit 1; }
@@ -174,7 +183,7 @@ if bad:
     for b in bad: print("  " + b)
 else:
     print(f"checksums agree bitwise among {' '.join(have)} ({len(checks)} op/dtype pairs)")
-for v in ("orig", "span16k", "span64k", "noterms", "noterms_pf2"):
+for v in ("orig", "span16k", "span64k", "noterms", "noterms_sync", "noterms_pf2"):
     if any(v in byv for byv in checks.values()):
         print(f"({v}: results not expected to equal base's" + ("; only *_span timings mean anything)" if "noterms" in v else ")"))
 EOF

@@ -6,8 +6,10 @@
 // cpp/src/kernels.cpp), element for element; what differs is how a row is traversed:
 //
 //  * Forward, first pass (span kernels): a row is cut into spans of kSpan elements and one block
-//    reads each (row, span) once (16-byte loads where the row is contiguous and aligned, the
-//    next tile requested before the current one is reduced). Each thread keeps its partial sums
+//    reads each (row, span) once (16-byte loads where the row is contiguous and aligned; for
+//    32/64-bit inputs streamed through shared memory with four tiles per thread in flight, for
+//    16-bit ones the next tile requested before the current one is reduced: see for_tiles).
+//    Each thread keeps its partial sums
 //    about a scale and centre of its own -- its maxima, moved (exactly: the CPU's segment merge,
 //    phi(x + d) expanded) only when a new maximum passes them by 30 T, so the move runs about
 //    once per thread -- and the block merges its threads at the span's maxima into one record.
@@ -61,7 +63,21 @@ constexpr double kLn2d = 0.69314718055994530942;
 #ifndef TRMATH_CUDA_SPAN
 #define TRMATH_CUDA_SPAN 32768  // elements per span (kSpan); another value moves results' last bits
 #endif
+#ifndef TRMATH_CUDA_ASYNC
+#define TRMATH_CUDA_ASYNC 4  // > 0: the span kernels' contiguous rows stream through shared memory,
+                             // this many tiles per thread in flight (cp.async; sm_80 and newer);
+                             // 0: registers, TRMATH_CUDA_PREFETCH tiles ahead
+#endif
+#ifndef TRMATH_CUDA_FIRST_LEAN
+#define TRMATH_CUDA_FIRST_LEAN 1  // the first pass's float centre without its zero terms (CentreF0)
+#endif
 static_assert(TRMATH_CUDA_PREFETCH >= 1, "TRMATH_CUDA_PREFETCH must be at least 1");
+#ifndef TRMATH_CUDA_ASYNC16
+#define TRMATH_CUDA_ASYNC16 0  // the same for 16-bit inputs (8 elements a tile: their span loops are
+                               // bound by instruction issue, and were slower with it)
+#endif
+static_assert(TRMATH_CUDA_ASYNC >= 0 && TRMATH_CUDA_ASYNC <= 5, "TRMATH_CUDA_ASYNC must be 0..5");
+static_assert(TRMATH_CUDA_ASYNC16 >= 0 && TRMATH_CUDA_ASYNC16 <= 5, "TRMATH_CUDA_ASYNC16 must be 0..5");
 static_assert(TRMATH_CUDA_SPAN >= 1, "TRMATH_CUDA_SPAN must be positive");
 // TRMATH_CUDA_LAB_NOTERMS (lab only, never in a build that is used): pair_span_kernel skips the
 // element terms, so a timing shows what the loads and maxima cost alone. Its results are wrong.
@@ -193,6 +209,34 @@ __device__ __forceinline__ void store_tile(In* p, const S (&v)[E], bool vec, int
 // the type of the element and tile indices: int where V <= kSpan (the span kernels: fewer
 // instructions per tile than 64-bit index arithmetic), int64_t for whole rows; strided
 // addresses are formed in 64 bits either way.
+//
+// With TRMATH_CUDA_ASYNC = K > 0, the span kernels (Idx = int) stream contiguous aligned rows
+// through shared memory instead: each thread keeps K tiles of its own in flight (cp.async into
+// its own slots of a ring, so no barrier is needed: cp.async.wait_group makes a thread's own
+// copies visible to it), without holding them in registers. The tiles and their order are the
+// same, and so are the results, bit for bit.
+#if TRMATH_CUDA_ASYNC > 0 || TRMATH_CUDA_ASYNC16 > 0
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+#endif
+
 template <class In, bool kPair, class Idx = int64_t, class F>
 __device__ __forceinline__ void for_tiles(const In* z, const In* w, Idx V, int64_t vsz, int64_t vsw,
                                           bool vec, F&& f) {
@@ -204,6 +248,60 @@ __device__ __forceinline__ void for_tiles(const In* z, const In* w, Idx V, int64
   const Idx nt = (V + E - 1) / E;
   const Idx nvec = vec ? V / E : Idx(0);  // tiles t < nvec are whole and 16-byte aligned
   const Idx bd = blockDim.x;
+#if TRMATH_CUDA_ASYNC > 0 || TRMATH_CUDA_ASYNC16 > 0
+  constexpr int K = sizeof(In) == 2 ? TRMATH_CUDA_ASYNC16 : TRMATH_CUDA_ASYNC;
+  if constexpr (std::is_same<Idx, int>::value && K > 0) {
+    if (vec) {
+      static_assert(sizeof(Raw) == 16, "a tile is 16 bytes");
+      constexpr int kIn = kPair ? 2 : 1;
+      __shared__ Raw ring[K * kIn * kThreads];  // slot k, input j, thread i at (k kIn + j) kThreads + i
+      constexpr int kSlot = kIn * kThreads;
+      Raw* const mine = ring + threadIdx.x;
+      const int step = int(bd) * E;  // elements between a thread's consecutive tiles
+      int t = threadIdx.x;
+      // The next tile to request (index tn, at zn and wn) and the ring slots to write and read.
+      int tn = t;
+      const In* zn = z + int64_t(t) * E;
+      const In* wn = w + int64_t(t) * E;
+      auto issue = [&](int wr) {
+        if (tn < nvec) {
+          cp_async16(mine + wr, zn);
+          if (kPair) cp_async16(mine + wr + kThreads, wn);
+        }
+        cp_async_commit();  // an empty group past the row: the count of groups stays uniform
+        tn += int(bd);
+        zn += step;
+        if (kPair) wn += step;
+      };
+#pragma unroll
+      for (int k = 0; k < K - 1; ++k) issue(k * kSlot);
+      int rd = 0, prev = (K - 1) * kSlot;
+      for (; t < nvec; t += int(bd)) {
+        issue(prev);             // into the slot read last time (the last slot, at first)
+        cp_async_wait<K - 1>();  // every group but the K - 1 newest has landed: tile t has
+        const Raw a = mine[rd];
+        const Raw b = mine[rd + (kPair ? kThreads : 0)];
+        prev = rd;
+        rd = rd + kSlot == K * kSlot ? 0 : rd + kSlot;
+        S zs[E], ws[E];
+        T::unpack(a, zs);
+        if (kPair) T::unpack(b, ws);
+        f(zs, ws, int64_t(t) * E);
+      }
+      cp_async_wait<0>();
+      if (t < nt) {  // the partial last tile (t = nvec), if any
+        Raw a, b;
+        a = T::gather(z + int64_t(t) * E * vsz, vsz, int64_t(V - t * E));
+        if (kPair) b = T::gather(w + int64_t(t) * E * vsw, vsw, int64_t(V - t * E));
+        S zs[E], ws[E];
+        T::unpack(a, zs);
+        if (kPair) T::unpack(b, ws);
+        f(zs, ws, int64_t(t) * E);
+      }
+      return;
+    }
+  }
+#endif
   auto load = [&](Idx t, Raw& a, Raw& b) {
     const Idx i = t * E;
     if (t < nvec) {
@@ -266,6 +364,7 @@ __device__ __forceinline__ double maxnum(double a, double b) { return fmax(a, b)
 // The maxima of the first pass are input values, exact in float (low parts 0); the backward
 // passes its float64 normalisers as (hi, lo) pairs.
 struct CentreF {
+  static constexpr bool kFirst = false;  // see CentreF0
   float Mzh, Mzl, Mwh, Mwl;  // maxima (or normalisers times T) as float pairs
   float mh, c2;              // centre m = mh + ml, c2 = ml + mlo (+ the float64 residual)
   float invT, kq;            // 1/T and log2(e)/T
@@ -311,6 +410,7 @@ struct CentreF {
 // rounding residual mres kept (near-identical float64 rows have log-ratios of 1e-8 next to
 // logits of size 10).
 struct CentreD {
+  static constexpr bool kFirst = false;
   double Mz, Mw, m, mres, mlo, invT, g;
   __device__ void set(double Mz_, double Mw_, double m_, double mres_, double mlo_, double invT_, double g_) {
     Mz = Mz_;
@@ -339,6 +439,15 @@ struct CentreD {
     const double s = hi > 0.0 ? lo / (hi + hi + lo) : 0.0;
     return 2.0 * s * horner(s * s, c_log1p_d);
   }
+};
+
+// The first pass's centre in float: its maxima are input values (low parts 0) and the centre
+// is their difference (g = 1), so the element formulas skip those terms -- the same bits, three
+// instructions fewer per element.
+struct CentreF0 : CentreF {
+  static constexpr bool kFirst = true;
+  __device__ float qexp(float w) const { return ex2_approx((w - Mwh) * kq); }
+  __device__ float pexp(float z) const { return ex2_approx((z - Mzh) * kq); }
 };
 
 template <class S> struct CentreOf { using type = CentreF; };
@@ -674,8 +783,8 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
   // instructions: cheaper than a divergent branch.
   S ez = zero;
   if (std::is_same<S, float>::value || !small || only_p) ez = c.pexp(zv);
-  const S g = S(c.g);
-  S pt = wneg ? zero : ez * g;
+  const S pz = C::kFirst ? ez : ez * S(c.g);  // g = 1 in the first pass
+  S pt = wneg ? zero : pz;
   S em1 = small ? qt * em1_s : pt - qt;
   S pfull = small ? qt + qt * em1_s : pt;
   t[0] += qt;
@@ -709,7 +818,7 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
       tp = pfull * dp + (qt - pfull) * S(0.5);
       tq = qt * dq + (pfull - qt) * S(0.5);
     }
-    S praw = ez * g;
+    S praw = pz;
     tp = only_p ? praw * S(kLn2d - 0.5) : tp;
     tq = only_p ? praw * S(0.5) : tq;
     t[2] += tp + tq;  // slots as the CPU's (rowfinish.hpp): both halves, then q's alone
@@ -717,7 +826,7 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
   }
   if (kT != kKL) {
     constexpr int last = kT == kCentre ? 2 : kT == kTV ? 9 : 4;
-    t[last] += only_p ? ez * g : zero;
+    t[last] += only_p ? pz : zero;
   }
 }
 
@@ -879,7 +988,10 @@ template <class In, int kFirst>
 __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) pair_span_kernel(PairFwd a, double* rec) {
   using Tl = Tile<In>;
   using S = typename Tl::S;
-  using C = typename CentreOf<S>::type;
+  // The first pass's centre (CentreF0 for float: see there; TRMATH_CUDA_FIRST_LEAN=0, the
+  // general one, for the lab).
+  using C = typename std::conditional<std::is_same<S, float>::value && TRMATH_CUDA_FIRST_LEAN, CentreF0,
+                                      typename CentreOf<S>::type>::type;
   constexpr int E = Tl::E;
   constexpr bool kDouble = std::is_same<In, double>::value;
   const int64_t N = nrows(a.z), Vrow = a.z.shape[a.z.ndim - 1], ns = nspans(Vrow);
