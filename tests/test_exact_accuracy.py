@@ -508,6 +508,59 @@ def test_rising_rows_report_nan_and_inf_after_the_switch(dtype):
         assert bool(torch.isfinite(out[0])) and bool(torch.isnan(out[1:]).all())
 
 
+def test_logsumexp_of_log_probabilities_summing_to_one_within_1e_26():
+    """float64 log-probabilities whose probabilities sum to 1 - delta with delta down to
+    1e-26, reached as a deep cancellation (1 - p_max ~ 1e-9 against the other tokens' mass
+    ~ 1e-9): logsumexp ~ -delta to 1e-12 relative. The double-double pass once summed
+    exp(z - M) next to the maximum's exact 1, which kept the others' mass to ~1e-32 of 1 only
+    (2e-8 relative here); now the maxima are counted apart and log1p takes the rest."""
+    rows = []
+    for eps, split in ((1.0865725966288572e-09, 1), (3e-7, 1), (2e-5, 3), (1e-12, 2), (0.25, 4)):
+        top = -eps  # log p_max, then the other tokens share 1 - e^top (rounded in their logs)
+        rest = math.log(-math.expm1(top) / split)
+        row = [top] + [rest] * split
+        row += [-INF] * (6 - len(row))
+        rows.append(row)
+    rows.append([math.log(0.5), math.log(0.5), -INF, -INF, -INF, -INF])  # two maxima
+    z = torch.tensor(rows, dtype=torch.float64)
+    tokens = torch.zeros(2 * z.shape[0], dtype=torch.int64)  # check() stacks z and w
+    failures = []
+    for func in ("logsumexp", "token_logprobs"):
+        failures += check(func, z, z, tokens, torch.float64, 1.0, "[float64 log-probabilities]")
+    raise_failures(failures)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=_dname)
+def test_divergences_at_the_bottom_of_float_range_stay_non_negative(dtype):
+    """Two near point masses on the same token, the rest of each row at probabilities near
+    float's smallest normal: JS ~ 1e-37, where the float terms round with absolute errors of
+    that size and could sum below 0 (184 of these 450 rows, 150 per dtype, came back negative
+    before the finish clamped JS at 0, as KL and TV already were). Every divergence >= 0, and
+    each within the accuracy target (whose absolute floor, 1e-30, covers such values) of the
+    oracle."""
+    zs, ws, Ts = [], [], []
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        V = (3, 32, 256)[seed % 3]
+        z = torch.randn(1, V, generator=g, dtype=torch.float64)
+        k = seed % V
+        for a, d, T in ((100.0, 50.0, 1.125), (1000.0, 504.0, 12.0), (80.0, 40.0, 0.9),
+                        (60.0, 30.0, 0.7), (400.0, 300.0, 4.5)):
+            zz, ww = z.clone(), z.clone()
+            zz[0, k], ww[0, k] = a, a + d
+            zs.append(zz.to(dtype)), ws.append(ww.to(dtype)), Ts.append(T)
+    for z, w, T in zip(zs, ws, Ts):
+        for fn in (trmath.kl, trmath.tv, trmath.js):
+            v = fn(z, w, temperature=T)
+            assert bool((v >= 0).all()), (fn.__name__, T, float(v))
+    failures = []
+    for i in range(0, len(zs), 7):  # a sample against the oracle (its cost grows with V)
+        tok = torch.zeros(1, dtype=torch.int64)
+        for func in ("kl", "tv", "js"):
+            failures += check(func, zs[i], ws[i], tok, dtype, Ts[i], f"[{_dname(dtype)} case {i}]")
+    raise_failures(failures)
+
+
 @pytest.mark.parametrize(
     "dtype",
     [torch.bfloat16, pytest.param(torch.float32, marks=pytest.mark.slow),

@@ -678,22 +678,33 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a, co
         if (in_double && cond > 1000.0) {
           // Double-double: each term exp((z - M)/T) to ~1e-30 relative. Thread partials are
           // summed in a fixed order (thread 0 adds them in index order).
+          // The maxima (terms exactly 1) are counted apart, as on the CPU (dd::log_count_plus).
           dd::DD t{0.0, 0.0};
+          double kmax = 0.0;
           for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
             double zi = double(T::one(z + i * vs));
             if (zi == -INFINITY) continue;
+            if (zi == M) {
+              kmax += 1.0;
+              continue;
+            }
             dd::DD x = dd::two_sum(zi, -M);
             if (a.T != 1.0) x = dd::div(x, a.T);
             t = dd::add(t, dd::exp(x));
           }
-          __shared__ double hi[kThreads], lo[kThreads];
+          __shared__ double hi[kThreads], lo[kThreads], cnt[kThreads];
           hi[threadIdx.x] = t.hi;
           lo[threadIdx.x] = t.lo;
+          cnt[threadIdx.x] = kmax;
           __syncthreads();
           if (threadIdx.x == 0) {
             dd::DD A{0.0, 0.0};
-            for (int j = 0; j < int(blockDim.x); ++j) A = dd::add(A, dd::DD{hi[j], lo[j]});
-            dd::DD l = dd::add(dd::div(dd::DD{M, 0.0}, a.T), dd::log(A));
+            double k = 0.0;
+            for (int j = 0; j < int(blockDim.x); ++j) {
+              A = dd::add(A, dd::DD{hi[j], lo[j]});
+              k += cnt[j];
+            }
+            dd::DD l = dd::add(dd::div(dd::DD{M, 0.0}, a.T), dd::log_count_plus(k, A));
             hi[0] = l.hi + l.lo;
           }
           __syncthreads();

@@ -260,17 +260,24 @@ struct SingleAlgo {
     } else if (s.stage == kSumDouble) {
       seg_sum1<DoubleLanes<In>, false>(z, n, s.M, invT, p);
     } else {
-      // Double-double: sum of exp((z - M)/T) with every term correct to ~1e-30 relative.
+      // Double-double: sum of exp((z - M)/T) with every term correct to ~1e-30 relative; the
+      // maxima (terms exactly 1) counted apart (dd::log_count_plus).
       dd::DD acc{0.0, 0.0};
+      double kmax = 0.0;
       for (int64_t i = 0; i < n; ++i) {
         double zi = to_double(z[i]);
         if (zi == -kInf) continue;
+        if (zi == s.M) {
+          kmax += 1.0;
+          continue;
+        }
         dd::DD a = dd::two_sum(zi, -s.M);
         if (a_T != 1.0) a = dd::div(a, a_T);
         acc = dd::add(acc, dd::exp(a));
       }
       p.v[0] = acc.hi;
       p.v[1] = acc.lo;
+      p.v[2] = kmax;
     }
   }
 
@@ -322,8 +329,12 @@ struct SingleAlgo {
       s.k = k;
     } else {
       dd::DD A{0.0, 0.0};
-      for (int64_t k = 0; k < nseg; ++k) A = dd::add(A, dd::DD{parts[k].v[0], parts[k].v[1]});
-      dd::DD lse = dd::add(dd::div(dd::DD{s.M, 0.0}, a_T), dd::log(A));
+      double kmax = 0.0;
+      for (int64_t k = 0; k < nseg; ++k) {
+        A = dd::add(A, dd::DD{parts[k].v[0], parts[k].v[1]});
+        kmax += parts[k].v[2];
+      }
+      dd::DD lse = dd::add(dd::div(dd::DD{s.M, 0.0}, a_T), dd::log_count_plus(kmax, A));
       s.lse_dd = lse.hi + lse.lo;
       s.has_dd = true;
     }

@@ -79,11 +79,44 @@ TRMATH_HD DD exp(DD a) {
   return {std::ldexp(p.hi, e), std::ldexp(p.lo, e)};
 }
 
-// log in double-double: one Newton step y + (x e^-y - 1) from the double logarithm.
+// e^a - 1 in double-double, relatively accurate for small |a| too: for |a.hi| < 1/2 the Taylor
+// series without its leading 1 (to a^27 / 27!), else exp(a) - 1 (which cancels at most 2.6x).
+TRMATH_HD DD expm1(DD a) {
+  if (!(std::fabs(a.hi) < 0.5)) return add(exp(a), DD{-1.0, 0.0});
+  DD p = a, term = a;
+  for (int k = 2; k < 28; ++k) {
+    term = div(mul(term, a), double(k));
+    p = add(p, term);
+  }
+  return p;
+}
+
+// log(1 + u) in double-double for u > -1: one Newton step from the double y = log1p(u),
+// y + (u e^-y + expm1(-y)), whose residual is formed to ~1e-32 of u and of y rather than of 1,
+// so a small u keeps its relative accuracy (log(1 + u) with 1 + u rounded first would not).
+TRMATH_HD DD log1p(DD u) {
+  const double y = std::log1p(u.hi + u.lo);
+  const DD em = expm1(DD{-y, 0.0});
+  return add(DD{y, 0.0}, add(mul(u, add(em, DD{1.0, 0.0})), em));
+}
+
+// log in double-double: one Newton step y + (x e^-y - 1) from the double logarithm y; near 1
+// (|x - 1| < 1/2) through log1p of x - 1 (exact).
 TRMATH_HD DD log(DD x) {
+  const DD u = add(x, DD{-1.0, 0.0});
+  if (std::fabs(u.hi) < 0.5) return log1p(u);
   double y = std::log(x.hi);
   DD t = mul(x, exp(DD{-y, 0.0}));
   return add(DD{y, 0.0}, add(t, DD{-1.0, 0.0}));
+}
+
+// log(k + s): a count k >= 1 of terms equal to 1 (the row's maxima) and the double-double sum
+// s >= 0 of the others, as log k + log1p(s / k). A logsumexp of float64 log-probabilities
+// summing to 1 - 1e-26 is M + log(1 + s) with s ~ -M ~ 1e-9: s must keep its own ~1e-32
+// relative accuracy, which it would lose rounded next to 1 as one sum k + s.
+TRMATH_HD DD log_count_plus(double k, DD s) {
+  const DD l1 = log1p(k == 1.0 ? s : div(s, k));
+  return k == 1.0 ? l1 : add(log(DD{k, 0.0}), l1);
 }
 
 }  // namespace dd

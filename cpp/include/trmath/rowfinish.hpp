@@ -141,7 +141,12 @@ TRMATH_ROW double pair_finish(int op, double T, const double* s, int flags, doub
       // whether or not the pass summed q's half for a backward).
       sa = (s[2] - s[3]) / Aw;
       sb = s[3] / Aw;
-      out = std::fmin(0.5 * (s[2] / Aw), 0.69314718055994530942);
+      // Every term is >= 0 in exact arithmetic; in float (16/32-bit inputs) the terms of a row
+      // whose JS lies at the bottom of float's range (two near point masses on one token: JS ~
+      // 1e-37) round with absolute errors of that size and may sum below 0. Clamped into
+      // [0, log 2] as KL and TV are, without turning a NaN into a number.
+      const double js = 0.5 * (s[2] / Aw);
+      out = js < 0.0 ? 0.0 : (js > 0.69314718055994530942 ? 0.69314718055994530942 : js);
     }
   }
   if (stats) {
