@@ -233,6 +233,9 @@ def test_binary_accuracy_hypothesis(lp, r, dt):
     noise=st.sampled_from([1e-8, 1e-4, 0.1, 2.0]),
     dt=st.sampled_from([torch.float32, torch.float64]),
 )
+# found by the nightly profile: float64 log-probabilities summing to 1 - 8e-26 (the log kept
+# mass's double-double logsumexp held the tail to 2e-8 relative only)
+@example(seed=2229646, V=2, scale=20.0, noise=1e-8, dt=torch.float64)
 def test_topk_accuracy_hypothesis(seed, V, scale, noise, dt):
     rng = np.random.default_rng(seed)
     K = int(rng.integers(1, V + 1))
