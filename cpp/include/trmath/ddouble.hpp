@@ -115,6 +115,7 @@ TRMATH_HD DD log(DD x) {
 // summing to 1 - 1e-26 is M + log(1 + s) with s ~ -M ~ 1e-9: s must keep its own ~1e-32
 // relative accuracy, which it would lose rounded next to 1 as one sum k + s.
 TRMATH_HD DD log_count_plus(double k, DD s) {
+  if (!(k >= 1.0)) return log(s);  // (no term counted: the plain double-double log)
   const DD l1 = log1p(k == 1.0 ? s : div(s, k));
   return k == 1.0 ? l1 : add(log(DD{k, 0.0}), l1);
 }
