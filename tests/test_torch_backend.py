@@ -235,6 +235,20 @@ def test_single_masked(dtype: torch.dtype) -> None:
     assert h[1] == 0.0
 
 
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_single_log_probabilities_summing_to_one(T: float) -> None:
+    """float64 log-probabilities whose probabilities sum to 1 - delta, delta down to 1e-26
+    reached by deep cancellation (1 - p_max ~ 1e-9 against the others' mass), and two equal
+    maxima: at T = 1 lse ~ -delta, and m/T + log1p(r) cancels; the flagged rows are summed again
+    in double-double (lse was 0.0 for the first row, a relative error of 1)."""
+    rows = []
+    for eps, split in ((1.0865725966288572e-09, 1), (3e-7, 1), (2e-5, 3), (1e-12, 2)):
+        rest = math.log(-math.expm1(-eps) / split)
+        rows.append([-eps] + [rest] * split + [-INF] * (4 - split))
+    rows.append([math.log(0.5), math.log(0.5), -INF, -INF, -INF])
+    _check_single(torch.tensor(rows, dtype=F64), T, torch.zeros(len(rows), dtype=torch.int64))
+
+
 def test_single_large_vocab() -> None:
     g = torch.Generator().manual_seed(4)
     z = torch.randn(2, 1500, generator=g, dtype=F64) * 4

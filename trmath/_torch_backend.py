@@ -38,6 +38,8 @@ ulps, so that the *relative* error of the sum is a few ulps times a small factor
   :math:`\mathrm{lse} = m/T + \operatorname{log1p}(r)` with
   :math:`r = \sum_{i \ne \arg\max} e^{(z_i - m)/T}`, so that
   :math:`\log p_{\max} = -\operatorname{log1p}(r)` keeps full relative accuracy for peaked rows;
+  where that sum cancels (:math:`|m/T| + |\operatorname{log1p}(r)| > 100\,|\mathrm{lse}|`, e.g.
+  float64 log-probabilities passed as logits), ``lse_forward`` sums the row again in double-double;
 * the entropy is :math:`H = \sum_i p_i (\operatorname{log1p}(r) - x_i)` with
   :math:`x_i = (z_i - m)/T \le 0`: two non-negative parts per term;
 * the centred log-ratio :math:`\varepsilon_i` is formed from an error-free difference of the raw
@@ -248,6 +250,76 @@ def _lse_of(norm: _Norm, temperature: float) -> Tensor:
     return norm.m / temperature + norm.L
 
 
+def _dd_div_scalar(h: Tensor, lo: Tensor, d: float) -> tuple[Tensor, Tensor]:
+    """``(h + lo) / d`` as a double-double (the remainder of the first quotient formed exactly)."""
+    from ._coarse_impl import _quick_two_sum, _split, _two_prod_split
+
+    q1 = h / d
+    dt = torch.full_like(h, d)
+    dh, dl = _split(dt)
+    p, e = _two_prod_split(q1, dt, dh, dl)
+    return _quick_two_sum(q1, (((h - p) - e) + lo) / d)
+
+
+def _lse_dd(z: Tensor, m: Tensor, temperature: float) -> Tensor:
+    r"""Row-wise logsumexp of valid float64 rows ``z`` (maxima ``m``) in double-double, for rows
+    whose :math:`m/T + \operatorname{log1p}(r)` cancels (float64 log-probabilities summing to
+    :math:`1 - 10^{-26}` have :math:`\mathrm{lse} \approx -10^{-26}` next to terms of
+    :math:`10^{-9}`). Every :math:`z_i - m` is formed exactly, each :math:`e^{(z_i - m)/T}` to about
+    :math:`10^{-30}`; the :math:`k` maxima are counted apart from the sum :math:`s` of the others,
+    and :math:`\log(k + s) = \log k + \operatorname{log1p}(s/k)` with one Newton step whose
+    residual is formed relative to :math:`s` (as the compiled kernels do)."""
+    from ._coarse_impl import _dd_add, _dd_mul, _dd_sum_last, _quick_two_sum, _two_sum, dd_exp, dd_expm1
+
+    mm = m[:, None].expand_as(z)
+    live = ~torch.isneginf(z)
+    top = (z == mm) & live
+    xh, xl = _two_sum(torch.where(live, z, mm), -mm)  # exact; 0 on masked entries (dropped below)
+    if temperature != 1.0:
+        xh, xl = _dd_div_scalar(xh, xl, temperature)
+    eh, el = dd_exp(xh)
+    eh, el = _quick_two_sum(eh, el + eh * (xl + 0.5 * xl * xl))  # * e^xl, |xl| <= ulp(xh) / 2
+    keep = live & ~top
+    zero = torch.zeros_like(eh)
+    sh, sl = _dd_sum_last(torch.where(keep, eh, zero), torch.where(keep, el, zero))
+    k = top.sum(dim=1).to(z.dtype)
+    one = torch.ones_like(k)
+    uh, ul = torch.where(k == 1, sh, sh / k), sl
+    many = k > 1
+    if bool(many.any()):
+        qh, ql = _dd_div_scalar_rows(sh, sl, k)
+        uh, ul = torch.where(many, qh, sh), torch.where(many, ql, sl)
+    # log1p(u) = y + (u e^-y + expm1(-y)), y = log1p(u) in double
+    y = torch.log1p(uh + ul)
+    mh, ml = dd_expm1(-y)
+    ah, al = _dd_add(mh, ml, one, torch.zeros_like(k))
+    ph, pl = _dd_mul(uh, ul, ah, al)
+    rh, rl = _dd_add(ph, pl, mh, ml)
+    Lh, Ll = _two_sum(y, rh)
+    Ll = Ll + rl
+    if bool(many.any()):  # + log k = y0 + (k e^-y0 - 1)
+        y0 = torch.log(k)
+        gh, gl = dd_exp(-y0)
+        th, tl = _dd_mul(gh, gl, k, torch.zeros_like(k))
+        th, tl = _dd_add(th, tl, -one, torch.zeros_like(k))
+        kh, kl = _two_sum(y0, th)
+        kh, kl = _dd_add(kh, kl + tl, Lh, Ll)
+        Lh, Ll = torch.where(many, kh, Lh), torch.where(many, kl, Ll)
+    Mh, Ml = (m, torch.zeros_like(m)) if temperature == 1.0 else _dd_div_scalar(m, torch.zeros_like(m), temperature)
+    oh, ol = _dd_add(Mh, Ml, Lh, Ll)
+    return oh + ol
+
+
+def _dd_div_scalar_rows(h: Tensor, lo: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """``(h + lo) / d`` per row for a tensor divisor ``d`` (small integers here)."""
+    from ._coarse_impl import _quick_two_sum, _split, _two_prod_split
+
+    q1 = h / d
+    dh, dl = _split(d)
+    p, e = _two_prod_split(q1, d, dh, dl)
+    return _quick_two_sum(q1, (((h - p) - e) + lo) / d)
+
+
 def _entropy_of(norm: _Norm) -> Tensor:
     """:math:`H = \\sum_i e_i (L - x_i) / (1 + r)`: non-negative terms only."""
     term = norm.e * (norm.L[:, None] - norm.x)
@@ -306,7 +378,9 @@ def lse_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     Notes
     -----
     Every summand lies in ``[0, 1]``; the absolute error is a few ulps of ``|m|/T`` plus a few ulps
-    of the ``log1p`` term.  Invalid rows give NaN.
+    of the ``log1p`` term, and where that would be more than ``100 * 2^-53`` of the result (the
+    sum cancels) the row is summed again in double-double (:func:`_lse_dd`), which keeps about
+    ``1e-30`` of its terms.  Invalid rows give NaN.
     """
     z = _check_logits(z, "z")
     t = _check_temperature(temperature)
@@ -317,8 +391,17 @@ def lse_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     out = torch.empty(n, dtype=dtype, device=z.device)
     stats = torch.zeros(n, 2, dtype=torch.float64, device=z.device)
     for rows in _row_blocks(n, v):
-        norm = _normaliser(z[rows].to(torch.float64), t)
-        lse = _nan_rows(_lse_of(norm, t), norm.bad)
+        zb = z[rows].to(torch.float64)
+        norm = _normaliser(zb, t)
+        lse = _lse_of(norm, t)
+        # m/T + log1p(r) cancels for log-probabilities passed as logits: where the absolute
+        # error (a few ulps of |m/T| + |log1p r|) would be a large relative one, double-double.
+        need = ~norm.bad & ((norm.m.abs() / t + norm.L.abs()) > 100.0 * lse.abs())
+        if bool(need.any()):
+            idx = need.nonzero(as_tuple=True)[0]
+            lse = lse.clone()
+            lse[idx] = _lse_dd(zb[idx], norm.m[idx], t)
+        lse = _nan_rows(lse, norm.bad)
         out[rows] = lse.to(dtype)
         stats[rows, 0] = lse
         stats[rows, 1] = _nan_rows(stats[rows, 1], norm.bad)
