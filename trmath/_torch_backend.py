@@ -250,15 +250,16 @@ def _lse_of(norm: _Norm, temperature: float) -> Tensor:
     return norm.m / temperature + norm.L
 
 
-def _dd_div_scalar(h: Tensor, lo: Tensor, d: float) -> tuple[Tensor, Tensor]:
-    """``(h + lo) / d`` as a double-double (the remainder of the first quotient formed exactly)."""
+def _dd_div(h: Tensor, lo: Tensor, d: Tensor | float) -> tuple[Tensor, Tensor]:
+    """``(h + lo) / d`` as a double-double (the remainder of the first quotient formed exactly);
+    ``d`` a number or a tensor of the shape of ``h``."""
     from ._coarse_impl import _quick_two_sum, _split, _two_prod_split
 
-    q1 = h / d
-    dt = torch.full_like(h, d)
+    dt = d if isinstance(d, Tensor) else torch.full_like(h, d)
+    q1 = h / dt
     dh, dl = _split(dt)
     p, e = _two_prod_split(q1, dt, dh, dl)
-    return _quick_two_sum(q1, (((h - p) - e) + lo) / d)
+    return _quick_two_sum(q1, (((h - p) - e) + lo) / dt)
 
 
 def _lse_dd(z: Tensor, m: Tensor, temperature: float) -> Tensor:
@@ -276,7 +277,7 @@ def _lse_dd(z: Tensor, m: Tensor, temperature: float) -> Tensor:
     top = (z == mm) & live
     xh, xl = _two_sum(torch.where(live, z, mm), -mm)  # exact; 0 on masked entries (dropped below)
     if temperature != 1.0:
-        xh, xl = _dd_div_scalar(xh, xl, temperature)
+        xh, xl = _dd_div(xh, xl, temperature)
     eh, el = dd_exp(xh)
     eh, el = _quick_two_sum(eh, el + eh * (xl + 0.5 * xl * xl))  # * e^xl, |xl| <= ulp(xh) / 2
     keep = live & ~top
@@ -284,10 +285,10 @@ def _lse_dd(z: Tensor, m: Tensor, temperature: float) -> Tensor:
     sh, sl = _dd_sum_last(torch.where(keep, eh, zero), torch.where(keep, el, zero))
     k = top.sum(dim=1).to(z.dtype)
     one = torch.ones_like(k)
-    uh, ul = torch.where(k == 1, sh, sh / k), sl
+    uh, ul = sh, sl
     many = k > 1
-    if bool(many.any()):
-        qh, ql = _dd_div_scalar_rows(sh, sl, k)
+    if bool(many.any()):  # u = s / k
+        qh, ql = _dd_div(sh, sl, k)
         uh, ul = torch.where(many, qh, sh), torch.where(many, ql, sl)
     # log1p(u) = y + (u e^-y + expm1(-y)), y = log1p(u) in double
     y = torch.log1p(uh + ul)
@@ -305,19 +306,9 @@ def _lse_dd(z: Tensor, m: Tensor, temperature: float) -> Tensor:
         kh, kl = _two_sum(y0, th)
         kh, kl = _dd_add(kh, kl + tl, Lh, Ll)
         Lh, Ll = torch.where(many, kh, Lh), torch.where(many, kl, Ll)
-    Mh, Ml = (m, torch.zeros_like(m)) if temperature == 1.0 else _dd_div_scalar(m, torch.zeros_like(m), temperature)
+    Mh, Ml = (m, torch.zeros_like(m)) if temperature == 1.0 else _dd_div(m, torch.zeros_like(m), temperature)
     oh, ol = _dd_add(Mh, Ml, Lh, Ll)
     return oh + ol
-
-
-def _dd_div_scalar_rows(h: Tensor, lo: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """``(h + lo) / d`` per row for a tensor divisor ``d`` (small integers here)."""
-    from ._coarse_impl import _quick_two_sum, _split, _two_prod_split
-
-    q1 = h / d
-    dh, dl = _split(d)
-    p, e = _two_prod_split(q1, d, dh, dl)
-    return _quick_two_sum(q1, (((h - p) - e) + lo) / d)
 
 
 def _entropy_of(norm: _Norm) -> Tensor:
