@@ -159,6 +159,16 @@ def test_gradients_against_cpu(func, dtype):
         assert bool((err <= allowed).all()), (func, k, float((err - allowed).max()))
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
+@pytest.mark.parametrize("T", (1.0, 0.7))
+def test_confident_token_gradients_against_mpmath(dtype, T):
+    """The token's own entry g (1 - p_t) / T and the entropy's log p + H where p_t -> 1 (see
+    tests/test_exact_grad.py), on the GPU kernels."""
+    from test_exact_grad import check_confident_token_gradients
+
+    check_confident_token_gradients(dtype, T, device="cuda")
+
+
 @pytest.mark.parametrize("func", PAIR + SINGLE)
 def test_row_result_independent_of_batch(func):
     z, w = _near_rows(40, 3001, torch.float32, 8)

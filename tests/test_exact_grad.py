@@ -212,6 +212,73 @@ def test_backward_against_oracle(family, backend, dtype, T):
     assert not failures, "\n".join(failures)
 
 
+def check_confident_token_gradients(dtype, T, device="cpu"):
+    """Gradients of ``token_logprobs`` (alone and with the entropy) and ``entropy`` on rows where
+    the token holds p_t = 1 - 1e-3 ... 1 - 1e-15 (float64 also 1 - 1e-30) against mpmath, every
+    entry within the target relative to the row's largest gradient (float64 1e-12, else 1e-5;
+    bfloat16 gradients also half an ulp of their own). Also run by the GPU tests."""
+    rng = StableRNG(int(100 * T) + {torch.float32: 1, torch.bfloat16: 2, torch.float64: 3}[dtype])
+    gaps = [1e-3, 1e-6, 1e-9, 1e-12, 1e-15] + ([1e-30] if dtype == torch.float64 else [])
+    V = 50
+    rows, tokens = [], []
+    for rest in gaps:
+        z = rng.normal(V)
+        t = int(rng.integers(0, V))
+        # p_t = 1 - rest: z_t / T - lse(others / T) = log((1 - rest) / rest)
+        others = np.delete(z, t) / T
+        m = others.max()
+        lse_o = m + math.log(np.exp(others - m).sum())
+        z[t] = T * (lse_o + math.log1p(-rest) - math.log(rest))
+        rows.append(z)
+        tokens.append(t)
+    z = torch.stack([cast(r, dtype) for r in rows])
+    tok = torch.tensor(tokens)
+    n = z.shape[0]
+    g = torch.from_numpy(StableRNG(7).uniform(n, 0.5, 2.0))
+    g1 = torch.from_numpy(StableRNG(8).uniform(n, -1.0, 1.0))
+    ref_lp = np.asarray(mp_grad_batch("token_logprobs", z, tokens=tok, temperature=T, grad_output=g))
+    ref_h = np.asarray(mp_grad_batch("entropy", z, temperature=T, grad_output=g1))
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    elem = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    gf = g.to(torch.float64 if dtype == torch.float64 else torch.float32).to(device)
+    g1f = g1.to(gf.dtype).to(device)
+    zd, tokd = z.to(device), tok.to(device)
+    for mode, ref in (("token_logprobs", ref_lp), ("entropy", ref_h),
+                      ("token_logprobs+entropy", ref_lp + ref_h)):
+        zz = zd.clone().requires_grad_(True)
+        if mode == "token_logprobs":
+            (trmath.token_logprobs(zz, tokd, temperature=T) * gf).sum().backward()
+        elif mode == "entropy":
+            (trmath.entropy(zz, temperature=T) * g1f).sum().backward()
+        else:
+            lp, h = trmath.token_logprobs(zz, tokd, temperature=T, return_entropy=True)
+            (lp * gf + h * g1f).sum().backward()
+        got = zz.grad.cpu().to(torch.float64).numpy()
+        allowed = rel * np.abs(ref).max(-1, keepdims=True) + elem * np.abs(ref) + 1e-300
+        err = np.abs(got - ref)
+        bad = err > allowed
+        assert not bad.any(), (
+            f"{mode} ({device}): rows {np.unique(np.nonzero(bad)[0]).tolist()} (1 - p_t = "
+            f"{[gaps[i] for i in np.unique(np.nonzero(bad)[0])]}); worst relative to the row max "
+            f"{float((err / np.abs(ref).max(-1, keepdims=True)).max()):.3g}")
+
+
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
+@pytest.mark.parametrize("T", TEMPERATURES)
+def test_token_and_entropy_gradients_where_one_token_takes_nearly_all_mass(backend, dtype, T):
+    """A confident token: the gradient of log p_t at the token itself is g (1 - p_t) / T and
+    that of the entropy -g p_t (log p_t + H) / T, both far below p_t. Formed as g - g p_t, the
+    first came out 0 for 1 - p_t < 3e-8 in float32 and 1e-16 in float64 (float64, T = 0.7,
+    1 - p_t = 4.5e-16: 0; T = 1, 1.5e-11: 6.5e-5 off); formed about (lse - H) T, the second lost
+    1e-16 |lse| (float64, H = 1e-11: 3e-4 off). Now every entry is within the target of the
+    oracle relative to the row's largest gradient, with no allowance for float32 arithmetic on
+    the terms: the token's entry from -expm1(log p_t), log p + H as (z - M)/T - (log A - H)
+    with the per-row M and log A of the forward."""
+    _ops._FORCE_TORCH[0] = backend == "torch"
+    check_confident_token_gradients(dtype, T)
+
+
 @pytest.mark.parametrize("T", (1.0, 0.7))
 @pytest.mark.parametrize("V", (64, 1000, 5000))
 def test_entropy_gradient_of_near_uniform_rows(V, T):

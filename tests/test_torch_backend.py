@@ -164,7 +164,7 @@ def _check_single(z: torch.Tensor, T: float, tokens: torch.Tensor | None = None)
     dtype = z.dtype
     out_dtype = F64 if dtype == F64 else F32
     lse, st = tb.lse_forward(z, T)
-    assert lse.dtype == out_dtype and st.dtype == F64 and st.shape == (z.shape[0], 2)
+    assert lse.dtype == out_dtype and st.dtype == F64 and st.shape == (z.shape[0], 4)
     _check("lse", dtype, lse, [ref_lse(r, T) for r in rows])
     h, st_h = tb.entropy_forward(z, T)
     assert h.dtype == out_dtype
@@ -707,7 +707,7 @@ def test_empty_shapes() -> None:
     assert out.shape == (0,) and st.shape == (0, 4)
     z = torch.zeros(2, 0)
     out, st = tb.lse_forward(z, 1.0)
-    assert out.isnan().all() and st.shape == (2, 2)
+    assert out.isnan().all() and st.shape == (2, 4)
     out, st = tb.js_forward(z, z, 1.0)
     assert out.isnan().all()
 

@@ -28,10 +28,15 @@ __all__ = [
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
-#: per-row statistics: [lse, H]; [lse_p, lse_q, a, b, m, m_lo, 6 TV side masses]
+#: per-row statistics: [lse, H, M, log A]; [lse_p, lse_q, a, b, m, m_lo, 6 TV side masses]
 #: (see cpp/src/view.hpp)
-SINGLE_STATS = 2
+SINGLE_STATS = 4  # [lse, H, M, log A] per row (cpp/src/view.hpp kSingleStats)
 PAIR_STATS = 12
+if (getattr(_core, "single_stats", None), getattr(_core, "pair_stats", None)) != (SINGLE_STATS, PAIR_STATS):
+    raise ImportError(
+        f"trmath._core ({_core.__file__}) writes {getattr(_core, 'single_stats', '?')} / "
+        f"{getattr(_core, 'pair_stats', '?')} statistics per row where this trmath expects "
+        f"{SINGLE_STATS} / {PAIR_STATS}: the compiled core is from another version; reinstall trmath")
 
 SINGLE_OPS = {"logsumexp": 0, "entropy": 1, "token_logprobs": 2, "token_logprobs_entropy": 3}
 PAIR_OPS = {"kl": 0, "tv": 1, "js": 2}
@@ -105,7 +110,7 @@ def out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str,
                    keep: bool = True):
-    """Run a single-row reduction; returns ``(out0, out1 or None, stats[..., 2], status, bad)``
+    """Run a single-row reduction; returns ``(out0, out1 or None, stats[..., SINGLE_STATS], status, bad)``
     (``bad``: ``(row, status)`` of the first row whose status is not 0, or ``(-1, 0)``).
     ``keep=False`` (an eager call that wants no gradient): no statistics or status tensors are
     allocated, the core skips the statistics (and what only a backward needs) and writes the
@@ -114,7 +119,7 @@ def single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: fl
     odt = out_dtype(z.dtype)
     out0 = torch.empty(lead, dtype=odt)
     out1 = torch.empty(lead, dtype=odt) if op == "token_logprobs_entropy" else None
-    stats = torch.empty((*lead, 2), dtype=torch.float64) if keep else None
+    stats = torch.empty((*lead, SINGLE_STATS), dtype=torch.float64) if keep else None
     status = torch.empty(lead, dtype=torch.int32) if keep else None
     if out0.numel() == 0:  # no rows (empty buffers may have a null address)
         return out0, out1, stats, status, (-1, 0)
@@ -325,7 +330,7 @@ def cuda_single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperatur
     dev = z.device
     out0 = torch.empty(lead, dtype=odt, device=dev)
     out1 = torch.empty(lead, dtype=odt, device=dev) if op == "token_logprobs_entropy" else None
-    stats = torch.empty((*lead, 2), dtype=torch.float64, device=dev)
+    stats = torch.empty((*lead, SINGLE_STATS), dtype=torch.float64, device=dev)
     status = torch.empty(lead, dtype=torch.int32, device=dev)
     if status.numel() == 0:
         return out0, out1, stats, status

@@ -20,6 +20,7 @@ from ._validation import raise_for_code, raise_for_status
 
 _PAIR_NAMES = ("p_logits", "q_logits")
 _PAIR_STATS = 12
+_SINGLE_STATS = 4  # [lse, H, M, log A] per row, as the compiled core and the torch backend
 
 _CPP = None
 
@@ -138,7 +139,7 @@ def single_fwd_impl(z: Tensor, tokens: Optional[Tensor], temperature: float, op:
         tok = tokens.reshape(-1).to(torch.int64).clamp(0, V - 1)
         out0, h, stats = tb.token_logprobs_forward(z2, tok, temperature, op == "token_logprobs_entropy")
         out1 = h.reshape(lead) if op == "token_logprobs_entropy" else z.new_zeros(0, dtype=out0.dtype)
-    return out0.reshape(lead), out1, stats.reshape(*lead, 2)
+    return out0.reshape(lead), out1, stats.reshape(*lead, _SINGLE_STATS)
 
 
 @torch.library.custom_op("trmath::single_fwd", mutates_args=())
@@ -151,7 +152,7 @@ def _(z, tokens, temperature, op, validate):
     lead = tuple(z.shape[:-1])
     odt = _out_dtype(z.dtype)
     out1 = z.new_empty(lead if op == "token_logprobs_entropy" else (0,), dtype=odt)
-    return z.new_empty(lead, dtype=odt), out1, z.new_empty((*lead, 2), dtype=torch.float64)
+    return z.new_empty(lead, dtype=odt), out1, z.new_empty((*lead, _SINGLE_STATS), dtype=torch.float64)
 
 
 @torch.library.custom_op("trmath::single_bwd", mutates_args=())
@@ -162,7 +163,7 @@ def single_bwd(g0: Tensor, g1: Optional[Tensor], z: Tensor, tokens: Optional[Ten
         return _cpp().cuda_single_backward(g0, g1, z, tokens, stats, temperature, op)
     V = z.shape[-1]
     z2 = z.reshape(-1, V)
-    st = stats.reshape(-1, 2)
+    st = stats.reshape(-1, _SINGLE_STATS)
     g = g0.reshape(-1)
     if op == "logsumexp":
         dz = tb.lse_backward(g, z2, st, temperature)

@@ -20,8 +20,12 @@ belong to.
 
 Each forward also returns float64 per-row *stats* that its backward consumes:
 
-* single-input ops (``lse``, ``entropy``, ``token_logprobs``): ``[lse, H]`` with
-  :math:`\mathrm{lse} = \log\sum_i e^{z_i/T}` and :math:`H` the entropy (0 when not computed);
+* single-input ops (``lse``, ``entropy``, ``token_logprobs``): ``[lse, H, m, L]`` with
+  :math:`\mathrm{lse} = \log\sum_i e^{z_i/T}`, :math:`H` the entropy (0 when not computed),
+  :math:`m` the row's largest logit and :math:`L = \log\sum_i e^{(z_i - m)/T}`: the backward
+  forms :math:`\log p_i = (z_i - m)/T - L` (exact :math:`z_i - m`), which keeps its relative
+  accuracy where :math:`p_i \to 1` (:math:`z_i/T - \mathrm{lse}` is rounded at the size of
+  lse);
 * pair ops (``kl``, ``tv``, ``js``): ``[lse_p, lse_q, a, b]`` where ``lse_p - lse_q`` is the
   accurate normaliser difference :math:`c` that defines :math:`\varepsilon_i = \log p_i - \log q_i =
   (z_i - w_i)/T - c`; ``a = KL(p||q), b = 0`` for ``kl``; :math:`a = \sum_i p_i s_i`,
@@ -250,6 +254,26 @@ def _lse_of(norm: _Norm, temperature: float) -> Tensor:
     return norm.m / temperature + norm.L
 
 
+_SINGLE_STATS = 4  # [lse, H, m, L] per row (the module notes)
+
+
+def _single_stats(stats: Tensor, rows: slice, norm: _Norm, lse: Tensor, h: Tensor | None) -> None:
+    """Fill ``stats[rows]`` = ``[lse, H, m, L]`` (``H = 0`` when ``h`` is None); NaN on invalid rows."""
+    stats[rows, 0] = _nan_rows(lse, norm.bad)
+    stats[rows, 1] = _nan_rows(h if h is not None else torch.zeros_like(lse), norm.bad)
+    stats[rows, 2] = _nan_rows(norm.m, norm.bad)
+    stats[rows, 3] = _nan_rows(norm.L, norm.bad)
+
+
+def _logp_of(zc: Tensor, st: Tensor, temperature: float, centred: bool = False) -> Tensor:
+    """``log p = (z - m)/T - L`` of a block of float64 rows from their stats (``z - m`` exact);
+    ``centred``: ``(z - m)/T`` alone."""
+    x = zc - st[:, 2:3]
+    if temperature != 1.0:
+        x = x / temperature
+    return x if centred else x - st[:, 3:4]
+
+
 def _dd_div(h: Tensor, lo: Tensor, d: Tensor | float) -> tuple[Tensor, Tensor]:
     """``(h + lo) / d`` as a double-double (the remainder of the first quotient formed exactly);
     ``d`` a number or a tensor of the shape of ``h``."""
@@ -364,7 +388,7 @@ def lse_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     out : Tensor
         ``[N]``, float32 (float64 for float64 input).
     stats : Tensor
-        ``[N, 2]`` float64, ``[lse, 0]``.
+        ``[N, 4]`` float64, ``[lse, 0, m, L]`` (the module notes).
 
     Notes
     -----
@@ -378,9 +402,9 @@ def lse_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     n, v = z.shape
     dtype = _result_dtype(z)
     if v == 0:
-        return _empty_vocab_forward(n, 2, z.device, dtype, 1)  # type: ignore[return-value]
+        return _empty_vocab_forward(n, _SINGLE_STATS, z.device, dtype, 1)  # type: ignore[return-value]
     out = torch.empty(n, dtype=dtype, device=z.device)
-    stats = torch.zeros(n, 2, dtype=torch.float64, device=z.device)
+    stats = torch.zeros(n, _SINGLE_STATS, dtype=torch.float64, device=z.device)
     for rows in _row_blocks(n, v):
         zb = z[rows].to(torch.float64)
         norm = _normaliser(zb, t)
@@ -394,8 +418,7 @@ def lse_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
             lse[idx] = _lse_dd(zb[idx], norm.m[idx], t)
         lse = _nan_rows(lse, norm.bad)
         out[rows] = lse.to(dtype)
-        stats[rows, 0] = lse
-        stats[rows, 1] = _nan_rows(stats[rows, 1], norm.bad)
+        _single_stats(stats, rows, norm, lse, None)
     return out, stats
 
 
@@ -410,7 +433,7 @@ def lse_backward(g: Tensor, z: Tensor, stats: Tensor, temperature: float) -> Ten
     z : Tensor
         Logits ``[N, V]`` given to the forward.
     stats : Tensor
-        ``[N, 2]`` from the forward.
+        ``[N, 4]`` from the forward.
     temperature : float
         ``T > 0``.
 
@@ -423,13 +446,13 @@ def lse_backward(g: Tensor, z: Tensor, stats: Tensor, temperature: float) -> Ten
     t = _check_temperature(temperature)
     n, v = z.shape
     g = _check_rowvec(g, n, "g")
-    stats = _check_stats(stats, n, 2)
+    stats = _check_stats(stats, n, _SINGLE_STATS)
     dz = torch.empty(n, v, dtype=z.dtype, device=z.device)
     for rows in _row_blocks(n, v):
         zc = z[rows].to(torch.float64)
         st = stats[rows].to(torch.float64)
         gc = g[rows].to(torch.float64)
-        p = torch.exp(zc / t - st[:, 0:1])
+        p = torch.exp(_logp_of(zc, st, t))
         grad = _zero_masked(gc[:, None] * p / t, zc == -_INF)
         dz[rows] = _nan_rows(grad, st.isnan().any(dim=1)).to(z.dtype)
     return dz
@@ -459,7 +482,7 @@ def entropy_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     out : Tensor
         ``[N]`` entropies, float32 (float64 for float64 input).
     stats : Tensor
-        ``[N, 2]`` float64, ``[lse, H]``.
+        ``[N, 4]`` float64, ``[lse, H, m, L]``.
 
     Notes
     -----
@@ -472,15 +495,14 @@ def entropy_forward(z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     n, v = z.shape
     dtype = _result_dtype(z)
     if v == 0:
-        return _empty_vocab_forward(n, 2, z.device, dtype, 1)  # type: ignore[return-value]
+        return _empty_vocab_forward(n, _SINGLE_STATS, z.device, dtype, 1)  # type: ignore[return-value]
     out = torch.empty(n, dtype=dtype, device=z.device)
-    stats = torch.empty(n, 2, dtype=torch.float64, device=z.device)
+    stats = torch.empty(n, _SINGLE_STATS, dtype=torch.float64, device=z.device)
     for rows in _row_blocks(n, v):
         norm = _normaliser(z[rows].to(torch.float64), t)
         h = _nan_rows(_entropy_of(norm), norm.bad)
         out[rows] = h.to(dtype)
-        stats[rows, 0] = _nan_rows(_lse_of(norm, t), norm.bad)
-        stats[rows, 1] = h
+        _single_stats(stats, rows, norm, _lse_of(norm, t), h)
     return out, stats
 
 
@@ -495,7 +517,7 @@ def entropy_backward(g: Tensor, z: Tensor, stats: Tensor, temperature: float) ->
     z : Tensor
         Logits ``[N, V]``.
     stats : Tensor
-        ``[N, 2]`` from the forward (``[lse, H]``).
+        ``[N, 4]`` from the forward (``[lse, H, m, L]``).
     temperature : float
         ``T > 0``.
 
@@ -509,14 +531,16 @@ def entropy_backward(g: Tensor, z: Tensor, stats: Tensor, temperature: float) ->
     t = _check_temperature(temperature)
     n, v = z.shape
     g = _check_rowvec(g, n, "g")
-    stats = _check_stats(stats, n, 2)
+    stats = _check_stats(stats, n, _SINGLE_STATS)
     dz = torch.empty(n, v, dtype=z.dtype, device=z.device)
     for rows in _row_blocks(n, v):
         zc = z[rows].to(torch.float64)
         st = stats[rows].to(torch.float64)
         gc = g[rows].to(torch.float64)
-        logp = zc / t - st[:, 0:1]
-        grad = -gc[:, None] * torch.exp(logp) * (logp + st[:, 1:2]) / t
+        x = _logp_of(zc, st, t, centred=True)
+        # log p + H as (z - m)/T + (H - L): the row constant H - L is formed apart, so neither
+        # near-uniform rows (log p ~ -H) nor peaked ones (H ~ 1e-11 next to lse ~ 30) cancel
+        grad = -gc[:, None] * torch.exp(x - st[:, 3:4]) * (x + (st[:, 1:2] - st[:, 3:4])) / t
         grad = _zero_masked(grad, zc == -_INF)
         dz[rows] = _nan_rows(grad, st.isnan().any(dim=1)).to(z.dtype)
     return dz
@@ -554,7 +578,7 @@ def token_logprobs_forward(
     H : Tensor
         ``[N]`` entropies, or zeros.
     stats : Tensor
-        ``[N, 2]`` float64, ``[lse, H]`` (``H = 0`` when not computed).
+        ``[N, 4]`` float64, ``[lse, H, m, L]`` (``H = 0`` when not computed).
     """
     z = _check_logits(z, "z")
     t = _check_temperature(temperature)
@@ -562,13 +586,13 @@ def token_logprobs_forward(
     tokens = _check_tokens(tokens, n)
     dtype = _result_dtype(z)
     if v == 0:
-        lp, h, stats = _empty_vocab_forward(n, 2, z.device, dtype, 2)
+        lp, h, stats = _empty_vocab_forward(n, _SINGLE_STATS, z.device, dtype, 2)
         if not with_entropy:
             h.zero_()
         return lp, h, stats
     lp_out = torch.empty(n, dtype=dtype, device=z.device)
     h_out = torch.zeros(n, dtype=dtype, device=z.device)
-    stats = torch.zeros(n, 2, dtype=torch.float64, device=z.device)
+    stats = torch.zeros(n, _SINGLE_STATS, dtype=torch.float64, device=z.device)
     for rows in _row_blocks(n, v):
         norm = _normaliser(z[rows].to(torch.float64), t)
         tok = tokens[rows].to(torch.int64)
@@ -577,13 +601,11 @@ def token_logprobs_forward(
         lp = norm.x.gather(1, safe[:, None]).squeeze(1) - norm.L
         lp = torch.where(ok, lp, torch.full_like(lp, _NAN))
         lp_out[rows] = _nan_rows(lp, norm.bad).to(dtype)
-        stats[rows, 0] = _nan_rows(_lse_of(norm, t), norm.bad)
+        h = None
         if with_entropy:
             h = _nan_rows(_entropy_of(norm), norm.bad)
             h_out[rows] = h.to(dtype)
-            stats[rows, 1] = h
-        else:
-            stats[rows, 1] = _nan_rows(stats[rows, 1], norm.bad)
+        _single_stats(stats, rows, norm, _lse_of(norm, t), h)
     return lp_out, h_out, stats
 
 
@@ -600,7 +622,10 @@ def token_logprobs_backward(
 
     .. math::
 
-        \frac{\partial}{\partial z_j} = \frac{g_1(\delta_{jt} - p_j) - g_2\,p_j(\log p_j + H)}{T}.
+        \frac{\partial}{\partial z_j} = \frac{g_1(\delta_{jt} - p_j) - g_2\,p_j(\log p_j + H)}{T},
+
+    the token's own :math:`1 - p_t` as :math:`-\operatorname{expm1}(\log p_t)` (no cancellation as
+    :math:`p_t \to 1`).
 
     Parameters
     ----------
@@ -614,7 +639,7 @@ def token_logprobs_backward(
     tokens : Tensor
         ``[N]`` token ids.
     stats : Tensor
-        ``[N, 2]`` from the forward.
+        ``[N, 4]`` from the forward.
     temperature : float
         ``T > 0``.
 
@@ -628,7 +653,7 @@ def token_logprobs_backward(
     t = _check_temperature(temperature)
     n, v = z.shape
     tokens = _check_tokens(tokens, n)
-    stats = _check_stats(stats, n, 2)
+    stats = _check_stats(stats, n, _SINGLE_STATS)
     if g_lp is not None:
         g_lp = _check_rowvec(g_lp, n, "g_lp")
     if g_h is not None:
@@ -637,21 +662,23 @@ def token_logprobs_backward(
     for rows in _row_blocks(n, v):
         zc = z[rows].to(torch.float64)
         st = stats[rows].to(torch.float64)
-        logp = zc / t - st[:, 0:1]
-        p = torch.exp(logp)
+        x = _logp_of(zc, st, t, centred=True)
+        p = torch.exp(x - st[:, 3:4])
         grad = torch.zeros_like(zc)
         bad = st.isnan().any(dim=1)
         if g_lp is not None:
             g1 = g_lp[rows].to(torch.float64)
             tok = tokens[rows].to(torch.int64)
             ok = (tok >= 0) & (tok < v)
-            safe = torch.where(ok, tok, torch.zeros_like(tok))
-            onehot = torch.zeros_like(zc).scatter_(1, safe[:, None], 1.0)
-            grad = grad + g1[:, None] * (onehot - p)
+            safe = torch.where(ok, tok, torch.zeros_like(tok))[:, None]
+            # delta_jt - p_j, with the token's own 1 - p_t = -expm1(log p_t): 1 - p_t cancels
+            # as p_t -> 1 (1e-16 absolute next to 1 - p_t ~ 1e-11 for a confident token)
+            one_minus = -torch.expm1(x.gather(1, safe) - st[:, 3:4])
+            grad = grad + g1[:, None] * (-p).scatter_(1, safe, one_minus)
             bad = bad | ~ok
         if g_h is not None:
             g2 = g_h[rows].to(torch.float64)
-            grad = grad - g2[:, None] * p * (logp + st[:, 1:2])
+            grad = grad - g2[:, None] * p * (x + (st[:, 1:2] - st[:, 3:4]))
         grad = _zero_masked(grad / t, zc == -_INF)
         dz[rows] = _nan_rows(grad, bad).to(z.dtype)
     return dz

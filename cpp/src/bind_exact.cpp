@@ -32,6 +32,10 @@ static std::pair<int64_t, int> first_nonzero(const int* status, int64_t n) {
 
 void register_exact(py::module_& m) {
   m.def("isa", [] { return std::string(kernels().isa); }, "Instruction set of the kernels in use.");
+  // Widths of the per-row statistics the forwards write and the backwards read (the Python
+  // side allocates them: a mismatch would be a buffer overrun, so it checks these at import).
+  m.attr("single_stats") = kSingleStats;
+  m.attr("pair_stats") = kPairStats;
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1");

@@ -380,8 +380,7 @@ struct CentreF {
     kq = float(invT_ * 1.4426950408889634074);
     g = float(g_);
   }
-  // (v - M)/T, and e^that.
-  __device__ float shifted(float v, float Mh, float Ml) const { return ((v - Mh) - Ml) * invT; }
+  // e^((v - M)/T) about either maximum.
   __device__ float qexp(float w) const { return ex2_approx(((w - Mwh) - Mwl) * kq); }
   __device__ float pexp(float z) const { return ex2_approx(((z - Mzh) - Mzl) * kq); }
   // x = (z - w - m - mlo)/T; +-inf where z - w is (a masked token; w = -inf is masked by the
@@ -653,9 +652,9 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a, co
       __syncthreads();
       if (zt != zt) flags |= kTokenRange;
     }
-    double lse = NAN, H = NAN, lp = NAN;
+    double lse = NAN, H = NAN, lp = NAN, logA = NAN;
     if (!flags) {
-      double logA = log(k) + log1p(R / k);
+      logA = log(k) + log1p(R / k);
       lse = M * invT + logA;
       if (want_lse) {
         // lse = M/T + log A cancels when lse ~ 0 (log-probabilities passed as logits): redo
@@ -718,8 +717,11 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a, co
     if (threadIdx.x == 0) {
       if (a.status) a.status[r] = flags;
       if (a.stats) {
-        a.stats[2 * r] = lse;
-        a.stats[2 * r + 1] = H;
+        double* st = a.stats + kSingleStats * r;
+        st[0] = lse;
+        st[1] = H;
+        st[2] = flags ? NAN : M;
+        st[3] = logA;
       }
       switch (a.op) {
         case SingleOp::lse: put<OutT>(a.out0, r, lse); break;
@@ -1276,14 +1278,25 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
     const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
     In* out = dz + r * V;
     const bool vec = vs == 1 && aligned16(z) && aligned16(out);
-    const double lse = a.stats[2 * r], H = a.stats[2 * r + 1];
+    const double* st = a.stats + kSingleStats * r;
+    const double lse = st[0], H = st[1], Mx = st[2], logA = st[3];
     const S g0 = S(a.g0[r] * invT), g1 = S(a.g1 ? a.g1[r] * invT : 0.0);
     const int64_t tok = a.tokens ? a.tokens[r] : -1;
     const bool bad = lse != lse;
+    // log p + H = (z - Mx)/T - (log A - H), as on the CPU: z - Mx is exact (Mx the row's largest
+    // logit) and the row constant c = log A - H is kept as two S values, so neither near-uniform
+    // rows (log p ~ -H) nor peaked ones (H ~ 1e-11, where a constant rounded at the size of lse
+    // was all of log p + H) lose it.
+    const double cst = logA - H;
+    const S cth = S(cst), ctl = S(cst - double(cth));
+    const S Mxs = S(Mx);
+    // The token's own entry (1 - p_t) g0 / T from -expm1(log p_t), log p_t = (z_t - Mx)/T -
+    // log A (exact z_t - Mx): g0 - g0 p_t cancelled where p_t -> 1.
+    double lpt = 0.0;
+    if (tok >= 0 && tok < V && !bad) lpt = (double(Tl::one(z + tok * vs)) - Mx) * invT - logA;
+    const S gtok = S(-(a.g0[r] * invT) * expm1(lpt));
     C c;
-    // The second centre is (lse - H) T: log p + H is formed about it (as on the CPU; formed as
-    // log p + H after rounding log p, it cancelled on near-uniform rows).
-    c.set(lse * a.T, (lse - H) * a.T, 0.0, 0.0, 0.0, invT, 1.0);
+    c.set(lse * a.T, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
     for (int j = 0; j < kBwdTiles; ++j) {
       const int64_t i0 = ch * kChunk + (int64_t(j) * kBwdThreads + threadIdx.x) * E;
       if (i0 >= V) break;
@@ -1294,11 +1307,10 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
         S p, lp;  // lp: log p + H
         if constexpr (std::is_same<S, double>::value) {
           p = C::ex((zv[k] - lse * a.T) * invT);
-          lp = (zv[k] - (lse - H) * a.T) * invT;
         } else {
           p = c.pexp(zv[k]);
-          lp = c.shifted(zv[k], c.Mwh, c.Mwl);
         }
+        lp = ((zv[k] - Mxs) * S(invT) - cth) - ctl;
         const bool live = zv[k] > S(-INFINITY);
         S v;
         switch (a.op) {
@@ -1309,8 +1321,7 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
           }
           default: {
             S ent = live ? p * lp : S(0);
-            v = -g0 * p - g1 * ent;
-            if (i0 + k == tok) v += g0;
+            v = i0 + k == tok ? gtok - g1 * ent : -g0 * p - g1 * ent;
             break;
           }
         }

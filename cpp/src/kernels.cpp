@@ -347,17 +347,21 @@ struct SingleAlgo {
 
   bool finish(int64_t r, St& s) {
     s.stage = kDone;
-    double lse = kNaN, H = kNaN, lp = kNaN;
+    double lse = kNaN, H = kNaN, lp = kNaN, M = kNaN, logA = kNaN;
     if (!s.flags) {
-      const double logA = s.has_logA ? s.logA : log_sum(s);
+      logA = s.has_logA ? s.logA : log_sum(s);
+      M = s.M;
       lse = s.has_dd ? s.lse_dd : s.M * invT + logA;
       H = want_h ? s.B / (s.k + s.A) + logA : 0.0;
       lp = (s.zt - s.M) * invT - logA;
     }
     if (a.status) a.status[r] = s.flags;
     if (a.stats) {
-      a.stats[2 * r] = lse;
-      a.stats[2 * r + 1] = H;
+      double* st = a.stats + kSingleStats * r;
+      st[0] = lse;
+      st[1] = H;
+      st[2] = M;
+      st[3] = logA;
     }
     switch (a.op) {
       case SingleOp::lse: put<OutT>(a.out0, r, lse); break;
@@ -767,8 +771,9 @@ TRMATH_INLINE void store_lanes(typename L::Storage* dst, int64_t n, int64_t i, t
 // knows). t: the token's index in this segment, or -1.
 template <class L, SingleOp kOp, bool kUnitT>
 __attribute__((noinline)) void single_bwd_seg(const typename L::Storage* z, int64_t n, double lse,
-                                              double H, double T, double g0d, double g1d,
-                                              int64_t t, typename L::Storage* out) {
+                                              double H, double Mx, double logA, double T,
+                                              double g0d, double g1d, int64_t t, double lpt,
+                                              typename L::Storage* out) {
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
@@ -776,11 +781,15 @@ __attribute__((noinline)) void single_bwd_seg(const typename L::Storage* z, int6
   const S g0 = S(g0d * invT), g1 = S(g1d * invT);
   const S ninf = -std::numeric_limits<S>::infinity();
   const double M = lse * T;
-  // log p + H = (z - (lse - H) T) / T, formed about the row's own constant (lse - H) T in double:
-  // z/T - lse rounded first and H added after cancelled on near-uniform rows, where log p and
-  // -H are both about -log V and the gradient is small (relative error 1.7e-4 at V = 1000 for
-  // logits of spread 1e-3 in float32; now that of the centred difference itself).
-  const double Mc = (lse - H) * T;
+  // log p + H = (z - Mx)/T - (log A - H): z - Mx exact (Mx the row's largest logit, an input
+  // value), then the row's constant c = log A - H (two floats in float lanes). Formed as
+  // z/T - lse first and H added after, it cancelled on near-uniform rows, where log p and -H are
+  // both about -log V (relative error 1.7e-4 at V = 1000 for logits of spread 1e-3 in float32);
+  // formed about (lse - H) T, the rounding of that constant at the size of lse (1e-16 |lse|)
+  // was all of log p + H on peaked rows (H ~ 1e-11: 3e-4 relative in float64). Now both are
+  // errors relative to the result.
+  const double c = logA - H;
+  const S ch = S(c), cl = S(c - double(ch));
   if (std::isnan(lse)) {  // NaN statistics (an invalid row) propagate
     const V nan = splat<V>(std::numeric_limits<S>::quiet_NaN());
     for (int64_t i = 0; i < n; i += L::W) store_lanes<L>(out, n, i, nan);
@@ -796,14 +805,19 @@ __attribute__((noinline)) void single_bwd_seg(const typename L::Storage* z, int6
       res = g0 * p;
     } else if constexpr (kOp == SingleOp::entropy) {
       const Mask live = zv > ninf;
-      V lp = L::narrow(L::template shifted<kUnitT>(zv, Mc, invT));
+      V lp = (L::narrow(L::template shifted_max<kUnitT>(zv, Mx, invT)) - ch) - cl;
       res = live ? -g0 * p * lp : splat<V>(S(0));
     } else {
       const Mask live = zv > ninf;
-      V lp = L::narrow(L::template shifted<kUnitT>(zv, Mc, invT));
-      V ent = live ? p * lp : splat<V>(S(0));
+      V ent{};
+      if constexpr (kOp == SingleOp::logprob_entropy) {
+        V lp = (L::narrow(L::template shifted_max<kUnitT>(zv, Mx, invT)) - ch) - cl;
+        ent = live ? p * lp : splat<V>(S(0));
+      }
       res = -g0 * p - g1 * ent;
-      if (t >= i && t < i + L::W) res[t - i] += g0;
+      // The token's own entry (1 - p_t) g0 / T from -expm1(log p_t): g0 - g0 p_t cancelled
+      // where p_t -> 1 (0 for p_t > 1 - 3e-8 in float; 1 - p_t ~ 1e-16 in float64).
+      if (t >= i && t < i + L::W) res[t - i] = S(-(g0d * invT) * std::expm1(lpt)) - g1 * ent[t - i];
     }
     return res;
   };
@@ -823,11 +837,15 @@ void single_bwd_run(const SingleBwd& a) {
     const In* z = rd.seg(r, sg, scratch<In>(0));
     int64_t n = rd.seg_len(sg);
     In* out = dz + r * Vn + sg * kSegment;
-    const double lse = a.stats[2 * r], H = a.stats[2 * r + 1];
+    const double* st = a.stats + kSingleStats * r;
+    const double lse = st[0], H = st[1], Mx = st[2], logA = st[3];
     const double g1 = a.g1 ? a.g1[r] : 0.0;
     const int64_t t = a.tokens ? a.tokens[r] - sg * kSegment : -1;
-    if (a.T == 1.0) single_bwd_seg<L, kOp, true>(z, n, lse, H, a.T, a.g0[r], g1, t, out);
-    else single_bwd_seg<L, kOp, false>(z, n, lse, H, a.T, a.g0[r], g1, t, out);
+    // log p_t = (z_t - M)/T - log A: z_t - M is exact (0 for the top token), so log p_t keeps its
+    // relative accuracy as p_t -> 1 (the forward's own formula).
+    const double lpt = (t >= 0 && t < n) ? (to_double(z[t]) - Mx) * (1.0 / a.T) - logA : 0.0;
+    if (a.T == 1.0) single_bwd_seg<L, kOp, true>(z, n, lse, H, Mx, logA, a.T, a.g0[r], g1, t, lpt, out);
+    else single_bwd_seg<L, kOp, false>(z, n, lse, H, Mx, logA, a.T, a.g0[r], g1, t, lpt, out);
   });
 }
 

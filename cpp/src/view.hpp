@@ -41,10 +41,12 @@ inline int64_t dtype_size(DType t) {
 }
 
 // Arguments of the forward and backward entry points (one struct per family).
-// Per-row statistics saved for the backward: [lse, H] for single-row reductions;
+// Per-row statistics saved for the backward: [lse, H, M, log A] for single-row reductions (M
+// the row's largest logit, log A = log sum exp((z - M)/T): log p = (z - M)/T - log A keeps its
+// relative accuracy where p -> 1, which z/T - lse, rounded at the size of lse, does not);
 // [lse_p, lse_q, a, b, m, m_lo, (TV only) 2P- + P0, -(2P+ + P0), P- - P+, the same for q]
 // for pairs (a, b per divergence; m + m_lo the log-ratio centre).
-constexpr int kSingleStats = 2;
+constexpr int kSingleStats = 4;
 constexpr int kPairStats = 12;
 
 enum class SingleOp : int { lse = 0, entropy = 1, logprob = 2, logprob_entropy = 3 };
@@ -57,7 +59,7 @@ struct SingleFwd {
   SingleOp op = SingleOp::lse;
   void* out0 = nullptr;  // float (or double for f64 inputs) [rows]
   void* out1 = nullptr;  // entropy for logprob_entropy
-  double* stats = nullptr;  // [rows, 2]
+  double* stats = nullptr;  // [rows, kSingleStats]
   int* status = nullptr;    // [rows]
 };
 
