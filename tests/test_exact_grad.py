@@ -279,6 +279,52 @@ def test_token_and_entropy_gradients_where_one_token_takes_nearly_all_mass(backe
     check_confident_token_gradients(dtype, T)
 
 
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+@pytest.mark.parametrize("T", (1.0, 0.7, 2.0))
+def test_float64_pair_gradients_of_peaked_and_near_rows(backend, T):
+    """float64 inputs keep the relative target, 1e-12 of the row's largest gradient, on rows
+    where one token holds nearly all of p and q (the gradient is then of the order of the mass
+    left to the others: 1e-9 ... 1e-23 here) and on near-identical rows under a constant logit
+    offset. The torch backend lost both: its backward re-formed the log-ratio centre from the
+    two rounded normalisers (1e-16 |lse| off: 2e-12 of a near row's gradient, and the sign of
+    a dominant token's p - q for TV), and formed a dominant token's p (eps - KL) and q - p as
+    small differences of O(1) numbers: on these rows its entries were off by up to 6e4 times
+    the row's largest gradient. It now keeps the forward's centre and takes such an entry as
+    minus the sum of the row's others."""
+    _ops._FORCE_TORCH[0] = backend == "torch"
+    rng = StableRNG(int(10 * T) + 5)
+    V = 300
+    zs, ws = [], []
+    for k in range(8):
+        z = rng.normal(V) * (0.5, 3.0)[k % 2]
+        if k < 4:  # one dominant token, in both rows
+            top = int(rng.integers(0, V))
+            z[top] += T * (20.0, 35.0, 50.0, 12.0)[k]
+            w = z + 0.3 * rng.normal(V)
+        else:  # near-identical, with and without an offset
+            w = z + (1e-3, 1e-6)[k % 2] * rng.normal(V) + (0.0, 5.0)[(k // 2) % 2]
+        zs.append(z)
+        ws.append(w)
+    z = torch.from_numpy(np.stack(zs))
+    w = torch.from_numpy(np.stack(ws))
+    g = torch.from_numpy(StableRNG(3).uniform(z.shape[0], 0.5, 2.0))
+    failures = []
+    for func in PAIR:
+        zz = z.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(True)
+        (getattr(trmath, func)(zz, ww, temperature=T) * g).sum().backward()
+        refs = mp_grad_batch(func, z, w, temperature=T, grad_output=g)
+        for k, (got, ref) in enumerate(zip((zz.grad, ww.grad), refs)):
+            r = np.asarray(ref, dtype=np.float64)
+            err = np.abs(got.numpy() - r)
+            allowed = 1e-12 * np.abs(r).max(-1, keepdims=True) + 1e-300
+            if (err > allowed).any():
+                rows = np.unique(np.nonzero(err > allowed)[0]).tolist()
+                worst = float((err / np.abs(r).max(-1, keepdims=True)).max())
+                failures.append(f"d{func}/d{'zw'[k]}: rows {rows}, worst {worst:.3g} of the row max")
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("T", (1.0, 0.7))
 @pytest.mark.parametrize("V", (64, 1000, 5000))
 def test_entropy_gradient_of_near_uniform_rows(V, T):

@@ -188,7 +188,7 @@ def _check_pair(z: torch.Tensor, w: torch.Tensor, T: float, ops: Sequence[str] =
     for op in ops:
         out, st = getattr(tb, f"{op}_forward")(z, w, T)
         assert out.dtype == (F64 if dtype == F64 else F32) and st.dtype == F64
-        assert st.shape == (z.shape[0], 4)
+        assert st.shape == (z.shape[0], 6)
         _check(op, dtype, out, [REF_PAIR[op](a, b, T) for a, b in zip(zr, wr)])
 
 
@@ -704,7 +704,7 @@ def test_token_out_of_range_nan() -> None:
 def test_empty_shapes() -> None:
     z = torch.zeros(0, 5)
     out, st = tb.kl_forward(z, z, 1.0)
-    assert out.shape == (0,) and st.shape == (0, 4)
+    assert out.shape == (0,) and st.shape == (0, 6)
     z = torch.zeros(2, 0)
     out, st = tb.lse_forward(z, 1.0)
     assert out.isnan().all() and st.shape == (2, 4)

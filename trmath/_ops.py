@@ -238,17 +238,16 @@ def pair_fwd_impl(z: Tensor, w: Tensor, temperature: float, op: str, validate: b
         raise_for_status(status.cpu(), lead, _PAIR_NAMES)
     V = z.shape[-1]
     out, stats = _TB_PAIR[op][0](z.reshape(-1, V), w.reshape(-1, V), temperature)
-    # Columns 4-5 (the C++ kernels' log-ratio centre) are unused by the torch backward; so are
-    # 6-8, where the CPU kernels' TV backward (which these statistics may also feed) finds the
-    # row maxima and the centre correction its side-mass pass works about (cpp/src/kernels.cpp).
-    # (The CUDA TV backward reads the side masses its own forward stores there: zeros tell it
-    # that they are missing.)
-    centre = ((stats[:, 0] - stats[:, 1]) * temperature).unsqueeze(-1)
-    pad = torch.zeros(stats.shape[0], _PAIR_STATS - 5, dtype=stats.dtype, device=stats.device)
+    # Columns 4-5 hold the log-ratio centre as an unevaluated sum (logit units), as in the C++
+    # kernels' statistics; 6-8 are where the CPU kernels' TV backward (which these statistics may
+    # also feed) finds the row maxima and the centre correction its side-mass pass works about
+    # (cpp/src/kernels.cpp). (The CUDA TV backward reads the side masses its own forward stores
+    # there: zeros tell it that they are missing.)
+    pad = torch.zeros(stats.shape[0], _PAIR_STATS - tb._PAIR_STATS, dtype=stats.dtype, device=stats.device)
     if op == "tv" and z.device.type == "cpu":
-        pad[:, 1] = z.reshape(-1, V).amax(-1).to(stats.dtype)  # column 6
-        pad[:, 2] = w.reshape(-1, V).amax(-1).to(stats.dtype)  # column 7
-    stats = torch.cat([stats, centre, pad], dim=-1)
+        pad[:, 0] = z.reshape(-1, V).amax(-1).to(stats.dtype)  # column 6
+        pad[:, 1] = w.reshape(-1, V).amax(-1).to(stats.dtype)  # column 7
+    stats = torch.cat([stats, pad], dim=-1)
     return out.reshape(lead), stats.reshape(*lead, _PAIR_STATS)
 
 
@@ -271,7 +270,7 @@ def pair_bwd(g: Tensor, z: Tensor, w: Tensor, stats: Tensor, temperature: float,
         dz, dw = _cpp().cuda_pair_backward(g, z, w, stats, temperature, op, need_z, need_w)
     else:
         V = z.shape[-1]
-        dz, dw = _TB_PAIR[op][1](g.reshape(-1), z.reshape(-1, V), w.reshape(-1, V), stats.reshape(-1, _PAIR_STATS)[:, :4].contiguous(), temperature, need_z, need_w)
+        dz, dw = _TB_PAIR[op][1](g.reshape(-1), z.reshape(-1, V), w.reshape(-1, V), stats.reshape(-1, _PAIR_STATS)[:, :tb._PAIR_STATS].contiguous(), temperature, need_z, need_w)
         dz = dz.reshape(z.shape).to(z.dtype) if dz is not None else None
         dw = dw.reshape(w.shape).to(w.dtype) if dw is not None else None
     empty = z.new_empty(0)

@@ -26,11 +26,15 @@ Each forward also returns float64 per-row *stats* that its backward consumes:
   forms :math:`\log p_i = (z_i - m)/T - L` (exact :math:`z_i - m`), which keeps its relative
   accuracy where :math:`p_i \to 1` (:math:`z_i/T - \mathrm{lse}` is rounded at the size of
   lse);
-* pair ops (``kl``, ``tv``, ``js``): ``[lse_p, lse_q, a, b]`` where ``lse_p - lse_q`` is the
-  accurate normaliser difference :math:`c` that defines :math:`\varepsilon_i = \log p_i - \log q_i =
-  (z_i - w_i)/T - c`; ``a = KL(p||q), b = 0`` for ``kl``; :math:`a = \sum_i p_i s_i`,
+* pair ops (``kl``, ``tv``, ``js``): ``[lse_p, lse_q, a, b, c_hi, c_lo]`` where
+  ``c_hi + c_lo`` (an unevaluated sum, logit units) is the accurate centre
+  :math:`C = T(\mathrm{lse}_p - \mathrm{lse}_q)` that defines :math:`\varepsilon_i = \log p_i -
+  \log q_i = (z_i - w_i - C)/T`; ``a = KL(p||q), b = 0`` for ``kl``; :math:`a = \sum_i p_i s_i`,
   :math:`b = \sum_i q_i s_i` with :math:`s_i = \operatorname{sign}(p_i - q_i)` for ``tv``;
-  :math:`a = KL(p\|m)`, :math:`b = KL(q\|m)` for ``js``.
+  :math:`a = KL(p\|m)`, :math:`b = KL(q\|m)` for ``js``. The backward of ``kl`` and ``js`` takes
+  a dominant token's entry (one holding more than half of ``p``, or of ``q``) as minus the sum
+  of the row's other entries where that is the more accurate (the row sums to 0): formed
+  directly it is a small difference of numbers of the size of the logits.
 
 Numerical approach
 ------------------
@@ -255,6 +259,7 @@ def _lse_of(norm: _Norm, temperature: float) -> Tensor:
 
 
 _SINGLE_STATS = 4  # [lse, H, m, L] per row (the module notes)
+_PAIR_STATS = 6  # [lse_p, lse_q, a, b, c_hi, c_lo] per row (the module notes)
 
 
 def _single_stats(stats: Tensor, rows: slice, norm: _Norm, lse: Tensor, h: Tensor | None) -> None:
@@ -690,11 +695,12 @@ def token_logprobs_backward(
 
 
 class _Pair(NamedTuple):
-    """Block of two rows aligned token by token (float64).
+    r"""Block of two rows aligned token by token (float64).
 
     ``eps = log p - log q`` (``0`` where both are masked, ``-inf`` where only ``p`` is, ``+inf``
     where only ``q`` is); ``p``, ``q`` the probabilities; ``zmask``, ``wmask`` the masked tokens;
-    ``lse_p``, ``lse_q`` the normalisers; ``bad`` the invalid rows.
+    ``lse_p``, ``lse_q`` the normalisers; ``c_hi + c_lo`` the centre :math:`T(\mathrm{lse}_p -
+    \mathrm{lse}_q)` of ``eps`` (logit units) as an unevaluated sum; ``bad`` the invalid rows.
     """
 
     eps: Tensor
@@ -704,6 +710,8 @@ class _Pair(NamedTuple):
     wmask: Tensor
     lse_p: Tensor
     lse_q: Tensor
+    c_hi: Tensor
+    c_lo: Tensor
     bad: Tensor
 
 
@@ -758,11 +766,14 @@ def _pair_block(zc: Tensor, wc: Tensor, temperature: float) -> _Pair:
     eps = _centred_log_ratio(diff, c_hi, c_lo, t, zmask, wmask)
     lse_q = nw.m / t + nw.L
     lse_p = lse_q + (c_hi + c_lo) / t
-    return _Pair(eps, p, q, zmask, wmask, lse_p, lse_q, nz.bad | nw.bad)
+    return _Pair(eps, p, q, zmask, wmask, lse_p, lse_q, c_hi, c_lo, nz.bad | nw.bad)
 
 
 def _pair_block_from_stats(zc: Tensor, wc: Tensor, st: Tensor, temperature: float) -> _Pair:
-    """Recompute ``eps, p, q`` of a block from the stored normalisers (backward pass)."""
+    """Recompute ``eps, p, q`` of a block from the stored normalisers and centre (backward
+    pass; the centre kept as the forward's unevaluated sum, not re-formed as the difference of
+    the rounded normalisers, which lost 1e-16 |lse| of it: 2e-12 of a near-identical row's
+    gradient)."""
     t = temperature
     z = zc.to(torch.float64)
     w = wc.to(torch.float64)
@@ -770,11 +781,11 @@ def _pair_block_from_stats(zc: Tensor, wc: Tensor, st: Tensor, temperature: floa
     wmask = w == -_INF
     lse_p = st[:, 0]
     lse_q = st[:, 1]
-    c_hi = t * (lse_p - lse_q)
-    eps = _centred_log_ratio(_two_sum(z, -w), c_hi, torch.zeros_like(c_hi), t, zmask, wmask)
+    c_hi, c_lo = st[:, 4], st[:, 5]
+    eps = _centred_log_ratio(_two_sum(z, -w), c_hi, c_lo, t, zmask, wmask)
     q = torch.exp(w / t - lse_q[:, None])
     p = torch.exp(z / t - lse_p[:, None])
-    return _Pair(eps, p, q, zmask, wmask, lse_p, lse_q, st.isnan().any(dim=1))
+    return _Pair(eps, p, q, zmask, wmask, lse_p, lse_q, c_hi, c_lo, st.isnan().any(dim=1))
 
 
 def _kl_terms(b: _Pair) -> Tensor:
@@ -863,9 +874,9 @@ def _pair_forward(z: Tensor, w: Tensor, temperature: float, op: str) -> tuple[Te
     n, v = z.shape
     dtype = _result_dtype(z, w)
     if v == 0:
-        return _empty_vocab_forward(n, 4, z.device, dtype, 1)  # type: ignore[return-value]
+        return _empty_vocab_forward(n, _PAIR_STATS, z.device, dtype, 1)  # type: ignore[return-value]
     out = torch.empty(n, dtype=dtype, device=z.device)
-    stats = torch.empty(n, 4, dtype=torch.float64, device=z.device)
+    stats = torch.empty(n, _PAIR_STATS, dtype=torch.float64, device=z.device)
     for rows in _row_blocks(n, v):
         b = _pair_block(z[rows], w[rows], t)
         if op == "kl":
@@ -880,7 +891,7 @@ def _pair_forward(z: Tensor, w: Tensor, temperature: float, op: str) -> tuple[Te
             bb = (m * _phi(dq)).sum(dim=1)
             val = (0.5 * (a + bb)).clamp(max=_LN2)
         out[rows] = _nan_rows(val, b.bad).to(dtype)
-        st = torch.stack((b.lse_p, b.lse_q, a, bb), dim=1)
+        st = torch.stack((b.lse_p, b.lse_q, a, bb, b.c_hi, b.c_lo), dim=1)
         stats[rows] = _nan_rows(st, b.bad)
     return out, stats
 
@@ -899,7 +910,7 @@ def _pair_backward(
     t = _check_temperature(temperature)
     n, v = z.shape
     g = _check_rowvec(g, n, "g")
-    stats = _check_stats(stats, n, 4)
+    stats = _check_stats(stats, n, _PAIR_STATS)
     dz = torch.empty(n, v, dtype=z.dtype, device=z.device) if need_z else None
     dw = torch.empty(n, v, dtype=w.dtype, device=w.device) if need_w else None
     if not (need_z or need_w):
@@ -910,9 +921,17 @@ def _pair_backward(
         gc = g[rows].to(torch.float64)[:, None] / t
         a = st[:, 2:3]
         bb = st[:, 3:4]
+        # error scale of eps at a token (the rounding of (z - w)/T and of the normalisers)
+        escale = (z[rows].to(torch.float64) - w[rows].to(torch.float64)).abs() / t
+        escale = escale + (b.lse_p.abs() + b.lse_q.abs())[:, None]
         if op == "kl":
             gz = gc * b.p * (b.eps - a) if need_z else None
-            gw = gc * (b.q - b.p) if need_w else None
+            if need_w:  # q - p as -q expm1(eps) where |eps| <= 1 (no cancellation as p -> q)
+                small = b.eps.abs() <= _EPS_SPLIT
+                em = torch.where(small, -b.q * torch.expm1(torch.where(small, b.eps, 0.0)), b.q - b.p)
+                gw = gc * em
+            else:
+                gw = None
         elif op == "tv":
             # s_j - sum_i p_i s_i from the side masses of this very classification: consistent
             # with s_j (so ties and V = 1 give 0) and never formed as 1 - (P+ - P-).
@@ -924,10 +943,38 @@ def _pair_backward(
             gz = 0.5 * gc * b.p * (dp - a) if need_z else None
             gw = 0.5 * gc * b.q * (dq - bb) if need_w else None
         if dz is not None and gz is not None:
-            dz[rows] = _nan_rows(_zero_masked(gz, b.zmask), b.bad).to(z.dtype)
+            gz = _zero_masked(gz, b.zmask)
+            if op != "tv":
+                gz = _dominant_from_rest(gz, b.p, gc * b.p * (escale + a.abs()))
+            dz[rows] = _nan_rows(gz, b.bad).to(z.dtype)
         if dw is not None and gw is not None:
-            dw[rows] = _nan_rows(_zero_masked(gw, b.wmask), b.bad).to(w.dtype)
+            gw = _zero_masked(gw, b.wmask)
+            if op != "tv":
+                gw = _dominant_from_rest(gw, b.q, gc * b.q * (escale + bb.abs()))
+            dw[rows] = _nan_rows(gw, b.bad).to(w.dtype)
     return dz, dw
+
+
+def _dominant_from_rest(grad: Tensor, prob: Tensor, scale: Tensor) -> Tensor:
+    r"""Rows where one token holds more than half of ``prob``: its gradient entry as minus the
+    sum of the others, where that is the more accurate.
+
+    KL and JS are invariant to a shift of either row of logits, so each gradient row sums to 0.
+    At a dominant token the direct formula (e.g. :math:`p_j(\varepsilon_j - \mathrm{KL})`) is a
+    small difference of numbers of size ``scale`` (its absolute error is a few ulps of
+    ``|scale|``, all of the entry on a peaked row: the gradient there is of the order of the
+    mass left to the other tokens); the sum of the other entries has an absolute error of a few
+    ulps of their absolute sum, and that sum is taken when it is the smaller.
+    """
+    pm, idx = prob.max(dim=1, keepdim=True)
+    rest_terms = grad.scatter(1, idx, 0.0)
+    rest = rest_terms.sum(dim=1, keepdim=True)
+    size = rest_terms.abs().sum(dim=1, keepdim=True)
+    direct_size = scale.gather(1, idx).abs()
+    use = (pm > 0.5) & torch.isfinite(rest) & torch.isfinite(grad.gather(1, idx)) & (size < direct_size)
+    if not bool(use.any()):
+        return grad
+    return grad.scatter(1, idx, torch.where(use, -rest, grad.gather(1, idx)))
 
 
 def _side_gap(sgn: Tensor, p: Tensor) -> Tensor:
@@ -965,7 +1012,7 @@ def kl_forward(z: Tensor, w: Tensor, temperature: float) -> tuple[Tensor, Tensor
     out : Tensor
         ``[N]``, float32 (float64 if an input is float64).
     stats : Tensor
-        ``[N, 4]`` float64, ``[lse_p, lse_q, KL, 0]``.
+        ``[N, 6]`` float64, ``[lse_p, lse_q, KL, 0, c_hi, c_lo]``.
 
     Notes
     -----
@@ -996,7 +1043,7 @@ def kl_backward(
     z, w : Tensor
         Logits ``[N, V]`` given to the forward.
     stats : Tensor
-        ``[N, 4]`` from the forward.
+        ``[N, 6]`` from the forward.
     temperature : float
         ``T > 0``.
     need_z, need_w : bool
@@ -1035,7 +1082,7 @@ def tv_forward(z: Tensor, w: Tensor, temperature: float) -> tuple[Tensor, Tensor
     out : Tensor
         ``[N]``, float32 (float64 if an input is float64), clamped to ``<= 1``.
     stats : Tensor
-        ``[N, 4]`` float64, ``[lse_p, lse_q, sum_i p_i s_i, sum_i q_i s_i]`` with
+        ``[N, 6]`` float64, ``[lse_p, lse_q, sum_i p_i s_i, sum_i q_i s_i, c_hi, c_lo]`` with
         :math:`s_i = \operatorname{sign}(p_i - q_i)`.
 
     Notes
@@ -1069,7 +1116,7 @@ def tv_backward(
     z, w : Tensor
         Logits ``[N, V]`` given to the forward.
     stats : Tensor
-        ``[N, 4]`` from the forward.
+        ``[N, 6]`` from the forward.
     temperature : float
         ``T > 0``.
     need_z, need_w : bool
@@ -1113,7 +1160,7 @@ def js_forward(z: Tensor, w: Tensor, temperature: float) -> tuple[Tensor, Tensor
     out : Tensor
         ``[N]``, float32 (float64 if an input is float64), clamped to ``<= log 2``.
     stats : Tensor
-        ``[N, 4]`` float64, ``[lse_p, lse_q, KL(p||m), KL(q||m)]``.
+        ``[N, 6]`` float64, ``[lse_p, lse_q, KL(p||m), KL(q||m), c_hi, c_lo]``.
 
     Notes
     -----
@@ -1144,7 +1191,7 @@ def js_backward(
     z, w : Tensor
         Logits ``[N, V]`` given to the forward.
     stats : Tensor
-        ``[N, 4]`` from the forward.
+        ``[N, 6]`` from the forward.
     temperature : float
         ``T > 0``.
     need_z, need_w : bool
