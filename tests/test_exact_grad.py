@@ -329,13 +329,15 @@ def test_float64_pair_gradients_of_peaked_and_near_rows(backend, T):
 @pytest.mark.parametrize("V", (64, 1000, 5000))
 def test_entropy_gradient_of_near_uniform_rows(V, T):
     """Near-uniform rows: -p (log p + H) cancels (log p and -H are both about -log V), so the
-    gradient is far below its terms. The kernel forms log p + H about the row's own constant
-    (lse - H) T; every entry is then within some 15 float32 ulps of the row's largest gradient:
-    p's argument carries the forward's log-normaliser (float exponentials summed in double, a
-    few 1e-7 absolute: up to ~7 ulp of p), the exponential <= 2 ulp, the centred log-ratio
-    (two subtractions and a scaling) <= 3 ulp, g / T and the two products 3 ulp; 14.3 ulp seen
-    over these rows, 32 allowed. The log p + H formed after rounding log p left up to 4600 ulp
-    (1.7e-4 relative at V = 1000, spread 1e-3)."""
+    gradient is far below its terms. The kernel forms log p + H as (z - M)/T - (log A - H), the
+    row constant log A - H (from the forward's M, log A and H) kept as two floats; every entry is
+    then within some 17 float32 ulps of the row's largest gradient: p's argument carries the
+    forward's log-normaliser (float exponentials summed in double, a few 1e-7 absolute: up to ~7
+    ulp of p), the exponential <= 2 ulp, the centred log-ratio (a subtraction, a scaling and the
+    two parts of the constant) <= 4 ulp, g / T and the two products 3 ulp; 16.4 ulp seen over
+    these rows (14.3 with the constant (lse - H) T, which lost all of log p + H on peaked rows),
+    32 allowed. The log p + H formed after rounding log p left up to 4600 ulp (1.7e-4 relative at
+    V = 1000, spread 1e-3)."""
     rng = StableRNG(V + int(10 * T))
     for spread in (1e-3, 1e-5, 1.0):
         z = torch.from_numpy(spread * rng.normal(3 * V).reshape(3, V)).to(torch.float32)
