@@ -43,7 +43,8 @@ PAIR_OPS = {"kl": 0, "tv": 1, "js": 2}
 
 
 def isa() -> str:
-    """Instruction set of the CPU kernels in use (``"avx512"``, ``"avx2"`` or ``"generic"``)."""
+    """Instruction set of the CPU kernels in use (``"avx512_bf16"``, ``"avx512"``, ``"avx2"`` or
+    ``"generic"``; the environment variable ``TRMATH_ISA`` set to one of the last three caps it)."""
     return _core.isa()
 
 

@@ -54,10 +54,11 @@ bool use_isa(const char* isa) { return std::strcmp(kernels().isa, isa) == 0; }
 
 }  // namespace
 
-// Calls isa_<set>::fn(args...) for the exact kernels' instruction set.
+// Calls isa_<set>::fn(args...) for the exact kernels' instruction set (the AVX-512 projection
+// kernels also serve the exact kernels' avx512_bf16 build).
 #if defined(TRMATH_HAVE_AVX512)
 #define TRMATH_PROJ_AVX512(fn, ...) \
-  if (use_isa("avx512")) return isa_avx512::fn(__VA_ARGS__);
+  if (use_isa("avx512") || use_isa("avx512_bf16")) return isa_avx512::fn(__VA_ARGS__);
 #else
 #define TRMATH_PROJ_AVX512(fn, ...)
 #endif

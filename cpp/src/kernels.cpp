@@ -687,6 +687,16 @@ struct PairAlgo {
 // conversion instruction (round to nearest even).
 TRMATH_INLINE void store16(float* dst, f16v v) { std::memcpy(dst, &v, 64); }
 TRMATH_INLINE void store16(bf16_t* dst, f16v v) {
+#if defined(__AVX512BF16__)
+  // One instruction rounds 16 floats to nearest even, NaN kept quiet with its high half (as
+  // below), but it flushes subnormal inputs to zero: a vector holding one takes the path below.
+  const __m512 x = (__m512)v;
+  if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0x20) == 0, 1)) {  // 0x20: subnormal
+    const __m256bh h = _mm512_cvtneps_pbh(x);
+    std::memcpy(dst, &h, 32);
+    return;
+  }
+#endif
   typedef uint32_t u16w __attribute__((vector_size(64)));
   const u16w u = (u16w)v;
   const u16w hi = u >> 16;
