@@ -14,6 +14,10 @@ both to a 50-digit reference on the exact values the inputs represent:
   tokens alone is not a divergence and goes negative.
 * **Full-vocabulary KL of near-identical rows**: ``sum(p * (log_softmax(z) - log_softmax(w)))``
   in float32 returns noise of either sign for a KL of ``1e-12``.
+* **The gradient of a confident token's log-probability**: :math:`\partial \log p(a)/\partial z_a
+  = 1 - p(a)`, which the backward of ``log_softmax`` forms as ``g - g p`` in float32: 0 once
+  :math:`1 - p(a)` is below the rounding of :math:`p(a)` (:math:`6 \cdot 10^{-8}`), and a
+  rounding-sized error above. trmath forms it as :math:`-\operatorname{expm1}(\log p(a))`.
 
 The README and the documentation show the table this module produces; the tests assert that the
 textbook formulas do fail on these cases and that trmath meets its accuracy target on them.
@@ -138,10 +142,31 @@ def _exact_cases():
     yield Pitfall("full KL, V = 32768", f"near-identical (KL = {exact:.0e})", exact, textbook, mine)
 
 
+def _token_grad_cases():
+    import trmath
+
+    for rest in (1e-4, 1e-6, 1e-9):
+        # a confident sampled token: p(a) = 1 - rest, the others sharing the rest
+        z = torch.zeros(1, 8, dtype=torch.float64)
+        z[0, 3] = float(np.log((1 - rest) / rest * 7))
+        z = z.float()
+        mp_z = [_mp(v) for v in z[0].tolist()]
+        with mpmath.workdps(_DPS):
+            exps = [mpmath.exp(v - mp_z[3]) for v in mp_z]
+            exact = float(mpmath.fsum(exps[:3] + exps[4:]) / mpmath.fsum(exps))  # 1 - p(a)
+        zt = z.clone().requires_grad_(True)
+        torch.log_softmax(zt, -1)[0, 3].backward()  # float32 autograd, as in trainers
+        textbook = float(zt.grad[0, 3])
+        zm = z.clone().requires_grad_(True)
+        trmath.token_logprobs(zm, torch.tensor([3])).sum().backward()
+        mine = float(zm.grad[0, 3])
+        yield Pitfall("d log p(a) / d z_a", f"p(a) = 1 - {rest:.0e}", exact, textbook, mine)
+
+
 def evaluate_pitfalls() -> list[Pitfall]:
     """Evaluate every case (about a second; needs :mod:`mpmath`)."""
     rows: list[Pitfall] = []
-    for gen in (_k3_cases, _binary_cases, _topk_cases, _exact_cases):
+    for gen in (_k3_cases, _binary_cases, _topk_cases, _exact_cases, _token_grad_cases):
         rows.extend(gen())
     return rows
 
