@@ -921,9 +921,6 @@ def _pair_backward(
         gc = g[rows].to(torch.float64)[:, None] / t
         a = st[:, 2:3]
         bb = st[:, 3:4]
-        # error scale of eps at a token (the rounding of (z - w)/T and of the normalisers)
-        escale = (z[rows].to(torch.float64) - w[rows].to(torch.float64)).abs() / t
-        escale = escale + (b.lse_p.abs() + b.lse_q.abs())[:, None]
         if op == "kl":
             gz = gc * b.p * (b.eps - a) if need_z else None
             if need_w:  # q - p as -q expm1(eps) where |eps| <= 1 (no cancellation as p -> q)
@@ -945,32 +942,38 @@ def _pair_backward(
         if dz is not None and gz is not None:
             gz = _zero_masked(gz, b.zmask)
             if op != "tv":
-                gz = _dominant_from_rest(gz, b.p, gc * b.p * (escale + a.abs()))
+                gz = _dominant_from_rest(gz, b.p, z[rows], w[rows], b, t, gc, a)
             dz[rows] = _nan_rows(gz, b.bad).to(z.dtype)
         if dw is not None and gw is not None:
             gw = _zero_masked(gw, b.wmask)
             if op != "tv":
-                gw = _dominant_from_rest(gw, b.q, gc * b.q * (escale + bb.abs()))
+                gw = _dominant_from_rest(gw, b.q, z[rows], w[rows], b, t, gc, bb)
             dw[rows] = _nan_rows(gw, b.bad).to(w.dtype)
     return dz, dw
 
 
-def _dominant_from_rest(grad: Tensor, prob: Tensor, scale: Tensor) -> Tensor:
+def _dominant_from_rest(grad: Tensor, prob: Tensor, z: Tensor, w: Tensor, b: _Pair,
+                        temperature: float, gc: Tensor, row_scalar: Tensor) -> Tensor:
     r"""Rows where one token holds more than half of ``prob``: its gradient entry as minus the
     sum of the others, where that is the more accurate.
 
     KL and JS are invariant to a shift of either row of logits, so each gradient row sums to 0.
-    At a dominant token the direct formula (e.g. :math:`p_j(\varepsilon_j - \mathrm{KL})`) is a
-    small difference of numbers of size ``scale`` (its absolute error is a few ulps of
-    ``|scale|``, all of the entry on a peaked row: the gradient there is of the order of the
-    mass left to the other tokens); the sum of the other entries has an absolute error of a few
-    ulps of their absolute sum, and that sum is taken when it is the smaller.
+    At a dominant token :math:`j` the direct formula (e.g. :math:`p_j(\varepsilon_j -
+    \mathrm{KL})`) is a small difference of numbers of the size
+    :math:`|g/T|\,\mathrm{prob}_j\,(|z_j - w_j|/T + |\mathrm{lse}_p| + |\mathrm{lse}_q| +
+    |\text{row scalar}|)` (the rounding of :math:`\varepsilon_j`; a few ulps of it is all of the
+    entry on a peaked row, whose gradient is of the order of the mass left to the other
+    tokens); the sum of the other entries has an absolute error of a few ulps of their absolute
+    sum, and that sum is taken when it is the smaller.
     """
     pm, idx = prob.max(dim=1, keepdim=True)
     rest_terms = grad.scatter(1, idx, 0.0)
     rest = rest_terms.sum(dim=1, keepdim=True)
     size = rest_terms.abs().sum(dim=1, keepdim=True)
-    direct_size = scale.gather(1, idx).abs()
+    zj = z.gather(1, idx).to(torch.float64)
+    wj = w.gather(1, idx).to(torch.float64)
+    eps_size = (zj - wj).abs() / temperature + (b.lse_p.abs() + b.lse_q.abs())[:, None]
+    direct_size = (gc * pm * (eps_size + row_scalar.abs())).abs()
     use = (pm > 0.5) & torch.isfinite(rest) & torch.isfinite(grad.gather(1, idx)) & (size < direct_size)
     if not bool(use.any()):
         return grad
