@@ -15,7 +15,11 @@ own launch latency -- ``--inner 1`` times single calls):
 * ``project_kl``: the KL-ball projection at V = 151936, the CUDA kernels against the chunked torch
   implementation on the same device (its ``eta`` checked against the CPU kernels');
 * ``liger``: Liger-Kernel's KL divergence on precomputed log-probabilities (KL only; it does not
-  normalise logits, so it does less work than the others).
+  normalise logits, so it does less work than the others);
+* ``kl_backward``: both gradients of ``kl``, through autograd (method ``trmath``; the autograd
+  engine's hand-off to its device thread and the Python around it can take longer on the host
+  than the kernels on the device) and as the backend's call alone (method ``kernels``, checked
+  bit for bit against autograd's gradients); bytes = inputs read + gradients written.
 
 Bandwidth = bytes of the two inputs / time, reported also as a fraction of the copy ceiling.
 Every timed method's result is checked against trmath's CPU kernels on a few rows.
@@ -241,6 +245,27 @@ def main(argv=None) -> int:
                          "dtype": str(dtype).replace("torch.", ""), "time_us": tb_ * 1e6,
                          "GBps": 2 * nbytes / tb_ / 1e9, "frac_copy_peak": 2 * nbytes / tb_ / peak,
                          "ratio_vs_read_once": tb_ / t_read, "max_rel_err_vs_cpu": float("nan"), "check": "-"})
+            # The backward kernels alone (the backend call autograd makes, without the autograd
+            # engine's hand-off to its device thread and the Python around it, whose host time
+            # can exceed the kernels' device time): must give autograd's gradients bit for bit.
+            if _backend.has_cuda():
+                try:
+                    _, st_k, _ = _backend.cuda_pair_forward(z, w, 1.0, "kl")
+                    g_k = torch.ones(N, dtype=torch.float64, device="cuda")
+                    bwd_k = lambda: _backend.cuda_pair_backward(g_k, z, w, st_k, 1.0, "kl", True, True)  # noqa: E731
+                    tk = _time(bwd_k, reps)
+                    ga = torch.autograd.grad(out, (zz, ww), gout, retain_graph=True)
+                    same = all(torch.equal(a_, b_) for a_, b_ in zip(bwd_k(), ga))
+                    if not same:
+                        failures.append(f"kl_backward kernels N={N} V={V} {dtype}: differ from autograd's gradients")
+                    rows.append({"op": "kl_backward", "method": "kernels", "N": N, "V": V,
+                                 "dtype": str(dtype).replace("torch.", ""), "time_us": tk * 1e6,
+                                 "GBps": 2 * nbytes / tk / 1e9, "frac_copy_peak": 2 * nbytes / tk / peak,
+                                 "ratio_vs_read_once": tk / t_read, "max_rel_err_vs_cpu": 0.0 if same else float("nan"),
+                                 "check": "ok" if same else "FAIL"})
+                    del st_k, g_k, ga
+                except Exception as e:  # noqa: BLE001 - report, keep the other rows
+                    failures.append(f"kl_backward kernels N={N} V={V} {dtype}: {type(e).__name__}: {e}")
             # KL-ball projection (TROLL) at eps = 0.01 (every row active: KL(p||q) ~ 0.045 here):
             # the CUDA kernels against the chunked torch implementation on the same device.
             if V == 151936:
