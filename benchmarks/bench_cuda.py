@@ -9,7 +9,11 @@ own launch latency -- ``--inner 1`` times single calls):
 * ``copy``: a device-to-device copy of a large buffer; its bytes read + written per second is the
   card's practical bandwidth ceiling;
 * ``read_once``: a row reduction reading both inputs once (``z.sum(-1) + w.sum(-1)``);
-* ``trmath``: the public function (``validate=False``: the kernels alone, no host sync);
+* ``trmath``: the public function (``validate=False``: the kernels alone, no host sync), called as
+  a forward no backward follows (no gradient wanted: no statistics kept, so TV's full pass sums its
+  value alone);
+* ``kept``: the same forward keeping the statistics a backward reads, as a training step runs it
+  (the backend's call; its values are checked to be the same bits);
 * ``eager``: the textbook formula in float32 (``log_softmax`` twice, then the sum);
 * ``compile``: ``torch.compile`` of the same formula;
 * ``project_kl``: the KL-ball projection at V = 151936, the CUDA kernels against the chunked torch
@@ -187,6 +191,13 @@ def main(argv=None) -> int:
                 ref = fn(z[sub].cpu(), w[sub].cpu()).double()
                 res = {}
                 res["trmath"] = (_time(lambda: fn(z, w, validate=False), reps), fn(z, w)[sub])
+                if _backend.has_cuda():
+                    # the forward as a training step runs it: keeping the statistics its backward
+                    # reads (the backend's call; same values bit for bit)
+                    kept = lambda: _backend.cuda_pair_forward(z, w, 1.0, op)[0]  # noqa: E731
+                    if not torch.equal(kept(), fn(z, w, validate=False)):
+                        failures.append(f"{op} kept N={N} V={V} {dtype}: differs from the value-only call")
+                    res["kept"] = (_time(kept, reps), kept()[sub])
                 tb = textbook(op)
                 res["eager"] = (_time(lambda: tb(z, w), reps), tb(z, w)[sub])
                 if args.compile == "all" or (args.compile == "main" and V == 151936):
@@ -207,14 +218,14 @@ def main(argv=None) -> int:
                     err = float(((val.double().cpu() - ref).abs() / ref.abs().clamp_min(1e-30)).max())
                     # trmath must meet its accuracy target; the baselines' errors are reported only
                     # (bfloat16 log-probabilities, as Liger takes them, lose ~1e-2 of a KL).
-                    ok = err <= 1e-5 if name == "trmath" else True
+                    ok = err <= 1e-5 if name in ("trmath", "kept") else True
                     if not ok:
                         failures.append(f"{op} {name} N={N} V={V} {dtype}: rel err {err:.3g} > 1e-5")
                     rows.append({
                         "op": op, "method": name, "N": N, "V": V, "dtype": str(dtype).replace("torch.", ""),
                         "time_us": t * 1e6, "GBps": nbytes / t / 1e9, "frac_copy_peak": nbytes / t / peak,
                         "ratio_vs_read_once": t / t_read, "max_rel_err_vs_cpu": err,
-                        "check": ("ok" if ok else "FAIL") if name == "trmath" else "info",
+                        "check": ("ok" if ok else "FAIL") if name in ("trmath", "kept") else "info",
                     })
             rows.append({"op": "read_once", "method": "read_once", "N": N, "V": V,
                          "dtype": str(dtype).replace("torch.", ""), "time_us": t_read * 1e6,

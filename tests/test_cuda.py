@@ -194,6 +194,23 @@ def test_row_result_independent_of_batch(func):
             assert torch.equal(a[r], c[pos]), (func, r)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+@pytest.mark.parametrize("func", PAIR + SINGLE)
+def test_value_the_same_with_and_without_a_backward(func, dtype):
+    """A call that keeps no statistics (no gradient wanted: TV's full pass then sums its value
+    alone) gives the same bits as one that keeps them for a backward."""
+    _, z, w = _batch(func, 40000, 24, 21, dtype)
+    tokens = _tokens(z, 4).cuda()
+    z, w = z.cuda(), None if w is None else w.cuda()
+    for T in (1.0, 0.7):
+        plain = _call(func, z, w, tokens, temperature=T)
+        zg = z.detach().clone().requires_grad_(True)
+        kept = _call(func, zg, w, tokens, temperature=T)
+        assert all(k.requires_grad for k in kept)  # the path that keeps statistics
+        for a, b in zip(plain, kept):
+            assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b.detach(), nan=-7.0)), (func, T)
+
+
 @pytest.mark.parametrize("func", PAIR + SINGLE)
 def test_strided_inputs(func):
     z, w = _near_rows(8, 2 * 1501, torch.float32, 12)

@@ -324,14 +324,16 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def cuda_single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str):
-    """:func:`single_forward` for CUDA tensors; everything stays on ``z``'s device and stream."""
+def cuda_single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperature: float, op: str,
+                        keep: bool = True):
+    """:func:`single_forward` for CUDA tensors; everything stays on ``z``'s device and stream.
+    ``keep=False``: no statistics for a backward (``stats`` is None)."""
     lead = z.shape[:-1]
     odt = out_dtype(z.dtype)
     dev = z.device
     out0 = torch.empty(lead, dtype=odt, device=dev)
     out1 = torch.empty(lead, dtype=odt, device=dev) if op == "token_logprobs_entropy" else None
-    stats = torch.empty((*lead, SINGLE_STATS), dtype=torch.float64, device=dev)
+    stats = torch.empty((*lead, SINGLE_STATS), dtype=torch.float64, device=dev) if keep else None
     status = torch.empty(lead, dtype=torch.int32, device=dev)
     if status.numel() == 0:
         return out0, out1, stats, status
@@ -342,7 +344,8 @@ def cuda_single_forward(z: torch.Tensor, tokens: torch.Tensor | None, temperatur
     with torch.cuda.device(dev):
         _core.cuda_single_forward(
             _desc(z), tok_ptr, float(temperature), SINGLE_OPS[op], out0.data_ptr(),
-            out1.data_ptr() if out1 is not None else 0, stats.data_ptr(), status.data_ptr(), _stream(z),
+            out1.data_ptr() if out1 is not None else 0, stats.data_ptr() if keep else 0, status.data_ptr(),
+            _stream(z),
         )
     return out0, out1, stats, status
 
@@ -368,19 +371,20 @@ def cuda_single_backward(g0, g1, z, tokens, stats, temperature: float, op: str) 
     return dz
 
 
-def cuda_pair_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str):
-    """:func:`pair_forward` for CUDA tensors."""
+def cuda_pair_forward(z: torch.Tensor, w: torch.Tensor, temperature: float, op: str, keep: bool = True):
+    """:func:`pair_forward` for CUDA tensors. ``keep=False``: no statistics for a backward
+    (``stats`` is None; TV's full pass then sums its value alone)."""
     lead = z.shape[:-1]
     dev = z.device
     out = torch.empty(lead, dtype=out_dtype(z.dtype), device=dev)
-    stats = torch.empty((*lead, PAIR_STATS), dtype=torch.float64, device=dev)
+    stats = torch.empty((*lead, PAIR_STATS), dtype=torch.float64, device=dev) if keep else None
     status = torch.empty(lead, dtype=torch.int32, device=dev)
     if status.numel() == 0:
         return out, stats, status
     with torch.cuda.device(dev):
         _core.cuda_pair_forward(
-            _desc(z), _desc(w), float(temperature), PAIR_OPS[op], out.data_ptr(), stats.data_ptr(),
-            status.data_ptr(), _stream(z),
+            _desc(z), _desc(w), float(temperature), PAIR_OPS[op], out.data_ptr(),
+            stats.data_ptr() if keep else 0, status.data_ptr(), _stream(z),
         )
     return out, stats, status
 

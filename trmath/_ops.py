@@ -100,6 +100,12 @@ def single_value(z: Tensor, tokens: Optional[Tensor], temperature: float, op: st
         if validate and r >= 0:
             raise_for_code(r, code, tuple(z.shape[:-1]), ("logits",), tokens, z.shape[-1])
         return out0, out1
+    if use_cuda(z):
+        out0, out1, _, status = _cpp().cuda_single_forward(z, tokens, temperature, op, keep=False)
+        if validate:
+            raise_for_status(status.cpu(), tuple(z.shape[:-1]), ("logits",),
+                             tokens.cpu() if tokens is not None else None, z.shape[-1])
+        return out0, out1
     out0, out1, _ = single_fwd_impl(z, tokens, temperature, op, validate)
     return out0, (out1 if op == "token_logprobs_entropy" else None)
 
@@ -216,6 +222,11 @@ def pair_value(z: Tensor, w: Tensor, temperature: float, op: str, validate: bool
         out, _, _, (r, code) = _cpp().pair_forward(z, w, temperature, op, keep=False)
         if validate and r >= 0:
             raise_for_code(r, code, tuple(z.shape[:-1]), _PAIR_NAMES)
+        return out
+    if use_cuda(z):
+        out, _, status = _cpp().cuda_pair_forward(z, w, temperature, op, keep=False)
+        if validate:
+            raise_for_status(status.cpu(), tuple(z.shape[:-1]), _PAIR_NAMES)
         return out
     return pair_fwd_impl(z, w, temperature, op, validate)[0]
 

@@ -246,20 +246,30 @@ void run_dtype(const char* dt, DType dtype, int64_t N, int64_t V, const char* on
 
   // whole entry points, as the bindings call them
   const struct { const char* name; PairOp op; } pops[] = {{"kl", PairOp::kl}, {"tv", PairOp::tv}, {"js", PairOp::js}};
-  for (const auto& po : pops) {
-    if (!wanted(only, po.name, dt)) continue;
+  auto pair_args = [&](PairOp op) {
     PairFwd a;
     a.z = vz;
     a.w = vw;
     a.T = 1.0;
-    a.op = po.op;
+    a.op = op;
     a.out = out;
     a.stats = stats;
     a.status = status;
+    return a;
+  };
+  for (const auto& po : pops) {
+    if (!wanted(only, po.name, dt)) continue;
+    PairFwd a = pair_args(po.op);
     const double us = time_us([&] { pair_forward(a, 0); });
     report(po.name, dt, us, in2);
     check_line(po.name, dt, out, N);
     status_warn(po.name, dt, status, N);
+    // the same without statistics (a forward no backward follows: TV sums its value alone)
+    a.stats = nullptr;
+    const std::string vname = std::string(po.name) + "_value";
+    const double usv = time_us([&] { pair_forward(a, 0); });
+    report(vname.c_str(), dt, usv, in2);
+    check_line(vname.c_str(), dt, out, N);
   }
   const struct { const char* name; SingleOp op; } sops[] = {{"lse", SingleOp::lse}, {"entropy", SingleOp::entropy}};
   for (const auto& so : sops) {
@@ -275,6 +285,71 @@ void run_dtype(const char* dt, DType dtype, int64_t N, int64_t V, const char* on
     report(so.name, dt, us, in1);
     check_line(so.name, dt, out, N);
     status_warn(so.name, dt, status, N);
+  }
+
+  // each kernel of the pair entry points timed apart (events between the launches; the sum is
+  // a little above the entry point's time): where a divergence's time goes
+  if (wanted(only, "split", dt) || !only) {
+    double* buf = nullptr;
+    const int64_t nbuf = N * ns * kPairRec + N * kStateLen + N * ns * kFullRec;
+    LAB_CK(cudaMalloc(&buf, size_t(nbuf) * sizeof(double)));
+    double* prec = buf;
+    double* state = prec + N * ns * kPairRec;
+    double* frec = state + N * kStateLen;
+    const int gs = grid_for(N * ns, 8), g = grid_for(N, 4);
+    for (const auto& po : pops) {
+      PairFwd a = pair_args(po.op);
+      auto launch = [&](int k) {
+        if (po.op == PairOp::kl) {
+          if (k == 0) pair_span_kernel<In, kKL><<<gs, kThreads>>>(a, prec);
+          if (k == 1) pair_fwd_kernel<In, 0, 0><<<g, kThreads>>>(a, prec, state, frec);
+          if (k == 2) pair_full_span_kernel<In, kKL><<<gs, kThreads>>>(a, state, frec);
+          if (k == 3) pair_fwd_kernel<In, 0, 1><<<g, kThreads>>>(a, prec, state, frec);
+        } else if (po.op == PairOp::tv) {
+          if (k == 0) pair_span_kernel<In, kCentre><<<gs, kThreads>>>(a, prec);
+          if (k == 1) pair_fwd_kernel<In, 1, 0><<<g, kThreads>>>(a, prec, state, frec);
+          if (k == 2) pair_full_span_kernel<In, kTV><<<gs, kThreads>>>(a, state, frec);
+          if (k == 3) pair_fwd_kernel<In, 1, 1><<<g, kThreads>>>(a, prec, state, frec);
+        } else {
+          if (k == 0) pair_span_kernel<In, kCentre><<<gs, kThreads>>>(a, prec);
+          if (k == 1) pair_fwd_kernel<In, 2, 0><<<g, kThreads>>>(a, prec, state, frec);
+          if (k == 2) pair_full_span_kernel<In, kJS><<<gs, kThreads>>>(a, state, frec);
+          if (k == 3) pair_fwd_kernel<In, 2, 1><<<g, kThreads>>>(a, prec, state, frec);
+        }
+      };
+      cudaEvent_t ev[5];
+      for (auto& e : ev) LAB_CK(cudaEventCreate(&e));
+      std::vector<float> ts[4];
+      for (int i = 0; i < g_warmup + g_iters; ++i) {
+        spin_kernel<<<1, 1>>>(200000);
+        LAB_CK(cudaEventRecord(ev[0], 0));
+        for (int k = 0; k < 4; ++k) {
+          launch(k);
+          LAB_CK(cudaEventRecord(ev[k + 1], 0));
+        }
+        LAB_CK(cudaEventSynchronize(ev[4]));
+        if (i < g_warmup) continue;
+        for (int k = 0; k < 4; ++k) {
+          float ms = 0.0f;
+          LAB_CK(cudaEventElapsedTime(&ms, ev[k], ev[k + 1]));
+          ts[k].push_back(ms);
+        }
+      }
+      // rows sent to the full pass (phase 0 left them unfinished)
+      std::vector<double> hs(size_t(N * kStateLen));
+      LAB_CK(cudaMemcpy(hs.data(), state, hs.size() * sizeof(double), cudaMemcpyDeviceToHost));
+      int64_t open = 0;
+      for (int64_t r = 0; r < N; ++r) open += hs[size_t(r * kStateLen + 9)] == 0.0;
+      std::printf("split,%s,%s,%s", g_variant, po.name, dt);
+      for (int k = 0; k < 4; ++k) {
+        std::sort(ts[k].begin(), ts[k].end());
+        std::printf(",%.2f", 1e3 * double(ts[k][ts[k].size() / 2]));
+      }
+      std::printf(",rows_second_pass=%lld\n", (long long)open);
+      std::fflush(stdout);
+      for (auto& e : ev) LAB_CK(cudaEventDestroy(e));
+    }
+    LAB_CK(cudaFree(buf));
   }
 
   // the first-pass span kernels alone, launched as pair_forward / single_forward launch them

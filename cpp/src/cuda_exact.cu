@@ -525,11 +525,18 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) single_s
     const int64_t r = wk / ns, i0 = (wk % ns) * kSpan, V = min(kSpan, Vrow - i0);
     const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r) + i0 * vs;
     const bool vec = vs == 1 && aligned16(z);
-    SingleAcc acc;
     C c;
     c.set(0.0, 0.0, 0.0, 0.0, 0.0, invT, 1.0);
     int flags = 0;
+    // The thread's maximum tM (an input value) and its sums about it, in registers: aK counts
+    // the elements equal to tM, aR sums exp((z - tM)/T) over the others, aB sums
+    // exp(a) (-a). A new maximum moves them there (SingleAcc::move_to's segment merge), inline:
+    // in a warp some thread finds a new maximum at most tiles of a span, so a move must cost a
+    // few instructions, not a call. For 16/32-bit inputs the factor e^-d is the hardware 2^x
+    // (relative error ~2^-22 on the sums moved, each move; the terms themselves carry 2^-22.5
+    // and their shifts' roundings).
     S tM = ninf;
+    double aK = 0.0, aR = 0.0, aB = 0.0;
     for_tiles<In, false, int>(z, z, int(V), vs, vs, vec, [&](S (&v)[E], S (&)[E], int64_t) {
       S mx = ninf;
       bool bad = false;  // NaN or +inf (each compare is false for NaN)
@@ -547,8 +554,16 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) single_s
       }
       if (flags) return;
       if (mx > tM) {  // the thread's maximum is an input value: compared exactly
+        if (tM > ninf) {
+          const double d = (double(mx) - double(tM)) * invT, A = aK + aR;  // d > 0, exact difference
+          double f;
+          if constexpr (kDouble) f = exp(-d);
+          else f = double(ex2_approx(float(tM - mx) * c.kq));
+          aR = A * f;
+          if (kH) aB = f * (aB + d * A);
+          aK = 0.0;
+        }
         tM = mx;
-        acc.move_to(double(mx), invT);
       }
       if (tM == ninf) return;
       S sR = 0, sk = 0, sB = 0;
@@ -569,10 +584,17 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) single_s
         sk += top ? S(1) : S(0);
         if (kH) sB += v[u] > ninf ? e * na : S(0);
       }
-      acc.R += double(sR);
-      acc.k += double(sk);
-      if (kH) acc.B += double(sB);
+      aR += double(sR);
+      aK += double(sk);
+      if (kH) aB += double(sB);
     });
+    SingleAcc acc;
+    if (tM > ninf) {
+      acc.M = double(tM);
+      acc.k = aK;
+      acc.R = aR;
+      acc.B = aB;
+    }
     double mv[1] = {acc.M};
     block_max<1>(mv, flags);
     double sums[3] = {0, 0, 0};
@@ -740,7 +762,9 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a, co
 // =============================================================================================
 // pair reductions
 // =============================================================================================
-enum Terms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3 };
+// kTVv: TV's value alone (a forward whose caller keeps no statistics): T+ and Q+ without the
+// side masses P+-0, Q-0 the backward needs -- 5 of TV's 10 sums, a fifth of its full pass.
+enum Terms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3, kTVv = 4 };
 
 // Per-thread partial of the first pass, about its own maxima (Mz, Mw) and centre m = Mz - Mw:
 // Q = sum qt, Z = sum q (e^x - 1), Phi = sum q phi(x) (KL), mag = sum of |terms| of Phi's
@@ -778,7 +802,7 @@ struct PairAcc {
 
 // Terms of one element pair (z, w) at the given centre, added to the accumulators t[]:
 //   0 qt, 1 q (e^x - 1), then kKL: 2 Phi; kTV: 2 T+, 3 Q+, 4 P+, 5 P-, 6 P0, 7 Q-, 8 Q0;
-//   kJS: 2, 3 the two halves; last (kCentre, kTV, kJS): R (q = 0 < p).
+//   kJS: 2, 3 the two halves; kTVv: 2 T+, 3 Q+; last (all but kKL): R (q = 0 < p).
 template <class S, class C, int kT>
 __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& qzp) {
   const S ninf = -INFINITY, zero = 0;
@@ -805,6 +829,10 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
   if (kT == kKL) {
     S xc = x > S(-200) ? x : S(-200);
     t[2] += small ? qt * (x * em1_s - e2) : pt * (xc - S(1)) + qt;
+  } else if (kT == kTVv) {
+    const bool pos = x > zero;
+    t[2] += pos ? em1 : zero;
+    t[3] += pos ? qt : zero;
   } else if (kT == kTV) {
     const bool pos = x > zero, neg = x < zero, tie = !(pos || neg);
     t[2] += pos ? em1 : zero;
@@ -817,10 +845,10 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
   } else if (kT == kJS) {
     const bool js_small = fabs(x) < S(0.5);
     S tp, tq;
-    if (js_small) {
-      tp = qt * C::jsp(x);
-      tq = qt * C::jsq(x);
-    } else {
+    // Both forms for every element, then a select: a branch would run both anyway in any
+    // warp holding both kinds of element (almost every warp), one after the other.
+    {
+      S sp = qt * C::jsp(x), sq = qt * C::jsq(x);
       S hi = pfull > qt ? pfull : qt, lo = pfull > qt ? qt : pfull;
       S l1 = C::log1p_ratio(lo, hi);
       S xc = x > S(-200) ? x : S(-200);
@@ -828,8 +856,10 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
       S d_big = S(kLn2d) - l1;
       S dp = ppos ? d_big : d_big + xc;
       S dq = ppos ? d_big - xc : d_big;
-      tp = pfull * dp + (qt - pfull) * S(0.5);
-      tq = qt * dq + (pfull - qt) * S(0.5);
+      S bp = pfull * dp + (qt - pfull) * S(0.5);
+      S bq = qt * dq + (pfull - qt) * S(0.5);
+      tp = js_small ? sp : bp;
+      tq = js_small ? sq : bq;
     }
     S praw = pz;
     tp = only_p ? praw * S(kLn2d - 0.5) : tp;
@@ -838,12 +868,16 @@ __device__ __forceinline__ void pair_terms(S zv, S wv, const C& c, S* t, bool& q
     t[3] += tq;
   }
   if (kT != kKL) {
-    constexpr int last = kT == kCentre ? 2 : kT == kTV ? 9 : 4;
+    constexpr int last = kT == kCentre ? 2 : kT == kTV ? 9 : 4;  // kJS, kTVv: 4
     t[last] += only_p ? pz : zero;
   }
 }
 
 template <int kT> struct NTerms { static constexpr int value = kT == kCentre ? 3 : kT == kKL ? 3 : kT == kTV ? 10 : 5; };
+
+// Record slot of a full pass's sum j: kTVv's sums go where kTV's are (its side masses stay 0),
+// so the row kernel reads both alike.
+template <int kT> __host__ __device__ constexpr int record_slot(int j) { return kT == kTVv && j == 4 ? 9 : j; }
 
 // One full pass over a row at a fixed centre; returns the block sums in v[] (slot layout of
 // pair_terms) and ORs kQZeroP into flags.
@@ -991,7 +1025,9 @@ __global__ void __launch_bounds__(kThreads, TRMATH_CUDA_SPAN_MINBLOCKS) pair_ful
     }
     if (threadIdx.x == 0) {
       double* o = rec + wk * kFullRec;
-      for (int j = 0; j < K; ++j) o[j] = v[j];
+      if (kT == kTVv)
+        for (int j = 4; j < 9; ++j) o[j] = 0.0;
+      for (int j = 0; j < K; ++j) o[record_slot<kT>(j)] = v[j];
       o[kFullRec - 1] = double(f & kQZeroP);
     }
   }
@@ -1463,7 +1499,10 @@ void pair_forward(const PairFwd& a, uintptr_t stream) {
     pair_span_kernel<In, kCentre><<<gs, kThreads, 0, st>>>(a, rec);
     if (a.op == PairOp::tv) {
       pair_fwd_kernel<In, 1, 0><<<g, kThreads, 0, st>>>(a, rec, state, frec);
-      pair_full_span_kernel<In, kTV><<<gs, kThreads, 0, st>>>(a, state, frec);
+      // Without statistics to keep (a forward no backward will follow) the pass sums TV's
+      // value alone; a row that needs more passes takes them with all ten sums, as before.
+      if (a.stats) pair_full_span_kernel<In, kTV><<<gs, kThreads, 0, st>>>(a, state, frec);
+      else pair_full_span_kernel<In, kTVv><<<gs, kThreads, 0, st>>>(a, state, frec);
       pair_fwd_kernel<In, 1, 1><<<g, kThreads, 0, st>>>(a, rec, state, frec);
     } else {
       pair_fwd_kernel<In, 2, 0><<<g, kThreads, 0, st>>>(a, rec, state, frec);
