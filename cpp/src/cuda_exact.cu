@@ -763,7 +763,8 @@ __global__ void __launch_bounds__(kThreads, 2) single_fwd_kernel(SingleFwd a, co
 // pair reductions
 // =============================================================================================
 // kTVv: TV's value alone (a forward whose caller keeps no statistics): T+ and Q+ without the
-// side masses P+-0, Q-0 the backward needs -- 5 of TV's 10 sums, a fifth of its full pass.
+// side masses P+-0, Q-0 the backward needs -- 5 of TV's 10 sums, about a quarter of its full
+// pass's time.
 enum Terms : int { kCentre = 0, kKL = 1, kTV = 2, kJS = 3, kTVv = 4 };
 
 // Per-thread partial of the first pass, about its own maxima (Mz, Mw) and centre m = Mz - Mw:
