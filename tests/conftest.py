@@ -62,3 +62,23 @@ def _restore_global_state():
         _ops._FORCE_TORCH[:] = force
         if trmath.num_threads() != n_threads:
             trmath.set_num_threads(n_threads)
+
+
+def _run_on_both_paths(fn):
+    """``(fn(), fn())``: first on the compiled CPU kernels, then on the pure-torch path that
+    serves other devices (``_ops._FORCE_TORCH``)."""
+    from trmath import _ops
+
+    a = fn()
+    _ops._FORCE_TORCH[0] = True
+    try:
+        b = fn()
+    finally:
+        _ops._FORCE_TORCH[0] = False
+    return a, b
+
+
+@pytest.fixture
+def on_both_paths():
+    """The function ``run(fn) -> (kernel result, torch-path result)`` (parity tests)."""
+    return _run_on_both_paths

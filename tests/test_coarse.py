@@ -642,3 +642,74 @@ def test_topk_tail_cancellation_point():
     lq = torch.tensor([[math.log(v) for v in q]], dtype=F64)
     ref = mp_topk_kl(lp[0], lq[0])
     assert_close_to_reference(trmath.topk_kl(lp, lq), [ref], rtol=1e-12, atol=1e-300, name="tail_cancel")
+
+
+# ------------------------------------------------------------------------------------------------
+# the binary element kernel (CPU) against the float64 torch formulas that serve other devices
+# ------------------------------------------------------------------------------------------------
+
+
+def _binary_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 pairs over the binary families, tiled to n entries (several kernel chunks)."""
+    fam = binary_family(np.random.default_rng(seed))
+    lp = np.concatenate([a.reshape(-1) for a, _ in fam.values()])
+    lq = np.concatenate([b.reshape(-1) for _, b in fam.values()])
+    reps = -(-n // lp.size)
+    return torch.from_numpy(np.tile(lp, reps)[:n]), torch.from_numpy(np.tile(lq, reps)[:n])
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=dtname)
+@pytest.mark.parametrize("name", sorted(BIN))
+def test_binary_kernel_matches_the_torch_path(name, dt, on_both_paths):
+    """Values and both gradients over the adversarial families (near 1, deep, -inf, equal, ...)
+    plus rounding above 0 (clamped, zero gradient), across chunk boundaries: the kernel and the
+    float64 torch formulas agree to the accuracy target of the dtype, in every entry."""
+    n = 3 * 16384 + 11
+    lp, lq = _binary_batch(n, 4)
+    tol = 4 * torch.finfo(dt).eps
+    lp[7], lq[9] = 0.5 * tol, 0.25 * tol  # rounding above 0: clamped to 0
+    tp, tq = lp.to(dt), lq.to(dt)
+    gout = torch.linspace(0.5, 1.5, n).to(F64 if dt == F64 else torch.float32)
+
+    def run():
+        a, b = tp.clone().requires_grad_(), tq.clone().requires_grad_()
+        v = BIN[name](a, b)
+        v.backward(gout)
+        return v.detach(), a.grad, b.grad
+    (v1, gp1, gq1), (v2, gp2, gq2) = on_both_paths(run)
+    rtol = 1e-12 if dt == F64 else 1e-6
+    assert v1.dtype == v2.dtype and torch.equal(torch.isinf(v1), torch.isinf(v2))
+    fin = torch.isfinite(v2)
+    assert torch.allclose(v1[fin], v2[fin], rtol=rtol, atol=1e-300)
+    # Gradients: each entry to rtol of the larger of the two terms it is made of (the KL
+    # gradients are differences, d_R - d and q expm1(-d_R) - delta), or one ulp of its dtype.
+    for a, c in ((gp1, gp2), (gq1, gq2)):
+        assert a.dtype == dt and torch.equal(torch.isnan(a), torch.isnan(c))
+        ok = torch.isfinite(c)
+        err = (a[ok].double() - c[ok].double()).abs()
+        scale = torch.maximum(c[ok].double().abs(), gout.double()[ok] * torch.exp(torch.maximum(lp, lq))[ok])
+        assert bool((err <= rtol * scale + 2 * torch.finfo(dt).eps * c[ok].double().abs() + 1e-300).all())
+    assert float(gp1[7]) == 0.0 and float(gq1[9]) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(BIN))
+def test_binary_kernel_unvalidated_nan_and_validation_messages(name, on_both_paths):
+    """validate=False: NaN or a positive log-prob beyond rounding gives NaN (value and both
+    gradients) at exactly those entries; validate=True names the first one as the torch path."""
+    n = 2 * 16384 + 5
+    lp, lq = _binary_batch(n, 5)
+    lp, lq = lp.float(), lq.float()
+    lp[20000], lq[5], lq[n - 1] = math.nan, 0.5, math.nan
+
+    def run():
+        a, b = lp.clone().requires_grad_(), lq.clone().requires_grad_()
+        v = BIN[name](a, b, validate=False)
+        v.backward(torch.ones_like(v))
+        with pytest.raises(ValueError) as e:
+            BIN[name](lp, lq)
+        return v.detach(), a.grad, b.grad, str(e.value)
+    r1, r2 = on_both_paths(run)
+    bad = [5, 20000, n - 1]
+    for x in r1[:3] + r2[:3]:
+        assert torch.nonzero(torch.isnan(x)).flatten().tolist() == bad
+    assert r1[3] == r2[3] and r1[3].startswith("p_logprob: contains NaN at index 20000")

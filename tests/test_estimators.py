@@ -467,3 +467,164 @@ def test_unvalidated_estimators_compile_without_graph_breaks():
         got, ref = f(a, b), fn(a, b, validate=False)
         assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(got[1, 2]))
         assert torch.equal(got.nan_to_num(), ref.nan_to_num()), fn.__name__
+
+
+# --------------------------------------------------------------------------------------------
+# the compiled element kernel (CPU) against the torch path that serves other devices
+
+
+
+_N_CHUNKS = 3 * 16384 + 7  # several of the kernel's chunks (16384 entries) and a short tail
+
+
+def _wide_pairs(n: int, dtype, seed: int):
+    """Log-probabilities with |lr| from 1e-12 to 80, both signs: every branch of k3."""
+    g = torch.Generator().manual_seed(seed)
+    s = -torch.rand(n, generator=g, dtype=torch.float64) * 30
+    mag = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 13.9 - 12)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    o = torch.minimum(s + sign * mag, torch.zeros((), dtype=torch.float64))
+    return s.to(dtype), o.to(dtype), torch.rand(n, generator=g) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,straight", [("k1", False), ("k2", False), ("k3", False), ("k3", True), ("k1", True)])
+def test_element_kernel_matches_the_torch_path(dtype, name, straight, on_both_paths):
+    """Values and both gradients, masked, across chunk boundaries: the kernel and the torch path
+    are each within a few float64 ulps of the exact value, so after rounding to the output (or
+    gradient) dtype they differ by at most one of its ulps; masked entries are exactly 0."""
+    s, o, mask = _wide_pairs(_N_CHUNKS, dtype, 3)
+    gout = torch.linspace(-1.0, 1.0, _N_CHUNKS)
+
+    def run():
+        ss, oo = s.clone().requires_grad_(), o.clone().requires_grad_()
+        v = getattr(trmath, name)(ss, oo, mask=mask, straight_through=straight)
+        v.backward(gout.to(v.dtype))
+        return v.detach(), ss.grad, oo.grad
+
+    (v1, gs1, go1), (v2, gs2, go2) = on_both_paths(run)
+    out = "float64" if dtype == torch.float64 else "float32"
+    assert v1.dtype == v2.dtype
+    assert ulps(v1, v2, out).max() <= (1.0 if out == "float32" else 8.0)
+    gname = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
+             torch.float16: "float16"}[dtype]
+    for a, b in ((gs1, gs2), (go1, go2)):
+        assert a.dtype == dtype
+        assert ulps(a, b, gname).max() <= (8.0 if dtype == torch.float64 else 1.0)
+    assert torch.equal(v1[~mask], torch.zeros_like(v1[~mask])) and bool((gs1[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["k1", "k2", "k3"])
+def test_element_kernel_importance_weighted_matches_the_torch_path(dtype, name, on_both_paths):
+    """w k with w = exp(s - b): values and the three gradients (through w too), masked, across
+    chunks; within an ulp of the output / gradient dtype (float64: a few of its ulps, as w's
+    exponential differs between the paths by up to an ulp)."""
+    s, o, mask = _wide_pairs(_N_CHUNKS, dtype, 6)
+    g = torch.Generator().manual_seed(8)
+    b = (s.double() + 0.3 * torch.randn(_N_CHUNKS, generator=g, dtype=torch.float64)).clamp(max=0).to(dtype)
+    gout = torch.linspace(-1.0, 1.0, _N_CHUNKS)
+
+    def run():
+        ins = [x.clone().requires_grad_() for x in (s, o, b)]
+        v = getattr(trmath, name)(ins[0], ins[1], behaviour_logprob=ins[2], mask=mask)
+        v.backward(gout.to(v.dtype))
+        return (v.detach(), *(x.grad for x in ins))
+
+    r1, r2 = on_both_paths(run)
+    bound = {torch.float64: 16.0, torch.float32: 1.0, torch.bfloat16: 1.0}[dtype]
+    out = "float64" if dtype == torch.float64 else "float32"
+    gname = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    assert ulps(r1[0], r2[0], out).max() <= bound
+    gs1, go1, gb1 = r1[1:]
+    for a, c in zip((go1, gb1), r2[2:]):
+        assert a.dtype == dtype and ulps(a, c, gname).max() <= bound
+    # d/ds = g (w k - w k') is a difference (it cancels where k = k', e.g. k1 at lr = 1): its
+    # error scale is that of the two terms, |d/do| + |d/db|.
+    eps = torch.finfo(dtype).eps
+    scale = go1.double().abs() + gb1.double().abs()
+    assert bool(((gs1.double() - r2[1].double()).abs() <= bound * eps * scale).all())
+    for a in (gs1, go1, gb1):
+        assert a.dtype == dtype and bool((a[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_element_kernel_invalid_entries_give_nan_on_both_paths(kind, on_both_paths):
+    """validate=False: s = +-inf, o = +inf and NaN give NaN values and NaN gradients at exactly
+    the same entries on both paths (k1's constant slope included); o = -inf gives +inf."""
+    s, o, _ = _wide_pairs(_N_CHUNKS, torch.float32, 4)
+    spots = {17: ("s", math.inf), 16390: ("s", -math.inf), 20000: ("s", math.nan),
+             33000: ("o", math.inf), 49000: ("o", math.nan), _N_CHUNKS - 1: ("s", math.nan)}
+    for i, (which, v) in spots.items():
+        (s if which == "s" else o)[i] = v
+    o[100] = -math.inf
+
+    def run():
+        ss, oo = s.clone().requires_grad_(), o.clone().requires_grad_()
+        v = getattr(trmath, kind)(ss, oo, validate=False)
+        v.backward(torch.ones_like(v))
+        return v.detach(), ss.grad
+    (v1, g1), (v2, g2) = on_both_paths(run)
+    nan_at = sorted(spots)
+    assert torch.nonzero(torch.isnan(v1)).flatten().tolist() == nan_at
+    assert torch.nonzero(torch.isnan(v2)).flatten().tolist() == nan_at
+    assert torch.nonzero(torch.isnan(g1)).flatten().tolist() == nan_at
+    assert torch.equal(torch.isnan(g1), torch.isnan(g2))
+    assert v1[100] == math.inf == v2[100]
+
+
+@pytest.mark.parametrize("where", [5, 16384 * 2 + 1, _N_CHUNKS - 1])
+@pytest.mark.parametrize("arg,value", [("sampler_logprob", math.nan), ("sampler_logprob", -math.inf),
+                                       ("sampler_logprob", 0.01), ("other_logprob", math.nan),
+                                       ("other_logprob", math.inf), ("other_logprob", 0.5)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_validation_in_the_kernel_names_the_first_bad_entry(where, arg, value, grad, on_both_paths):
+    """Validation runs inside the kernel's pass; a flagged entry is named exactly as the torch
+    path's checks name it (argument, index, what), and a masked-out one is not an error."""
+    s, o, _ = _wide_pairs(_N_CHUNKS, torch.float32, 5)
+    t = s if arg == "sampler_logprob" else o
+    t[where] = value
+    t[min(where + 3, _N_CHUNKS - 1)] = value  # a later bad entry is not the one named
+
+    def run():
+        ss, oo = s.clone().requires_grad_(grad), o.clone().requires_grad_(grad)
+        with pytest.raises(ValueError) as e:
+            trmath.k3(ss, oo)
+        return str(e.value)
+    m1, m2 = on_both_paths(run)
+    assert m1 == m2 and m1.startswith(f"{arg}: entry at index {where} ")
+    mask = torch.ones(_N_CHUNKS, dtype=torch.bool)
+    mask[where] = mask[min(where + 3, _N_CHUNKS - 1)] = False
+    assert torch.isfinite(trmath.k3(s, o, mask=mask)).all()
+
+
+def test_torch_path_accuracy_exact_log_ratio(on_both_paths):
+    """The torch path (other devices) to the same ulp bounds as the kernel."""
+    def run():
+        out = []
+        for dtype in (np.float64, np.float32):
+            s, o = _split(LRS, dtype)
+            for name in ("k1", "k2", "k3"):
+                got = getattr(trmath, name)(torch.from_numpy(s), torch.from_numpy(o)).numpy()
+                out.append(ulps(got, _oracle(name, s, o), np.dtype(got.dtype).name).max()
+                           / ULP_BOUND[np.dtype(got.dtype).name])
+        return max(out)
+    kern, tor = on_both_paths(run)
+    assert kern <= 1.0 and tor <= 1.0, (kern, tor)
+
+
+@pytest.mark.parametrize("bad", [("behaviour_logprob", 20000), ("sampler_logprob", 40000)])
+def test_validation_in_the_kernel_off_policy(bad, on_both_paths):
+    """Off-policy, the behaviour log-prob is validated in the same pass, and the first argument
+    (in signature order) with a bad entry is the one named, on both paths."""
+    s, o, _ = _wide_pairs(_N_CHUNKS, torch.float32, 9)
+    b = s.clone()
+    b[30000] = -math.inf if bad[0] == "sampler_logprob" else b[30000]
+    (s if bad[0] == "sampler_logprob" else b)[bad[1]] = math.nan
+
+    def run():
+        with pytest.raises(ValueError) as e:
+            trmath.k3(s, o, behaviour_logprob=b)
+        return str(e.value)
+    m1, m2 = on_both_paths(run)
+    assert m1 == m2 and m1.startswith(f"{bad[0]}: entry at index {bad[1]} contains NaN")

@@ -283,6 +283,82 @@ def project_tv_mix_backward(z: torch.Tensor, w: torch.Tensor, temperature: float
                                   dw.data_ptr() if dw is not None else 0, dlam.data_ptr())
 
 
+def k_estimate(s: torch.Tensor, o: torch.Tensor, b: torch.Tensor | None, valid: torch.Tensor | None,
+               value_kind: int, value64: bool, check: bool = False, tols=(0.0, 0.0, 0.0)):
+    """k1/k2/k3 (``value_kind``) of ``lr = o - s`` element by element, times ``exp(s - b)`` if
+    ``b`` is given; ``s``, ``o`` (``b``) contiguous CPU tensors of one dtype, ``valid`` a
+    contiguous bool tensor of their shape or None. The value is float64 if ``value64``, else
+    float32. ``s = +-inf``, ``o = +inf``, ``b = +-inf`` and NaN give NaN; entries where ``valid``
+    is False give 0 (cpp/src/estimator_args.hpp). Returns ``(value, bad)``: with ``check``,
+    ``bad`` tells whether some valid entry has ``s`` (``b``) NaN, -inf or above its tolerance in
+    ``tols`` (for s, o, b), or ``o`` NaN or above its own."""
+    val = _empty_large(tuple(s.shape), torch.float64 if value64 else torch.float32)
+    n = s.numel()
+    bad = False
+    if n:
+        bad = _core.k_estimate(s.data_ptr(), o.data_ptr(), b.data_ptr() if b is not None else 0,
+                               valid.data_ptr() if valid is not None else 0, DTYPE_CODES[s.dtype], n,
+                               int(value_kind), int(value_kind), val.data_ptr(), bool(value64), 0,
+                               bool(check), float(tols[0]), float(tols[1]), float(tols[2]))
+    return val, bad
+
+
+def k_estimate_backward(g: torch.Tensor, s: torch.Tensor, o: torch.Tensor, b: torch.Tensor | None,
+                        valid: torch.Tensor | None, value_kind: int, slope_kind: int,
+                        need: tuple[bool, bool, bool]):
+    """Gradients ``(gs, go, gb)`` of a :func:`k_estimate` call with the slope of ``slope_kind``
+    (None where ``need`` is False), in the inputs' dtype, recomputed from ``s``, ``o`` (``b``);
+    ``g`` float32 or float64 of their shape (an expanded scalar is read once)."""
+    if g.dtype not in (torch.float32, torch.float64):
+        g = g.to(torch.float32)  # exact: the values are float32 or float64
+    n = s.numel()
+    scalar = n > 1 and g.dim() > 0 and all(st == 0 for st in g.stride())
+    if not scalar:
+        g = g.contiguous()
+    outs = [(_empty_large(tuple(s.shape), s.dtype) if need[i] else None) for i in range(3)]
+    if b is None:
+        outs[2] = None
+    if n and any(x is not None for x in outs):
+        _core.k_estimate_backward(s.data_ptr(), o.data_ptr(), b.data_ptr() if b is not None else 0,
+                                  valid.data_ptr() if valid is not None else 0, DTYPE_CODES[s.dtype], n,
+                                  int(value_kind), int(slope_kind), g.data_ptr(), g.dtype == torch.float64,
+                                  scalar, *(x.data_ptr() if x is not None else 0 for x in outs))
+    return tuple(outs)
+
+
+def binary_coarse(lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float, tol_q: float, value64: bool):
+    """binary_tv (``kind`` 0) or binary_kl (1) of contiguous CPU log-probabilities of one dtype,
+    element by element; NaN where an entry is bad (NaN or above its tolerance; values in
+    ``(0, tol]`` count as 0). Returns ``(value, bad)``: whether some entry was bad
+    (cpp/src/estimator_args.hpp)."""
+    val = _empty_large(tuple(lp.shape), torch.float64 if value64 else torch.float32)
+    n = lp.numel()
+    bad = False
+    if n:
+        bad = _core.binary_coarse(lp.data_ptr(), lq.data_ptr(), DTYPE_CODES[lp.dtype], n, int(kind), float(tol_p),
+                                  float(tol_q), val.data_ptr(), bool(value64), True, 0, False, False, 0, 0)
+    return val, bad
+
+
+def binary_coarse_backward(g: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float,
+                           tol_q: float, need_p: bool, need_q: bool):
+    """``(g * d/dlp, g * d/dlq)`` of :func:`binary_coarse` in the inputs' dtype (None where not
+    needed), recomputed; NaN where the entry is bad, 0 for an input clamped to 0."""
+    if g.dtype not in (torch.float32, torch.float64):
+        g = g.to(torch.float32)
+    n = lp.numel()
+    scalar = n > 1 and g.dim() > 0 and all(st == 0 for st in g.stride())
+    if not scalar:
+        g = g.contiguous()
+    gp = _empty_large(tuple(lp.shape), lp.dtype) if need_p else None
+    gq = _empty_large(tuple(lq.shape), lq.dtype) if need_q else None
+    if n and (need_p or need_q):
+        _core.binary_coarse(lp.data_ptr(), lq.data_ptr(), DTYPE_CODES[lp.dtype], n, int(kind), float(tol_p),
+                            float(tol_q), 0, False, False, g.data_ptr(), g.dtype == torch.float64, scalar,
+                            gp.data_ptr() if gp is not None else 0, gq.data_ptr() if gq is not None else 0)
+    return gp, gq
+
+
 def topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[..., k]`` (int64) of the ``k`` largest logits of each row, sorted by value
     (descending) then index: ties go to the lower index, so the result is deterministic."""

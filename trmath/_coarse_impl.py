@@ -35,6 +35,7 @@ that no step subtracts two nearly equal rounded quantities. The error argument, 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -449,3 +450,114 @@ def coarse(lp: Tensor, lq: Tensor, kind: str, dd: bool = True, A: Tensor | None 
     if A is not None:
         A, B = A.detach().reshape(-1), B.detach().reshape(-1)
     return _Coarse.apply(lp.reshape(-1, K), lq.reshape(-1, K), kind, dd, A, B).reshape(lead)
+
+
+# ------------------------------------------------------------------------------------------------
+# the binary divergences as one operator: the C++ element kernel on CPU, the formulas above elsewhere
+# ------------------------------------------------------------------------------------------------
+def _torch_binary_parts(lp: Tensor, lq: Tensor, tol_p: float, tol_q: float):
+    """Sanitised float64 inputs (bad entries 0, rounding above 0 clamped), the bad mask, the
+    clamp masks and the forward quantities of the binary kept set."""
+    f64 = torch.float64
+    xs, masks = [], []
+    for t, tol in ((lp, tol_p), (lq, tol_q)):
+        x = t.to(f64)
+        bad = torch.isnan(x) | (x > tol)
+        xs.append(torch.where(bad, torch.zeros_like(x), x).clamp_max(0.0))
+        masks.append((bad, x > 0))
+    bad = masks[0][0] | masks[1][0]
+    return Parts(xs[0].unsqueeze(-1), xs[1].unsqueeze(-1)), bad, masks[0][1], masks[1][1]
+
+
+def binary_fwd_impl(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float,
+                    value64: bool) -> tuple[Tensor, bool]:
+    """binary_tv (``kind`` 0) or binary_kl (1) of log-probabilities of one dtype and shape, NaN
+    where an entry is bad (NaN or above its tolerance; values in ``(0, tol]`` count as 0), float64
+    if ``value64`` else float32; and whether an entry was bad (on other devices: always True,
+    so the caller's validation looks)."""
+    from . import _ops
+
+    if _ops.use_cpp(lp):
+        return _ops._cpp().binary_coarse(lp.contiguous(), lq.contiguous(), kind, tol_p, tol_q, value64)
+    parts, bad, _, _ = _torch_binary_parts(lp, lq, tol_p, tol_q)
+    out = parts.binary_tv() if kind == 0 else parts.kl()
+    out = torch.where(bad, torch.full_like(out, math.nan), out)
+    return (out if value64 else out.to(torch.float32)), True
+
+
+def binary_bwd_impl(g: Tensor, lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float,
+                    need_p: bool, need_q: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    from . import _ops
+
+    if _ops.use_cpp(lp):
+        return _ops._cpp().binary_coarse_backward(g, lp.contiguous(), lq.contiguous(), kind, tol_p, tol_q,
+                                                  need_p, need_q)
+    parts, bad, cp, cq = _torch_binary_parts(lp, lq, tol_p, tol_q)
+    gp, gq = parts.tv_grads() if kind == 0 else parts.kl_grads()
+    gd = g.to(torch.float64)
+    outs = []
+    for gx, clamp, t, want in ((gp[..., 0], cp, lp, need_p), (gq[..., 0], cq, lq, need_q)):
+        if not want:
+            outs.append(None)
+            continue
+        x = torch.where(clamp, torch.zeros_like(gd), gd * gx)
+        outs.append(torch.where(bad, torch.full_like(x, math.nan), x).to(t.dtype))
+    return outs[0], outs[1]
+
+
+@torch.library.custom_op("trmath::binary_fwd", mutates_args=())
+def binary_fwd(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float,
+               value64: bool) -> tuple[Tensor, Tensor]:
+    val, bad = binary_fwd_impl(lp, lq, kind, tol_p, tol_q, value64)
+    return val, torch.tensor([int(bad)], dtype=torch.int32)
+
+
+@binary_fwd.register_fake
+def _(lp, lq, kind, tol_p, tol_q, value64):
+    return (lp.new_empty(lp.shape, dtype=torch.float64 if value64 else torch.float32),
+            torch.empty((1,), dtype=torch.int32))
+
+
+@torch.library.custom_op("trmath::binary_bwd", mutates_args=())
+def binary_bwd(g: Tensor, lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float, need_p: bool,
+               need_q: bool) -> tuple[Tensor, Tensor]:
+    gp, gq = binary_bwd_impl(g, lp, lq, kind, tol_p, tol_q, need_p, need_q)
+    return (gp if gp is not None else lp.new_empty(0)), (gq if gq is not None else lq.new_empty(0))
+
+
+@binary_bwd.register_fake
+def _(g, lp, lq, kind, tol_p, tol_q, need_p, need_q):
+    return (torch.empty_like(lp, memory_format=torch.contiguous_format) if need_p else lp.new_empty(0),
+            torch.empty_like(lq, memory_format=torch.contiguous_format) if need_q else lq.new_empty(0))
+
+
+def _binary_setup(ctx, inputs, output):
+    lp, lq, kind, tol_p, tol_q, value64 = inputs
+    ctx.save_for_backward(lp, lq)
+    ctx.args = (kind, tol_p, tol_q)
+
+
+def _binary_backward(ctx, g, gflag):
+    lp, lq = ctx.saved_tensors
+    np_, nq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (np_ or nq):
+        return (None,) * 6
+    gp, gq = binary_bwd(g, lp, lq, *ctx.args, np_, nq)
+    return (gp if np_ else None), (gq if nq else None), None, None, None, None
+
+
+binary_fwd.register_autograd(_binary_backward, setup_context=_binary_setup)
+
+
+def binary(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float, value64: bool) -> tuple[Tensor, bool]:
+    """The binary divergence with autograd (the gradient recomputed from the inputs in the
+    backward: nothing else is kept); the direct body when no gradient is wanted and nothing
+    traces. Returns the value and whether an entry was bad (see :func:`binary_fwd_impl`)."""
+    from . import _ops
+
+    if lp.dtype != lq.dtype:  # both exact in float64
+        lp, lq = lp.to(torch.float64), lq.to(torch.float64)
+    if _ops.direct_call(lp, lq):
+        return binary_fwd_impl(lp, lq, kind, tol_p, tol_q, value64)
+    val, flag = binary_fwd(lp, lq, kind, tol_p, tol_q, value64)
+    return val, bool(flag[0])

@@ -91,9 +91,9 @@ class _Sanitize(torch.autograd.Function):
         return torch.where(bad, torch.full_like(g, math.nan), gx), None
 
 
-def _prepare(p: Any, q: Any, pname: str, qname: str, topk: bool, validate: bool):
-    """Validate two log-probability arguments; return float64 views, the output dtype, the
-    numpy/torch converter and a mask of invalid rows (only when ``validate`` is false)."""
+def _inputs(p: Any, q: Any, pname: str, qname: str, topk: bool):
+    """Two log-probability arguments as tensors, checked for dtype, shape and device; with the
+    numpy/torch converter and the output dtype."""
     lp, back = as_tensor(p, pname)
     lq, _ = as_tensor(q, qname)
     _check_dtype(lp, pname)
@@ -118,6 +118,29 @@ def _prepare(p: Any, q: Any, pname: str, qname: str, topk: bool, validate: bool)
     if lp.device != lq.device:
         raise ValueError(f"{pname} and {qname}: tensors are on different devices ({lp.device}, {lq.device})")
     out_dtype = torch.float64 if torch.float64 in (lp.dtype, lq.dtype) else torch.float32
+    return lp, lq, back, out_dtype
+
+
+def _check_values(t: torch.Tensor, nm: str, x: torch.Tensor, nan: torch.Tensor, pos: torch.Tensor) -> None:
+    """Raise for the first NaN, else the first positive log-probability beyond rounding, of the
+    argument ``nm`` (``x``: ``t`` in float64; ``nan``, ``pos``: its bad entries)."""
+    if bool(nan.any()):
+        i = int(torch.nonzero(nan.reshape(-1))[0])
+        raise ValueError(f"{nm}: contains NaN at {_index_label(i, tuple(x.shape))}")
+    if bool(pos.any()):
+        i = int(torch.nonzero(pos.reshape(-1))[0])
+        v = float(x.reshape(-1)[i])
+        raise ValueError(
+            f"{nm}: entry at {_index_label(i, tuple(x.shape))} is {v!r} > 0; a log-probability "
+            f"must be <= 0 (values up to {_tol(t.dtype):.3g}, 4 eps of {str(t.dtype).replace('torch.', '')}, "
+            f"are taken as rounding and clamped to 0)"
+        )
+
+
+def _prepare(p: Any, q: Any, pname: str, qname: str, topk: bool, validate: bool):
+    """Validate two log-probability arguments; return float64 views, the output dtype, the
+    numpy/torch converter and a mask of invalid rows (only when ``validate`` is false)."""
+    lp, lq, back, out_dtype = _inputs(p, q, pname, qname, topk)
     bad_rows = None
     xs = []
     for t, nm in ((lp, pname), (lq, qname)):
@@ -126,23 +149,26 @@ def _prepare(p: Any, q: Any, pname: str, qname: str, topk: bool, validate: bool)
         nan = torch.isnan(x)
         pos = x > tol
         if validate:
-            if bool(nan.any()):
-                i = int(torch.nonzero(nan.reshape(-1))[0])
-                raise ValueError(f"{nm}: contains NaN at {_index_label(i, tuple(x.shape))}")
-            if bool(pos.any()):
-                i = int(torch.nonzero(pos.reshape(-1))[0])
-                v = float(x.reshape(-1)[i])
-                raise ValueError(
-                    f"{nm}: entry at {_index_label(i, tuple(x.shape))} is {v!r} > 0; a log-probability "
-                    f"must be <= 0 (values up to {tol:.3g}, 4 eps of {str(t.dtype).replace('torch.', '')}, "
-                    f"are taken as rounding and clamped to 0)"
-                )
+            _check_values(t, nm, x, nan, pos)
         else:
             bad = nan | pos
             bad = bad.any(-1) if topk else bad
             bad_rows = bad if bad_rows is None else (bad_rows | bad)
         xs.append(_Sanitize.apply(x, nan | pos))  # -inf stays -inf
     return xs[0], xs[1], out_dtype, back, bad_rows, (lp.dtype, lq.dtype)
+
+
+def _run_binary(p, q, pname, qname, kind, validate):
+    """binary_tv / binary_kl: one pass of the element kernel (CPU; the float64 formulas of
+    _coarse_impl elsewhere) that also flags bad entries, which validation then names."""
+    lp, lq, back, odt = _inputs(p, q, pname, qname, False)
+    out, flagged = _impl.binary(lp, lq, 0 if kind == "binary_tv" else 1, _tol(lp.dtype), _tol(lq.dtype),
+                                odt == torch.float64)
+    if validate and flagged:
+        for t, nm in ((lp, pname), (lq, qname)):
+            x = t.detach().to(torch.float64)
+            _check_values(t, nm, x, torch.isnan(x), x > _tol(t.dtype))
+    return back(out)
 
 
 def _check_mass(x: torch.Tensor, dtype: torch.dtype, name: str, validate: bool):
@@ -165,6 +191,8 @@ def _check_mass(x: torch.Tensor, dtype: torch.dtype, name: str, validate: bool):
 
 def _run(p, q, pname, qname, kind, validate):
     topk = kind.startswith("topk")
+    if not topk:
+        return _run_binary(p, q, pname, qname, kind, validate)
     lp, lq, odt, back, bad, dts = _prepare(p, q, pname, qname, topk, validate)
     if topk:
         o1, A = _check_mass(lp, dts[0], pname, validate)

@@ -69,6 +69,9 @@ LOGPROB_TOLERANCE: dict[torch.dtype, float] = {
 }
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The tolerances as the comparison ``t > tol`` of _check_logprob sees them (rounded to t's dtype),
+# for validation inside the estimator kernel.
+_TOL_IN_DTYPE = {d: float(torch.tensor(v, dtype=d)) for d, v in LOGPROB_TOLERANCE.items()}
 
 
 class ClampedEstimate(NamedTuple):
@@ -127,7 +130,17 @@ def _check_logprob(t: torch.Tensor, name: str, valid: Optional[torch.Tensor],
                 raise ValueError(f"{name}: entry at {where} {what} (value {v!r})")
 
 
-def _prepare(args: list[tuple[Any, str]], mask: Any, validate: bool):
+def _validate(args, tensors, valid, which) -> None:
+    """The value checks of the inputs numbered ``which`` (the sampler's and the behaviour's
+    log-probabilities may not be ``-inf``; the other policy's may)."""
+    for i in which:
+        _check_logprob(tensors[i], args[i][1], valid, sampled_from=(i != 1))
+
+
+def _prepare(args: list[tuple[Any, str]], mask: Any, validate: bool, skip: int = 0):
+    """Tensors of the inputs (checked dtypes and shapes), the boolean mask, the output dtype and
+    the converter back to the caller's type; with ``validate``, the value checks of every input
+    but the first ``skip`` (which the caller runs in its own pass)."""
     tensors = []
     back = None
     for x, name in args:
@@ -159,8 +172,7 @@ def _prepare(args: list[tuple[Any, str]], mask: Any, validate: bool):
             raise ValueError(f"mask: expected shape {tuple(t0.shape)}, got {tuple(m.shape)}")
         valid = m.to(t0.device)
     if validate:
-        for i, (t, (_, name)) in enumerate(zip(tensors, args)):
-            _check_logprob(t, name, valid, sampled_from=(i != 1))
+        _validate(args, tensors, valid, range(skip, len(tensors)))
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -197,35 +209,23 @@ def _estimate(kind: str, sampler_logprob, other_logprob, behaviour_logprob, stra
     if straight_through and behaviour_logprob is not None:
         raise ValueError("straight_through: only defined on-policy (without behaviour_logprob); "
                          "the importance-weighted estimators carry their own unbiased gradient")
-    tensors, valid, out_dtype, back = _prepare(args, mask, validate)
-    xs = [t.to(torch.float64) for t in tensors]
-    if not validate:
-        # Unvalidated: an infinite entry that validation rejects (+inf; -inf where the token was
-        # drawn) becomes NaN (NaN itself propagates), so that no clamp, zero weight or infinite
-        # ratio turns it into a number; the gradient passes.
-        for i, x in enumerate(xs):
-            bad = (x == math.inf) | ((x == -math.inf) if i != 1 else False)
-            xs[i] = x + torch.where(bad.detach(), math.nan, 0.0).to(x.dtype)
-    if valid is not None:  # select, never multiply: padding may hold -inf or NaN
-        xs = [torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs]
-    s, o = xs[0], xs[1]
-    hi, lo = _impl.two_diff(o.detach(), s.detach())
-    hi = o - s  # the same rounded value as the two-sum's hi, carrying the gradient
+    # Validation happens in the estimator's own pass (below); a flagged entry is then found and
+    # named by the checks of _prepare, which run in full where no kernel flags.
+    tensors, valid, out_dtype, back = _prepare(args, mask, validate, skip=len(args) if validate else 0)
     kv = _KIND[kind]
-    val = _impl.KOfLogRatio.apply(hi, lo, kv, 2 if straight_through else kv)
-    if len(xs) == 3:
-        w = torch.exp(s - xs[2])
-        val = w * val
-    if not validate:
-        # times NaN where an input is NaN: the value is NaN already, and so becomes the gradient
-        # (k1's is a constant +-1 that would otherwise ignore the NaN); others are times 1, exactly
-        # (unconditionally: a data-dependent branch would break a torch.compile graph)
-        nanm = torch.isnan(xs[0].detach())
-        for x in xs[1:]:
-            nanm = nanm | torch.isnan(x.detach())
-        val = val * torch.where(nanm, math.nan, 1.0).to(val.dtype)
-    if valid is not None:
-        val = torch.where(valid, val, torch.zeros((), dtype=val.dtype, device=val.device))
+    sk = 2 if straight_through else kv
+    check = None
+    if validate:
+        check = tuple(_TOL_IN_DTYPE[tensors[i].dtype] if i < len(tensors) else 0.0 for i in range(3))
+    # One pass over the inputs (trmath::k_fwd: the C++ element kernel on CPU): the log-ratio as
+    # an exact two-sum, the estimator (times w = exp(s - b) off-policy) in float64, rounded once;
+    # s = +-inf, o = +inf, b = +-inf and NaN give NaN (validation rejects them first when it
+    # runs), padding gives 0. The backward recomputes the slope from the inputs.
+    b = tensors[2] if len(tensors) == 3 else None
+    val, flagged = _impl.k_estimate(tensors[0], tensors[1], b, valid, kv, sk,
+                                    out_dtype == torch.float64, check)
+    if flagged:
+        _validate(args, tensors, valid, range(len(tensors)))
     out = val.to(out_dtype)
     if bounds is None:
         return back(out)

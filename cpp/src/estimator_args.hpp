@@ -1,0 +1,84 @@
+// trmath: arguments of the sampled KL estimators' element kernel (estimator_kernels.cpp),
+// shared with the bindings (bind_estimators.cpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "view.hpp"
+
+namespace trmath {
+
+// k_{value_kind}(lr) and d k_{slope_kind} / d lr at lr = o - s, element by element over n
+// contiguous elements of s and o (one dtype, `dtype`):
+//   kind 1: k1 = -lr (slope -1);  2: k2 = lr^2 / 2 (slope lr);  3: k3 = expm1(lr) - lr
+//   (slope expm1(lr)).
+// Rules applied in the kernel (the Python layer validates before, or asks for these):
+//   s = +-inf or o = +inf becomes NaN; a NaN s or o gives a NaN value and a NaN slope;
+//   valid (optional, n bytes, 0 or 1): where 0, the value and the slope are 0.
+struct KArgs {
+  const void* s = nullptr;
+  const void* o = nullptr;
+  // Importance weighted (b not null, same dtype): the value is w k with w = exp(s - b); b = +-inf
+  // becomes NaN, and validation treats b as it treats s (tol_b).
+  const void* b = nullptr;
+  const uint8_t* valid = nullptr;  // may be null
+  DType dtype = DType::f32;
+  int64_t n = 0;
+  int value_kind = 3, slope_kind = 3;
+  void* value = nullptr;    // n outputs: double if value64, else float
+  bool value64 = false;
+  double* slope = nullptr;  // n outputs, or null
+  // Validation (check = true): *bad is set to 1 if some entry (where valid) has s NaN, above
+  // tol_s or -inf, or o NaN or above tol_o (the Python layer then finds and names it).
+  bool check = false;
+  double tol_s = 0, tol_o = 0, tol_b = 0;
+  int* bad = nullptr;
+};
+
+// The backward of a k_estimate call: gs = -g k'(lr), go = g k'(lr) with the slope k' of
+// slope_kind recomputed from s and o (the same lanes and rules as the forward: NaN where the
+// forward's value was NaN, 0 where valid is 0), rounded to the inputs' dtype (as float first
+// for 16-bit inputs, as torch's conversion from float64 does). Importance weighted (b): of
+// w k with w = exp(s - b), go = g w k', gs = g (w k - w k'), gb = -g w k (k of value_kind).
+struct KBwdArgs {
+  const void* s = nullptr;
+  const void* o = nullptr;
+  const void* b = nullptr;
+  int value_kind = 3;
+  void* gb = nullptr;
+  const uint8_t* valid = nullptr;  // may be null
+  DType dtype = DType::f32;
+  int64_t n = 0;
+  int slope_kind = 3;
+  const void* g = nullptr;  // n values (or one, if g_scalar): double if g64, else float
+  bool g64 = false, g_scalar = false;
+  void* gs = nullptr;  // n outputs in dtype, or null
+  void* go = nullptr;
+};
+
+// The binary coarse divergences (trmath/coarse.py), element by element over n contiguous
+// log-probabilities lp, lq of one dtype: kind 0 = binary_tv |p - q|, 1 = binary_kl
+// KL(Bern(p) || Bern(q)), p = e^lp, q = e^lq (see the formulas in estimator_kernels.cpp).
+// An entry is bad where lp is NaN or above tol_p (lq: tol_q); values in (0, tol] count as 0
+// (their gradient is 0). Forward: the value (NaN where bad); with check, *bad = 1 if any entry
+// is bad. Backward (g not null): gp, gq (either may be null) = g times the partial derivatives,
+// NaN where bad, in the inputs' dtype.
+struct BinArgs {
+  const void* lp = nullptr;
+  const void* lq = nullptr;
+  DType dtype = DType::f32;
+  int64_t n = 0;
+  int kind = 0;
+  double tol_p = 0, tol_q = 0;
+  void* value = nullptr;  // forward: n outputs, double if value64, else float
+  bool value64 = false;
+  bool check = false;
+  int* bad = nullptr;
+  const void* g = nullptr;  // backward: n values (or one, if g_scalar), double if g64, else float
+  bool g64 = false, g_scalar = false;
+  void* gp = nullptr;
+  void* gq = nullptr;
+};
+
+}  // namespace trmath

@@ -1,0 +1,482 @@
+// trmath: the element kernels of the sampled KL estimators k1, k2, k3 (trmath/estimators.py)
+// and of the binary coarse divergences binary_tv, binary_kl (trmath/coarse.py; formulas below).
+// Compiled once per instruction set, like kernels.cpp; bind_estimators.cpp picks the copy
+// matching the exact kernels in use.
+//
+// One read of both inputs and one write of each output, in double lanes (8 with AVX-512, else
+// 4): the log-ratio lr = o - s is carried as an exact two-sum hi + lo (lo = 0 for 16/32-bit
+// inputs, whose difference is exact in double; for float64 inputs of different magnitudes it
+// holds what o - s rounded away), and every estimator is evaluated on it in double.
+//
+// Error argument for k3(x) = expm1(x) - x at x = hi (the tail lo enters at first order,
+// k3(hi + lo) = k3(hi) + expm1(hi) lo):
+//  * -1.6 <= x <= 2: the Taylor series x^2 sum_{j<25} x^j / (j+2)! by Horner (the first
+//    neglected term is below 2^25 / 27! < 4e-21 of the sum). For x > 0 every term is positive;
+//    for x < 0 the terms alternate and the rounding errors are amplified by at most
+//    sum|terms| / |sum| = (e^|x| - 1 - |x|) / (e^-|x| - 1 + |x|) <= 2.8 on [-1.6, 0].
+//  * 2 < x <= 700: with x = n ln2 + r (Cody-Waite, |r| <= ln2/2) and q = expm1(r) from the
+//    series, k3 = 2^n q + ((2^n - 1) - x): 2^n - 1 is exact, the terms have the same sign or
+//    cancel by less than a factor 2, and r's rounding moves e^x by 2^-55 relative.
+//  * x < -1.6 (and x > 700): (e^x - 1) - x with the vector exponential of elementary.hpp
+//    (within an ulp); for x < -1.6, e^x <= 0.2 and k3(x) >= 0.8, so its error is damped.
+// The slope expm1(x): x + series for -0.7 < x <= 2 (amplification (|x| + k3) / |expm1 x| <=
+// 1.8), 2^n q + (2^n - 1) on (2, 700], e^x - 1 elsewhere (amplification e^x / |e^x - 1| <= 1).
+// Measured against mpmath (40 digits, 80000 random float64 log-ratios): k3 within 2 ulps,
+// expm1 within 2 ulps; a float output then rounds once.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#ifndef TRMATH_ISA
+#error "TRMATH_ISA must be defined"
+#endif
+#define TRMATH_CAT2(a, b) a##b
+#define TRMATH_CAT(a, b) TRMATH_CAT2(a, b)
+#define simd TRMATH_CAT(simd_, TRMATH_ISA)
+
+#include "estimator_args.hpp"
+#include "trmath/elementary.hpp"
+
+#define TRMATH_NS TRMATH_CAT(isa_, TRMATH_ISA)
+
+namespace trmath {
+namespace TRMATH_NS {
+namespace {
+
+using namespace simd;
+
+#if defined(TRMATH_HAVE_LANES16)
+using DV = d8;
+using LV = l8;
+using FV = f8;
+constexpr int kL = 8;
+template <class In>
+TRMATH_INLINE DV load_lanes(const In* p) { return load8_d(p); }
+#else
+using DV = d4;
+using LV = l4;
+using FV = f4;
+constexpr int kL = 4;
+template <class In>
+TRMATH_INLINE DV load_lanes(const In* p) { return Load4<In>::load(p); }
+#endif
+
+// 1 / (j + 2)! for j = 0 .. 24, lowest degree first (horner() order).
+constexpr double kK3[25] = {
+    0.5, 0.16666666666666666, 0.041666666666666664, 0.008333333333333333, 0.001388888888888889,
+    0.0001984126984126984, 2.48015873015873e-05, 2.7557319223985893e-06, 2.755731922398589e-07,
+    2.505210838544172e-08, 2.08767569878681e-09, 1.6059043836821613e-10, 1.1470745597729725e-11,
+    7.647163731819816e-13, 4.779477332387385e-14, 2.8114572543455206e-15, 1.5619206968586225e-16,
+    8.22063524662433e-18, 4.110317623312165e-19, 1.9572941063391263e-20, 8.896791392450574e-22,
+    3.8681701706306835e-23, 1.6117375710961184e-24, 6.446950284384474e-26, 2.4795962632247972e-27};
+// The same for the reduced argument |r| <= ln2 / 2 of the upper branch (the first neglected
+// term is below 0.35^13 / 15! < 1e-18 of the sum).
+constexpr double kK3r[13] = {
+    0.5, 0.16666666666666666, 0.041666666666666664, 0.008333333333333333, 0.001388888888888889,
+    0.0001984126984126984, 2.48015873015873e-05, 2.7557319223985893e-06, 2.755731922398589e-07,
+    2.505210838544172e-08, 2.08767569878681e-09, 1.6059043836821613e-10, 1.1470745597729725e-11};
+constexpr double kSeriesLo = -1.6, kSeriesHi = 2.0;
+constexpr double kUpHi = 700.0;  // above: e^x - 1 directly (it overflows from 709.8 on)
+
+TRMATH_INLINE DV tail(DV a, DV lo) { return lo == 0.0 ? DV{} : a * lo; }
+
+// expm1(x) from the branches' parts: x + series on (-0.7, 2], the reduced form on (2, 700],
+// e^x - 1 elsewhere.
+TRMATH_INLINE DV expm1_of(DV hi, DV series, DV em1, LV up, DV em1_up) {
+  const DV e = (hi > -0.7) & (hi <= kSeriesHi) ? hi + series : em1;
+  return up ? em1_up : e;
+}
+
+// What both directions compute from a vector of s and o: the log-ratio hi + lo and, if need_e,
+// the parts of the k3 series and of expm1 (see the error argument at the top).
+struct Lanes {
+  DV hi, lo, series, em1, k3_up, em1_up;
+  LV up;
+};
+
+// The parts of k3 and expm1 at hi (see the error argument at the top), into L.
+TRMATH_INLINE void expm1_parts(DV hi, Lanes& L) {
+  DV xs = hi < kSeriesLo ? splat<DV>(kSeriesLo) : hi;  // keeps the unused lanes finite
+  xs = xs > kSeriesHi ? splat<DV>(kSeriesHi) : xs;
+  L.series = xs * xs * horner(xs, kK3);
+  const LV below = hi <= -0.7, above = hi > kSeriesHi;
+  if (any_lane(below | above)) L.em1 = exp_dv<DV, LV>(hi) - 1.0;  // e^-inf = 0
+  L.up = above & (hi <= kUpHi);
+  if (any_lane(L.up)) {
+    // 2 < x <= 700: x = n ln2 + r (|r| <= ln2 / 2, Cody-Waite), q = expm1(r) by its series,
+    // e^x - 1 = 2^n q + (2^n - 1) and k3 = 2^n q + ((2^n - 1) - x): no rounded e^x whose
+    // error (an ulp of e^x, up to 2 of k3 where e^x has crossed a power of two that k3 has
+    // not) the subtraction would carry; each result is off by about an ulp.
+    const DV x = L.up ? hi : splat<DV>(kSeriesHi + 1.0);
+    const DV magic = splat<DV>(6755399441055744.0);
+    const DV tt = x * kLog2e + magic;
+    const DV nd = tt - magic;
+    const DV r = (x - nd * kLn2Hi) - nd * kLn2Lo;
+    const DV q = r + r * r * horner(r, kK3r);
+    const LV n = (LV)tt - (LV)magic;
+    const DV p2 = (DV)((n + 1023) << 52);  // 2^n, n in [3, 1010]
+    const DV p2q = p2 * q, p2m1 = p2 - 1.0;
+    L.k3_up = p2q + (p2m1 - x);
+    L.em1_up = p2q + p2m1;
+  }
+}
+
+TRMATH_INLINE Lanes lanes(DV sv, DV ov, bool need_e) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  // s = +-inf and o = +inf are not log-probabilities of sampled tokens: NaN from here on.
+  sv = vabs(sv) == inf ? splat<DV>(nan) : sv;
+  ov = ov == inf ? splat<DV>(nan) : ov;
+  // lr = o - s = hi + lo exactly (two-sum); lo = 0 where hi is not finite.
+  const DV hi = ov - sv;
+  const DV bv = hi - ov;
+  DV lo = (ov - (hi - bv)) + ((-sv) - bv);
+  lo = (hi - hi) == 0.0 ? lo : DV{};
+  Lanes L{hi, lo, DV{}, DV{}, DV{}, DV{}, LV{}};
+  if (need_e) expm1_parts(hi, L);
+  return L;
+}
+
+// Chunk of n elements given to one task of the pool.
+constexpr int64_t kChunk = 16384;
+
+// Runs body(begin, end) -> bool over [0, n) in chunks of kChunk on the pool; true if any chunk
+// returned true.
+template <class Body>
+bool over_chunks(int64_t n, const Body& body) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  if (chunks <= 1) return chunks == 1 && body(int64_t(0), n);
+  std::vector<uint8_t> hit(size_t(chunks), 0);
+  parallel_for(chunks, [&](int64_t c) {
+    const int64_t b = c * kChunk, e = b + kChunk < n ? b + kChunk : n;
+    hit[size_t(c)] = body(b, e) ? 1 : 0;
+  });
+  for (uint8_t h : hit)
+    if (h) return true;
+  return false;
+}
+
+// body<In>(begin, end) for the dtype of the arguments.
+#define TRMATH_BY_DTYPE(dt, fn, ...)                         \
+  switch (dt) {                                             \
+    case DType::f32: return fn<float>(__VA_ARGS__);         \
+    case DType::f64: return fn<double>(__VA_ARGS__);        \
+    case DType::bf16: return fn<bf16_t>(__VA_ARGS__);       \
+    case DType::f16: return fn<f16_t>(__VA_ARGS__);         \
+  }                                                         \
+  return false;
+
+// m <= kL elements from p as double lanes (the lanes past m hold +0).
+template <class In>
+TRMATH_INLINE DV load_part(const In* p, int m) {
+  if (m == kL) return load_lanes(p);
+  In t[kL];
+  std::memset(static_cast<void*>(t), 0, sizeof t);  // +0 in every dtype
+  std::memcpy(static_cast<void*>(t), p, size_t(m) * sizeof(In));
+  return load_lanes(t);
+}
+
+// -1 in the lanes j < m whose valid[i + j] is set (every lane j < m without a mask).
+TRMATH_INLINE LV keep_lanes(const uint8_t* valid, int64_t i, int m) {
+  LV keep = splat<LV>(-1);
+  if (valid)
+    for (int j = 0; j < kL; ++j) keep[j] = (j < m && valid[i + j]) ? -1 : 0;
+  return keep;
+}
+
+// k of the given kind at lr = hi + lo.
+TRMATH_INLINE DV value_of(int kind, const Lanes& L) {
+  const DV hi = L.hi, lo = L.lo;
+  if (kind == 1) return -(hi + lo);
+  if (kind == 2) return 0.5 * hi * hi + tail(hi, lo);
+  const double inf = std::numeric_limits<double>::infinity();
+  DV direct = hi == inf ? splat<DV>(inf) : L.em1 - hi;
+  direct = L.up ? L.k3_up : direct;
+  const DV base = (hi >= kSeriesLo) & (hi <= kSeriesHi) ? L.series : direct;
+  return base + tail(expm1_of(hi, L.series, L.em1, L.up, L.em1_up), lo);
+}
+
+// The importance weight exp(s - b) (s - b exact for 16/32-bit inputs; within an ulp of exp
+// otherwise); s or b = +-inf count as NaN.
+TRMATH_INLINE DV weight(DV sv, DV bv) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const DV nanv = splat<DV>(std::numeric_limits<double>::quiet_NaN());
+  sv = vabs(sv) == inf ? nanv : sv;
+  bv = vabs(bv) == inf ? nanv : bv;
+  return exp_dv<DV, LV>(sv - bv);
+}
+
+// d k / d lr of the given kind; NaN where an input was NaN (or became NaN), so that k1's
+// constant slope does not hide it.
+TRMATH_INLINE DV slope_of(int kind, const Lanes& L) {
+  DV slope;
+  if (kind == 1) {
+    slope = splat<DV>(-1.0);
+  } else if (kind == 2) {
+    slope = L.hi + L.lo;
+  } else {
+    const DV ee = expm1_of(L.hi, L.series, L.em1, L.up, L.em1_up);
+    slope = ee + tail(ee + 1.0, L.lo);
+  }
+  return L.hi != L.hi ? splat<DV>(std::numeric_limits<double>::quiet_NaN()) : slope;
+}
+
+// Stores m <= kL lanes as In (16-bit types through float, as torch converts from float64).
+template <class In>
+TRMATH_INLINE void store_part(In* p, DV v, int m) {
+  if constexpr (std::is_same<In, double>::value) {
+    std::memcpy(p, &v, size_t(m) * sizeof(double));
+  } else {
+    const FV f = __builtin_convertvector(v, FV);
+    if constexpr (std::is_same<In, float>::value) {
+      std::memcpy(p, &f, size_t(m) * sizeof(float));
+    } else if constexpr (std::is_same<In, bf16_t>::value) {
+      for (int j = 0; j < m; ++j) p[j].bits = float_to_bf16(f[j]);
+    } else {
+      for (int j = 0; j < m; ++j) p[j].bits = float_to_f16(f[j]);
+    }
+  }
+}
+
+template <class In>
+bool run_backward(const KBwdArgs& a, int64_t begin, int64_t e) {
+  const In* s = static_cast<const In*>(a.s);
+  const In* o = static_cast<const In*>(a.o);
+  const In* b = static_cast<const In*>(a.b);
+  In* gs = static_cast<In*>(a.gs);
+  In* go = static_cast<In*>(a.go);
+  In* gb = static_cast<In*>(a.gb);
+  const bool need_e = a.slope_kind == 3 || (b && a.value_kind == 3);
+  const DV g0 = a.g_scalar ? splat<DV>(a.g64 ? *static_cast<const double*>(a.g) : double(*static_cast<const float*>(a.g)))
+                           : DV{};
+  for (int64_t i = begin; i < e; i += kL) {
+    const int m = int(e - i < kL ? e - i : kL);
+    const DV sv = load_part(s + i, m), ov = load_part(o + i, m);
+    const LV keep = keep_lanes(a.valid, i, m);
+    DV g = g0;
+    if (!a.g_scalar)
+      g = a.g64 ? load_part(static_cast<const double*>(a.g) + i, m) : load_part(static_cast<const float*>(a.g) + i, m);
+    const Lanes L = lanes(sv, ov, need_e);
+    if (!b) {
+      DV d = g * slope_of(a.slope_kind, L);
+      if (a.valid) d = keep ? d : DV{};
+      if (go) store_part(go + i, d, m);
+      if (gs) store_part(gs + i, -d, m);
+      continue;
+    }
+    const DV w = weight(sv, load_part(b + i, m));
+    const DV gwk = g * (w * value_of(a.value_kind, L)), gws = g * (w * slope_of(a.slope_kind, L));
+    const DV zero{};
+    if (go) store_part(go + i, a.valid ? (keep ? gws : zero) : gws, m);
+    if (gs) store_part(gs + i, a.valid ? (keep ? gwk - gws : zero) : gwk - gws, m);
+    if (gb) store_part(gb + i, a.valid ? (keep ? -gwk : zero) : -gwk, m);
+  }
+  return false;
+}
+
+// Returns whether validation (a.check) found a bad entry in [begin, e).
+template <class In>
+bool run(const KArgs& a, int64_t begin, int64_t e) {
+  const In* s = static_cast<const In*>(a.s);
+  const In* o = static_cast<const In*>(a.o);
+  const In* b = static_cast<const In*>(a.b);
+  const double inf = std::numeric_limits<double>::infinity();
+  const bool need_e = a.value_kind == 3 || (a.slope != nullptr && a.slope_kind == 3);
+  LV bad{};
+  for (int64_t i = begin; i < e; i += kL) {
+    const int m = int(e - i < kL ? e - i : kL);
+    const DV sv = load_part(s + i, m), ov = load_part(o + i, m);
+    const LV keep = keep_lanes(a.valid, i, m);
+    if (a.check)  // padding lanes hold +0 (a valid value)
+      bad |= keep & ((sv != sv) | (sv > a.tol_s) | (sv == -inf) | (ov != ov) | (ov > a.tol_o));
+    const Lanes L = lanes(sv, ov, need_e);
+    DV val = value_of(a.value_kind, L);
+    if (b) {
+      const DV bv = load_part(b + i, m);
+      if (a.check) bad |= keep & ((bv != bv) | (bv > a.tol_b) | (bv == -inf));
+      val = weight(sv, bv) * val;
+    }
+    DV slope = a.slope ? slope_of(a.slope_kind, L) : DV{};
+    if (a.valid) {
+      val = keep ? val : DV{};
+      slope = keep ? slope : DV{};
+    }
+    if (a.value64) {
+      std::memcpy(static_cast<double*>(a.value) + i, &val, size_t(m) * sizeof(double));
+    } else {
+      const FV vf = __builtin_convertvector(val, FV);
+      std::memcpy(static_cast<float*>(a.value) + i, &vf, size_t(m) * sizeof(float));
+    }
+    if (a.slope) std::memcpy(a.slope + i, &slope, size_t(m) * sizeof(double));
+  }
+  return any_lane(bad);
+}
+
+// ---- the binary coarse divergences ----------------------------------------------------------
+// p = e^lp, q = e^lq, and for KL the tails R_p = 1 - p = -expm1(lp), R_q = -expm1(lq):
+//   delta = p - q = sign(lp - lq) e^max(lp, lq) (-expm1(-|lp - lq|))  (never p and q rounded
+//     and subtracted);  binary_tv = |delta| (clamped to [0, 1]);
+//   binary_kl = p g(d) + R_p g(d_R),  g(x) = expm1(x) - x >= 0,  d = lq - lp,
+//     d_R = log(R_q / R_p) = log1p(delta / R_p) where |delta / R_p| <= 1/2, else the log of the
+//     ratio of the two accurate tails (|d_R| >= log 1.5 there); each term as w g(d) by the series
+//     where |d| < 1, else w' - w (1 + d) (w' = w e^d, the other policy's mass: no cancellation
+//     beyond a factor e/2), never negative.
+// Conventions (as the torch formulas of trmath/_coarse_impl.py): p = 0 gives the term q; q = 0 <
+// p gives +inf; R_p = 0 gives the tail R_q; R_q = 0 < R_p gives +inf. Gradients:
+//   tv: d/dlp = s p, d/dlq = -s q (s = sign delta);
+//   kl: d/dlp = p (d_R - d), d/dlq = -delta + q expm1(-d_R).
+// Every function here is within a few float64 ulps (log and log1p by the atanh series of
+// elementary.hpp, expm1 as above), far inside the 1e-12 target of float64 inputs.
+
+// log(x) for x > 0 (subnormals included; +inf for +inf): k ln2 + log(m), m in [0.75, 1.5).
+TRMATH_INLINE DV log_pos(DV x) {
+  const LV sub = x < 2.2250738585072014e-308;
+  x = sub ? x * 0x1p54 : x;
+  const LV bits = (LV)x;
+  LV e = ((bits >> 52) & 0x7ff) - 1023;
+  DV m = (DV)((bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL);  // [1, 2)
+  const LV big = m > 1.5;
+  m = big ? m * 0.5 : m;
+  e = big ? e + 1 : e;
+  e = sub ? e - 54 : e;
+  const DV ed = __builtin_convertvector(e, DV);
+  const DV lm = log1p_ratio_c(m - 1.0, splat<DV>(1.0), coef::log1p_d);  // m - 1 exact
+  const DV r = ed * kLn2Hi + (lm + ed * kLn2Lo);
+  return x == std::numeric_limits<double>::infinity() ? x : r;
+}
+
+TRMATH_INLINE DV expm1_dv(DV x) {
+  Lanes L{x, DV{}, DV{}, DV{}, DV{}, DV{}, LV{}};
+  expm1_parts(x, L);
+  return expm1_of(x, L.series, L.em1, L.up, L.em1_up);
+}
+
+// w g(d) with w' = w e^d, for finite d and w >= 0.
+TRMATH_INLINE DV weighted_g(DV w, DV w_other, DV d) {
+  const LV small = vabs(d) < 1.0;
+  const DV ds = small ? d : DV{};
+  const DV r = small ? w * (ds * ds * horner(ds, kK3)) : w_other - w * (1.0 + d);
+  return r > 0.0 ? r : DV{};
+}
+
+struct Binary {
+  DV val, gp, gq;  // gp, gq: the partial derivatives (without g)
+};
+
+// lp, lq sanitised (<= 0, no NaN).
+TRMATH_INLINE Binary binary_lanes(int kind, DV lp, DV lq, bool grads) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const DV infv = splat<DV>(inf), zero{}, one = splat<DV>(1.0);
+  const LV fp = lp > -inf, fq = lq > -inf, both = fp & fq;
+  const DV p = exp_dv<DV, LV>(lp), q = exp_dv<DV, LV>(lq);
+  const DV m = lp > lq ? lp : lq;
+  const DV ad = both ? vabs(lp - lq) : (fp | fq ? infv : zero);
+  const DV sgn = lp > lq ? one : (lp < lq ? -one : zero);
+  const DV delta = (fp | fq) ? sgn * exp_dv<DV, LV>(m) * -expm1_dv(-ad) : zero;
+  Binary r;
+  if (kind == 0) {
+    const DV a = vabs(delta);
+    r.val = a > 1.0 ? one : a;
+    if (grads) {
+      r.gp = sgn * p;
+      r.gq = -(sgn * q);
+    }
+    return r;
+  }
+  const DV d = both ? lq - lp : zero;
+  DV kept = weighted_g(p, q, d);
+  kept = both ? kept : (fp ? infv : q);
+  const DV Rp = -expm1_dv(lp), Rq = -expm1_dv(lq);
+  const LV posp = Rp > 0.0, posq = Rq > 0.0;
+  const DV sRp = posp ? Rp : one;
+  const DV u = delta / sRp;
+  const LV near = vabs(u) <= 0.5;
+  const DV dRn = log1p_ratio_c(near ? u : zero, one, coef::log1p_d);
+  const DV ratio = Rq / sRp;
+  const LV normal = (ratio >= 2.2250738585072014e-308) & (ratio < infv);
+  const DV lr = log_pos(normal ? ratio : one);
+  const DV ldiff = log_pos(posq ? Rq : one) - log_pos(sRp);  // a tiny or huge ratio
+  DV dR = near ? dRn : (normal ? lr : (posq ? ldiff : -infv));
+  dR = posp ? dR : (posq ? infv : zero);
+  dR = posp & ~posq ? -infv : dR;
+  const LV fin = (dR - dR) == 0.0;
+  DV tail = weighted_g(Rp, Rq, fin ? dR : zero);
+  tail = posp ? (posq ? tail : infv) : Rq;
+  r.val = kept + tail;
+  if (grads) {
+    const DV dg = both ? d : (fp ? -infv : zero);
+    r.gp = fp ? p * (dR - dg) : zero;
+    r.gq = -delta + (q > 0.0 ? q * expm1_dv(-dR) : zero);
+  }
+  return r;
+}
+
+// Loads and sanitises m lanes of x: (x, bad, clamped) with x set to 0 where bad (NaN or above
+// tol) and to 0 where in (0, tol].
+template <class In>
+TRMATH_INLINE DV sanitize(const In* p, int m, double tol, LV& bad, LV& clamped) {
+  const DV x = load_part(p, m);
+  bad = (x != x) | (x > tol);
+  clamped = x > 0.0;
+  return (bad | clamped) ? DV{} : x;
+}
+
+template <class In>
+bool run_binary(const BinArgs& a, int64_t begin, int64_t e) {
+  const In* lp = static_cast<const In*>(a.lp);
+  const In* lq = static_cast<const In*>(a.lq);
+  In* gp = static_cast<In*>(a.gp);
+  In* gq = static_cast<In*>(a.gq);
+  const bool backward = a.g != nullptr;
+  const DV nanv = splat<DV>(std::numeric_limits<double>::quiet_NaN());
+  const DV g0 = backward && a.g_scalar
+                    ? splat<DV>(a.g64 ? *static_cast<const double*>(a.g) : double(*static_cast<const float*>(a.g)))
+                    : DV{};
+  LV bad_any{};
+  for (int64_t i = begin; i < e; i += kL) {
+    const int m = int(e - i < kL ? e - i : kL);
+    LV bp, bq, cp, cq;
+    const DV xp = sanitize(lp + i, m, a.tol_p, bp, cp), xq = sanitize(lq + i, m, a.tol_q, bq, cq);
+    LV bad = bp | bq;
+    if (m < kL)
+      for (int j = m; j < kL; ++j) bad[j] = 0;
+    const Binary r = binary_lanes(a.kind, xp, xq, backward);
+    if (!backward) {
+      bad_any |= bad;
+      const DV v = bad ? nanv : r.val;
+      if (a.value64) {
+        std::memcpy(static_cast<double*>(a.value) + i, &v, size_t(m) * sizeof(double));
+      } else {
+        const FV vf = __builtin_convertvector(v, FV);
+        std::memcpy(static_cast<float*>(a.value) + i, &vf, size_t(m) * sizeof(float));
+      }
+      continue;
+    }
+    DV g = g0;
+    if (!a.g_scalar)
+      g = a.g64 ? load_part(static_cast<const double*>(a.g) + i, m) : load_part(static_cast<const float*>(a.g) + i, m);
+    if (gp) store_part(gp + i, bad ? nanv : (cp ? DV{} : g * r.gp), m);
+    if (gq) store_part(gq + i, bad ? nanv : (cq ? DV{} : g * r.gq), m);
+  }
+  return any_lane(bad_any);
+}
+
+}  // namespace
+
+void binary_coarse(const BinArgs& a) {
+  const bool bad = over_chunks(a.n, [&](int64_t b, int64_t e) { TRMATH_BY_DTYPE(a.dtype, run_binary, a, b, e) });
+  if (a.bad) *a.bad = bad ? 1 : 0;
+}
+
+void k_estimate_backward(const KBwdArgs& a) {
+  over_chunks(a.n, [&](int64_t b, int64_t e) { TRMATH_BY_DTYPE(a.dtype, run_backward, a, b, e) });
+}
+
+void k_estimate(const KArgs& a) {
+  const bool bad = over_chunks(a.n, [&](int64_t b, int64_t e) { TRMATH_BY_DTYPE(a.dtype, run, a, b, e) });
+  if (a.bad) *a.bad = bad ? 1 : 0;
+}
+
+}  // namespace TRMATH_NS
+}  // namespace trmath
