@@ -713,3 +713,42 @@ def test_binary_kernel_unvalidated_nan_and_validation_messages(name, on_both_pat
     for x in r1[:3] + r2[:3]:
         assert torch.nonzero(torch.isnan(x)).flatten().tolist() == bad
     assert r1[3] == r2[3] and r1[3].startswith("p_logprob: contains NaN at index 20000")
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16], ids=dtname)
+@pytest.mark.parametrize("name", sorted(TOPK))
+def test_topk_kernel_matches_the_torch_path(name, dt, on_both_paths):
+    """16/32-bit Top-K rows of every adversarial family (K = 1 ... 6, several kernel chunks and a
+    partial lane group), plus an invalid row (NaN), a row whose kept mass exceeds 1 (K >= 2) and
+    an entry rounded above 0 (clamped): values and both gradients of the kernel and of the
+    float64 torch formulas agree to 1e-6 relative (gradients: of the row's largest), NaN at the
+    same places."""
+    fam = topk_family(np.random.default_rng(12))
+    for fname, (lp, lq) in fam.items():
+        K = lp.shape[-1]
+        reps = -(-(2 * 16384 // K + 13) // lp.shape[0])
+        tp = torch.from_numpy(np.tile(lp, (reps, 1))).to(dt)
+        tq = torch.from_numpy(np.tile(lq, (reps, 1))).to(dt)
+        tp[1, 0] = math.nan
+        tq[2] = 0.0  # kept mass K > 1: a bad row (K >= 2; K = 1 is q = 1, a valid row)
+        tp[3, 0] = 2 * torch.finfo(dt).eps  # rounding above 0: clamped
+        gout = torch.linspace(0.5, 1.5, tp.shape[0])
+
+        def run():
+            a, b = tp.clone().requires_grad_(), tq.clone().requires_grad_()
+            v = TOPK[name](a, b, validate=False)
+            v.backward(gout)
+            return v.detach(), a.grad, b.grad
+        (v1, gp1, gq1), (v2, gp2, gq2) = on_both_paths(run)
+        assert torch.equal(torch.isnan(v1), torch.isnan(v2)) and bool(torch.isnan(v1[1])), fname
+        assert bool(torch.isnan(v1[2])) == (K > 1), fname
+        ok = torch.isfinite(v2)
+        assert torch.equal(torch.isinf(v1), torch.isinf(v2)), fname
+        assert torch.allclose(v1[ok], v2[ok], rtol=1e-6, atol=1e-30), fname
+        for a, c in ((gp1, gp2), (gq1, gq2)):
+            assert a.dtype == dt and torch.equal(torch.isnan(a), torch.isnan(c)), fname
+            fin = torch.isfinite(c)
+            scale = c.double().nan_to_num(0.0, 0.0, 0.0).abs().amax(-1, keepdim=True).expand_as(c)[fin]
+            err = (a[fin].double() - c[fin].double()).abs()
+            assert bool((err <= 1e-6 * scale + 2 * torch.finfo(dt).eps * c[fin].double().abs()).all()), fname
+        assert float(gp1[3, 0]) == 0.0

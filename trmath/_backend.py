@@ -359,6 +359,38 @@ def binary_coarse_backward(g: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, 
     return gp, gq
 
 
+def topk_coarse(lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float, tol_q: float):
+    """topk_tv (``kind`` 0) or topk_kl (1) of contiguous CPU ``[rows, K]`` log-probabilities of
+    one 16/32-bit dtype: float32 ``[rows]``, NaN for a bad row (an entry NaN or above its
+    tolerance, or a kept mass above ``exp(K tol)``); and whether some row was bad."""
+    rows, K = lp.shape
+    val = torch.empty(rows, dtype=torch.float32)
+    bad = False
+    if rows:
+        bad = _core.topk_coarse(lp.data_ptr(), lq.data_ptr(), DTYPE_CODES[lp.dtype], rows, K, int(kind),
+                                float(tol_p), float(tol_q), val.data_ptr(), False, 0, False, False, 0, 0)
+    return val, bad
+
+
+def topk_coarse_backward(g: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float,
+                         tol_q: float, need_p: bool, need_q: bool):
+    """``(g * d/dlp, g * d/dlq)`` of :func:`topk_coarse` (``g``: ``[rows]``), in the inputs'
+    dtype, None where not needed; recomputed."""
+    if g.dtype not in (torch.float32, torch.float64):
+        g = g.to(torch.float32)
+    rows, K = lp.shape
+    scalar = rows > 1 and g.dim() > 0 and all(st == 0 for st in g.stride())
+    if not scalar:
+        g = g.contiguous()
+    gp = _empty_large((rows, K), lp.dtype) if need_p else None
+    gq = _empty_large((rows, K), lq.dtype) if need_q else None
+    if rows and (need_p or need_q):
+        _core.topk_coarse(lp.data_ptr(), lq.data_ptr(), DTYPE_CODES[lp.dtype], rows, K, int(kind), float(tol_p),
+                          float(tol_q), 0, False, g.data_ptr(), g.dtype == torch.float64, scalar,
+                          gp.data_ptr() if gp is not None else 0, gq.data_ptr() if gq is not None else 0)
+    return gp, gq
+
+
 def topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[..., k]`` (int64) of the ``k`` largest logits of each row, sorted by value
     (descending) then index: ties go to the lower index, so the result is deterministic."""

@@ -561,3 +561,121 @@ def binary(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float, value6
         return binary_fwd_impl(lp, lq, kind, tol_p, tol_q, value64)
     val, flag = binary_fwd(lp, lq, kind, tol_p, tol_q, value64)
     return val, bool(flag[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-K of 16/32-bit log-probabilities as one operator (the C++ kernel on CPU; the formulas above,
+# without the double-double refinements that only float64 inputs need, elsewhere)
+# ------------------------------------------------------------------------------------------------
+def _torch_topk_parts(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float):
+    """Sanitised float64 rows, the entry masks (bad, clamped), the bad rows and the forward
+    quantities (``Parts`` with ``dd=False``)."""
+    f64 = torch.float64
+    K = lp.shape[-1]
+    xs, bads, clamps, over = [], [], [], []
+    for t, tol in ((lp, tol_p), (lq, tol_q)):
+        x = t.to(f64)
+        bad = torch.isnan(x) | (x > tol)
+        s = torch.where(bad, torch.zeros_like(x), x).clamp_max(0.0)
+        A = log_kept_mass(s)
+        xs.append(s)
+        bads.append(bad)
+        clamps.append(x > 0)
+        over.append(A)
+    rowbad = bads[0].any(-1) | bads[1].any(-1) | (over[0] > tol_p * K) | (over[1] > tol_q * K)
+    parts = Parts(xs[0], xs[1], over[0].clamp_max(0.0), over[1].clamp_max(0.0), refine=kind == 1, dd=False)
+    return parts, bads, clamps, rowbad
+
+
+def topk_fwd_impl(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float) -> tuple[Tensor, bool]:
+    """topk_tv (``kind`` 0) or topk_kl (1) of ``[rows, K]`` 16/32-bit log-probabilities of one
+    dtype: float32 ``[rows]``, NaN for a bad row; and whether a row was bad (on other devices:
+    always True, so the caller's validation looks)."""
+    from . import _ops
+
+    if _ops.use_cpp(lp):
+        return _ops._cpp().topk_coarse(lp.contiguous(), lq.contiguous(), kind, tol_p, tol_q)
+    parts, _, _, rowbad = _torch_topk_parts(lp, lq, kind, tol_p, tol_q)
+    out = parts.tv() if kind == 0 else parts.kl()
+    return torch.where(rowbad, torch.full_like(out, math.nan), out).to(torch.float32), True
+
+
+def topk_bwd_impl(g: Tensor, lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float,
+                  need_p: bool, need_q: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    from . import _ops
+
+    if _ops.use_cpp(lp):
+        return _ops._cpp().topk_coarse_backward(g, lp.contiguous(), lq.contiguous(), kind, tol_p, tol_q,
+                                                need_p, need_q)
+    parts, bads, clamps, rowbad = _torch_topk_parts(lp, lq, kind, tol_p, tol_q)
+    gp, gq = parts.tv_grads() if kind == 0 else parts.kl_grads()
+    gd = g.to(torch.float64).unsqueeze(-1)
+    nan = torch.full_like(gp, math.nan)
+    outs = []
+    for gx, bad, clamp, t, want in ((gp, bads[0], clamps[0], lp, need_p), (gq, bads[1], clamps[1], lq, need_q)):
+        if not want:
+            outs.append(None)
+            continue
+        x = torch.where(rowbad.unsqueeze(-1), nan, gd * gx)
+        x = torch.where(bad, nan, torch.where(clamp, torch.zeros_like(x), x))
+        outs.append(x.to(t.dtype))
+    return outs[0], outs[1]
+
+
+@torch.library.custom_op("trmath::topk_fwd", mutates_args=())
+def topk_fwd(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float) -> tuple[Tensor, Tensor]:
+    val, bad = topk_fwd_impl(lp, lq, kind, tol_p, tol_q)
+    return val, torch.tensor([int(bad)], dtype=torch.int32)
+
+
+@topk_fwd.register_fake
+def _(lp, lq, kind, tol_p, tol_q):
+    return lp.new_empty(lp.shape[:1], dtype=torch.float32), torch.empty((1,), dtype=torch.int32)
+
+
+@torch.library.custom_op("trmath::topk_bwd", mutates_args=())
+def topk_bwd(g: Tensor, lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float, need_p: bool,
+             need_q: bool) -> tuple[Tensor, Tensor]:
+    gp, gq = topk_bwd_impl(g, lp, lq, kind, tol_p, tol_q, need_p, need_q)
+    return (gp if gp is not None else lp.new_empty(0)), (gq if gq is not None else lq.new_empty(0))
+
+
+@topk_bwd.register_fake
+def _(g, lp, lq, kind, tol_p, tol_q, need_p, need_q):
+    return (torch.empty_like(lp, memory_format=torch.contiguous_format) if need_p else lp.new_empty(0),
+            torch.empty_like(lq, memory_format=torch.contiguous_format) if need_q else lq.new_empty(0))
+
+
+def _topk_setup(ctx, inputs, output):
+    lp, lq, kind, tol_p, tol_q = inputs
+    ctx.save_for_backward(lp, lq)
+    ctx.args = (kind, tol_p, tol_q)
+
+
+def _topk_backward(ctx, g, gflag):
+    lp, lq = ctx.saved_tensors
+    np_, nq = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (np_ or nq):
+        return (None,) * 5
+    gp, gq = topk_bwd(g, lp, lq, *ctx.args, np_, nq)
+    return (gp if np_ else None), (gq if nq else None), None, None, None
+
+
+topk_fwd.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+def topk(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: float) -> tuple[Tensor, bool]:
+    """The Top-K divergence of ``[..., K]`` 16/32-bit log-probabilities with autograd (gradients
+    recomputed from the inputs); ``[...]`` float32 and whether a row was bad."""
+    from . import _ops
+
+    if lp.dtype != lq.dtype:  # both exact in float32
+        lp, lq = lp.to(torch.float32), lq.to(torch.float32)
+    lead, K = lp.shape[:-1], lp.shape[-1]
+    lp2, lq2 = lp.reshape(-1, K), lq.reshape(-1, K)
+    if _ops.direct_call(lp2, lq2):
+        val, bad = topk_fwd_impl(lp2, lq2, kind, tol_p, tol_q)
+    else:
+        val, flag = topk_fwd(lp2, lq2, kind, tol_p, tol_q)
+        bad = bool(flag[0])
+    return val.reshape(lead), bad

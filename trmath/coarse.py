@@ -189,10 +189,30 @@ def _check_mass(x: torch.Tensor, dtype: torch.dtype, name: str, validate: bool):
     return over, A
 
 
+def _run_topk_kernel(lp, lq, pname, qname, kind, validate, back):
+    """topk_tv / topk_kl of 16/32-bit log-probabilities: one operator (the C++ kernel on CPU)
+    that also flags bad rows, which validation then names."""
+    tp, tq = _tol(lp.dtype), _tol(lq.dtype)
+    out, flagged = _impl.topk(lp, lq, 0 if kind == "topk_tv" else 1, tp, tq)
+    if validate and flagged:
+        xs = []
+        for t, nm in ((lp, pname), (lq, qname)):
+            x = t.detach().to(torch.float64)
+            nan, pos = torch.isnan(x), x > _tol(t.dtype)
+            _check_values(t, nm, x, nan, pos)
+            xs.append(torch.where(nan | pos, torch.zeros_like(x), x).clamp_max(0.0))
+        _check_mass(xs[0], lp.dtype, pname, True)
+        _check_mass(xs[1], lq.dtype, qname, True)
+    return back(out)
+
+
 def _run(p, q, pname, qname, kind, validate):
     topk = kind.startswith("topk")
     if not topk:
         return _run_binary(p, q, pname, qname, kind, validate)
+    lp0, lq0, back0, _ = _inputs(p, q, pname, qname, True)
+    if torch.float64 not in (lp0.dtype, lq0.dtype):  # float64 keeps the double-double refinements
+        return _run_topk_kernel(lp0, lq0, pname, qname, kind, validate, back0)
     lp, lq, odt, back, bad, dts = _prepare(p, q, pname, qname, topk, validate)
     if topk:
         o1, A = _check_mass(lp, dts[0], pname, validate)

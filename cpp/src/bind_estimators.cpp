@@ -17,12 +17,14 @@ namespace isa_generic {
 void k_estimate(const KArgs& a);
 void k_estimate_backward(const KBwdArgs& a);
 void binary_coarse(const BinArgs& a);
+void topk_coarse(const TopkArgs& a);
 }  // namespace isa_generic
 #if defined(TRMATH_HAVE_AVX2)
 namespace isa_avx2 {
 void k_estimate(const KArgs& a);
 void k_estimate_backward(const KBwdArgs& a);
 void binary_coarse(const BinArgs& a);
+void topk_coarse(const TopkArgs& a);
 }  // namespace isa_avx2
 #endif
 #if defined(TRMATH_HAVE_AVX512)
@@ -30,6 +32,7 @@ namespace isa_avx512 {
 void k_estimate(const KArgs& a);
 void k_estimate_backward(const KBwdArgs& a);
 void binary_coarse(const BinArgs& a);
+void topk_coarse(const TopkArgs& a);
 }  // namespace isa_avx512
 #endif
 
@@ -59,6 +62,7 @@ namespace {
 void k_estimate_any(const KArgs& a) { TRMATH_EST_CALL(k_estimate, a) }
 void k_estimate_backward_any(const KBwdArgs& a) { TRMATH_EST_CALL(k_estimate_backward, a) }
 void binary_coarse_any(const BinArgs& a) { TRMATH_EST_CALL(binary_coarse, a) }
+void topk_coarse_any(const TopkArgs& a) { TRMATH_EST_CALL(topk_coarse, a) }
 
 }  // namespace
 
@@ -164,6 +168,41 @@ void register_estimators(py::module_& m) {
       "binary_tv (kind 0) or binary_kl (kind 1) element by element: the value (g = 0), or the "
       "gradients g * d/dlp, g * d/dlq; returns whether an entry was bad (NaN or above its "
       "tolerance). See cpp/src/estimator_args.hpp.");
+  m.def(
+      "topk_coarse",
+      [](uintptr_t lp, uintptr_t lq, int dtype, int64_t rows, int64_t K, int kind, double tol_p, double tol_q,
+         uintptr_t value, bool value64, uintptr_t g, bool g64, bool g_scalar, uintptr_t gp, uintptr_t gq) {
+        if (dtype < 0 || dtype > 3) throw std::invalid_argument("topk_coarse: unsupported dtype code");
+        if (kind < 0 || kind > 1) throw std::invalid_argument("topk_coarse: kind must be 0 (tv) or 1 (kl)");
+        if (rows < 0 || K < 1) throw std::invalid_argument("topk_coarse: rows >= 0 and K >= 1 required");
+        if (rows > 0 && (!lp || !lq || (!g && !value))) throw std::invalid_argument("topk_coarse: null buffer");
+        TopkArgs a;
+        a.lp = reinterpret_cast<const void*>(lp);
+        a.lq = reinterpret_cast<const void*>(lq);
+        a.dtype = static_cast<DType>(dtype);
+        a.rows = rows;
+        a.K = K;
+        a.kind = kind;
+        a.tol_p = tol_p;
+        a.tol_q = tol_q;
+        a.value = reinterpret_cast<void*>(value);
+        a.value64 = value64;
+        a.g = reinterpret_cast<const void*>(g);
+        a.g64 = g64;
+        a.g_scalar = g_scalar;
+        a.gp = reinterpret_cast<void*>(gp);
+        a.gq = reinterpret_cast<void*>(gq);
+        int bad = 0;
+        a.bad = &bad;
+        {
+          py::gil_scoped_release release;
+          topk_coarse_any(a);
+        }
+        return bad != 0;
+      },
+      "topk_tv (kind 0) or topk_kl (kind 1) of [rows, K] log-probabilities (16/32-bit): the value "
+      "per row (g = 0), or the gradients; returns whether a row was bad. See "
+      "cpp/src/estimator_args.hpp.");
 }
 
 }  // namespace trmath

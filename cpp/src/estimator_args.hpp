@@ -81,4 +81,27 @@ struct BinArgs {
   void* gq = nullptr;
 };
 
+// The Top-K coarse divergences of 16/32-bit log-probabilities (float64 inputs keep the
+// double-double refinements of trmath/_coarse_impl.py): rows of K kept tokens, contiguous
+// [rows, K] in one dtype; kind 0 = topk_tv, 1 = topk_kl. Entries are sanitised as in BinArgs; a
+// row is bad when an entry is, or when its kept mass exceeds exp(K tol) (tol of its argument).
+// Forward: value[rows] (NaN for a bad row); *bad = 1 if any row is bad. Backward (g[rows] not
+// null): gp, gq [rows, K] in the inputs' dtype, NaN at a bad entry, 0 at a clamped one, NaN
+// elsewhere in a bad row.
+struct TopkArgs {
+  const void* lp = nullptr;
+  const void* lq = nullptr;
+  DType dtype = DType::f32;
+  int64_t rows = 0, K = 1;
+  int kind = 0;
+  double tol_p = 0, tol_q = 0;
+  void* value = nullptr;  // double if value64, else float
+  bool value64 = false;
+  int* bad = nullptr;
+  const void* g = nullptr;  // backward: rows values (or one, if g_scalar), double if g64, else float
+  bool g64 = false, g_scalar = false;
+  void* gp = nullptr;
+  void* gq = nullptr;
+};
+
 }  // namespace trmath

@@ -141,15 +141,15 @@ TRMATH_INLINE Lanes lanes(DV sv, DV ov, bool need_e) {
 // Chunk of n elements given to one task of the pool.
 constexpr int64_t kChunk = 16384;
 
-// Runs body(begin, end) -> bool over [0, n) in chunks of kChunk on the pool; true if any chunk
-// returned true.
+// Runs body(begin, end) -> bool over [0, n) in chunks of `per` (kChunk by default) on the
+// pool; true if any chunk returned true.
 template <class Body>
-bool over_chunks(int64_t n, const Body& body) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+bool over_chunks(int64_t n, const Body& body, int64_t per = kChunk) {
+  const int64_t chunks = (n + per - 1) / per;
   if (chunks <= 1) return chunks == 1 && body(int64_t(0), n);
   std::vector<uint8_t> hit(size_t(chunks), 0);
   parallel_for(chunks, [&](int64_t c) {
-    const int64_t b = c * kChunk, e = b + kChunk < n ? b + kChunk : n;
+    const int64_t b = c * per, e = b + per < n ? b + per : n;
     hit[size_t(c)] = body(b, e) ? 1 : 0;
   });
   for (uint8_t h : hit)
@@ -364,16 +364,69 @@ struct Binary {
   DV val, gp, gq;  // gp, gq: the partial derivatives (without g)
 };
 
+// p - q from the log-probabilities (<= 0, -inf allowed), and sign(lp - lq) in sgn.
+TRMATH_INLINE DV prob_diff(DV lp, DV lq, DV& sgn) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const DV one = splat<DV>(1.0), zero{};
+  const LV fp = lp > -inf, fq = lq > -inf;
+  const DV m = lp > lq ? lp : lq;
+  const DV ad = (fp & fq) ? vabs(lp - lq) : (fp | fq ? splat<DV>(inf) : zero);
+  sgn = lp > lq ? one : (lp < lq ? -one : zero);
+  return (fp | fq) ? sgn * exp_dv<DV, LV>(m) * -expm1_dv(-ad) : zero;
+}
+
+// d_R = log(R_q / R_p) from c = R_q - R_p and the two tails, with the conventions: both tails
+// empty -> 0; only R_p empty -> +inf; only R_q empty -> -inf.
+TRMATH_INLINE DV tail_log_ratio(DV c, DV Rp, DV Rq) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const DV infv = splat<DV>(inf), one = splat<DV>(1.0), zero{};
+  const LV posp = Rp > 0.0, posq = Rq > 0.0;
+  const DV sRp = posp ? Rp : one;
+  const DV u = c / sRp;
+  const LV near = vabs(u) <= 0.5;
+  const DV dRn = log1p_ratio_c(near ? u : zero, one, coef::log1p_d);
+  const DV ratio = Rq / sRp;
+  const LV normal = (ratio >= 2.2250738585072014e-308) & (ratio < infv);
+  const DV lr = log_pos(normal ? ratio : one);
+  const DV ldiff = log_pos(posq ? Rq : one) - log_pos(sRp);  // a tiny or huge ratio
+  DV dR = near ? dRn : (normal ? lr : (posq ? ldiff : -infv));
+  dR = posp ? dR : (posq ? infv : zero);
+  return posp & ~posq ? -infv : dR;
+}
+
+// The tail's KL term R_p g(d_R): +inf if R_q = 0 < R_p, R_q if R_p = 0.
+TRMATH_INLINE DV tail_term(DV Rp, DV Rq, DV dR) {
+  const DV infv = splat<DV>(std::numeric_limits<double>::infinity());
+  const LV fin = (dR - dR) == 0.0;
+  const DV t = weighted_g(Rp, Rq, fin ? dR : DV{});
+  return Rp > 0.0 ? (Rq > 0.0 ? t : infv) : Rq;
+}
+
+// A kept token's KL term p g(d) (d = lq - lp): +inf if q = 0 < p, q if p = 0.
+TRMATH_INLINE DV kept_term(DV lp, DV lq, DV p, DV q) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const LV fp = lp > -inf, both = fp & (lq > -inf);
+  const DV t = weighted_g(p, q, both ? lq - lp : DV{});
+  return both ? t : (fp ? splat<DV>(inf) : q);
+}
+
+// d KL / d lp of a kept token: p (d_R - d), d = lq - lp (-inf if q = 0 < p; 0 where p = 0).
+TRMATH_INLINE DV kl_grad_p(DV lp, DV lq, DV p, DV dR) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const LV fp = lp > -inf, both = fp & (lq > -inf);
+  const DV dg = both ? lq - lp : (fp ? splat<DV>(-inf) : DV{});
+  return fp ? p * (dR - dg) : DV{};
+}
+
+// d KL / d lq of a kept token: -(p - q) + q expm1(-d_R).
+TRMATH_INLINE DV kl_grad_q(DV delta, DV q, DV dR) { return -delta + (q > 0.0 ? q * expm1_dv(-dR) : DV{}); }
+
 // lp, lq sanitised (<= 0, no NaN).
 TRMATH_INLINE Binary binary_lanes(int kind, DV lp, DV lq, bool grads) {
-  const double inf = std::numeric_limits<double>::infinity();
-  const DV infv = splat<DV>(inf), zero{}, one = splat<DV>(1.0);
-  const LV fp = lp > -inf, fq = lq > -inf, both = fp & fq;
+  const DV one = splat<DV>(1.0);
   const DV p = exp_dv<DV, LV>(lp), q = exp_dv<DV, LV>(lq);
-  const DV m = lp > lq ? lp : lq;
-  const DV ad = both ? vabs(lp - lq) : (fp | fq ? infv : zero);
-  const DV sgn = lp > lq ? one : (lp < lq ? -one : zero);
-  const DV delta = (fp | fq) ? sgn * exp_dv<DV, LV>(m) * -expm1_dv(-ad) : zero;
+  DV sgn;
+  const DV delta = prob_diff(lp, lq, sgn);
   Binary r;
   if (kind == 0) {
     const DV a = vabs(delta);
@@ -384,30 +437,12 @@ TRMATH_INLINE Binary binary_lanes(int kind, DV lp, DV lq, bool grads) {
     }
     return r;
   }
-  const DV d = both ? lq - lp : zero;
-  DV kept = weighted_g(p, q, d);
-  kept = both ? kept : (fp ? infv : q);
   const DV Rp = -expm1_dv(lp), Rq = -expm1_dv(lq);
-  const LV posp = Rp > 0.0, posq = Rq > 0.0;
-  const DV sRp = posp ? Rp : one;
-  const DV u = delta / sRp;
-  const LV near = vabs(u) <= 0.5;
-  const DV dRn = log1p_ratio_c(near ? u : zero, one, coef::log1p_d);
-  const DV ratio = Rq / sRp;
-  const LV normal = (ratio >= 2.2250738585072014e-308) & (ratio < infv);
-  const DV lr = log_pos(normal ? ratio : one);
-  const DV ldiff = log_pos(posq ? Rq : one) - log_pos(sRp);  // a tiny or huge ratio
-  DV dR = near ? dRn : (normal ? lr : (posq ? ldiff : -infv));
-  dR = posp ? dR : (posq ? infv : zero);
-  dR = posp & ~posq ? -infv : dR;
-  const LV fin = (dR - dR) == 0.0;
-  DV tail = weighted_g(Rp, Rq, fin ? dR : zero);
-  tail = posp ? (posq ? tail : infv) : Rq;
-  r.val = kept + tail;
+  const DV dR = tail_log_ratio(delta, Rp, Rq);
+  r.val = kept_term(lp, lq, p, q) + tail_term(Rp, Rq, dR);
   if (grads) {
-    const DV dg = both ? d : (fp ? -infv : zero);
-    r.gp = fp ? p * (dR - dg) : zero;
-    r.gq = -delta + (q > 0.0 ? q * expm1_dv(-dR) : zero);
+    r.gp = kl_grad_p(lp, lq, p, dR);
+    r.gq = kl_grad_q(delta, q, dR);
   }
   return r;
 }
@@ -456,13 +491,157 @@ bool run_binary(const BinArgs& a, int64_t begin, int64_t e) {
     DV g = g0;
     if (!a.g_scalar)
       g = a.g64 ? load_part(static_cast<const double*>(a.g) + i, m) : load_part(static_cast<const float*>(a.g) + i, m);
-    if (gp) store_part(gp + i, bad ? nanv : (cp ? DV{} : g * r.gp), m);
-    if (gq) store_part(gq + i, bad ? nanv : (cq ? DV{} : g * r.gq), m);
+    // As the torch path: NaN at a bad input, 0 at a clamped one, NaN where only the other is bad.
+    if (gp) store_part(gp + i, bp ? nanv : (cp ? DV{} : (bq ? nanv : g * r.gp)), m);
+    if (gq) store_part(gq + i, bq ? nanv : (cq ? DV{} : (bp ? nanv : g * r.gq)), m);
+  }
+  return any_lane(bad_any);
+}
+
+// ---- the Top-K coarse divergences (16/32-bit inputs) --------------------------------------
+// One lane per row, kL rows at a time; a row's K entries are gathered into the lanes. Per row:
+// the log kept masses A = log sum p_j (the maxima counted apart: A = M + log k + log1p(R / k),
+// relatively accurate near 0, where R_p = -expm1(A) needs it), c = R_q - R_p from whichever of
+// sum (p_j - q_j) and e^A - e^B has the smaller rounding bound, then
+//   topk_tv = (sum |p_j - q_j| + |c|) / 2,  topk_kl = sum p_j g(d_j) + R_p g(d_R)
+// with the terms of the binary case; gradients d/dlp_j = p_j (s_j - s_R) / 2 (TV, s = signs of
+// p_j - q_j and of R_p - R_q), p_j (d_R - d_j) (KL), d/dlq_j = -q_j (s_j - s_R) / 2,
+// -(p_j - q_j) + q_j expm1(-d_R). These are the float64 formulas of trmath/_coarse_impl.py
+// without its double-double refinements, which only float64 inputs need (for 16/32-bit inputs
+// the plain float64 evaluation is within ~1e-12 relative, the target 1e-5).
+
+template <class In>
+TRMATH_INLINE void store_one(In* p, double v) {
+  if constexpr (std::is_same<In, double>::value)
+    *p = v;
+  else
+    store_from_float(p, float(v));
+}
+
+// log sum_j e^{x_j} over the K entries of each lane (-inf if all are -inf).
+TRMATH_INLINE DV log_kept_mass(const DV* x, int64_t K) {
+  const double inf = std::numeric_limits<double>::infinity();
+  DV mx = splat<DV>(-inf);
+  for (int64_t j = 0; j < K; ++j) mx = x[j] > mx ? x[j] : mx;
+  const LV fin = mx > -inf;
+  const DV ms = fin ? mx : DV{};
+  DV cnt{}, R{};
+  for (int64_t j = 0; j < K; ++j) {
+    const LV top = x[j] == mx;
+    cnt += top ? splat<DV>(1.0) : DV{};
+    R += top ? DV{} : exp_dv<DV, LV>(x[j] - ms);  // e^-inf = 0
+  }
+  const DV cs = cnt > 0.0 ? cnt : splat<DV>(1.0);
+  const DV small = log_pos(cs) + log1p_ratio_c(R <= cs ? R : DV{}, cs, coef::log1p_d);
+  const DV lg = R <= cs ? small : log_pos(cs + R);
+  return fin ? ms + lg : splat<DV>(-inf);
+}
+
+template <class In>
+bool run_topk(const TopkArgs& a, int64_t r0, int64_t r1) {
+  const int64_t K = a.K;
+  const In* lp = static_cast<const In*>(a.lp);
+  const In* lq = static_cast<const In*>(a.lq);
+  In* gp = static_cast<In*>(a.gp);
+  In* gq = static_cast<In*>(a.gq);
+  const bool backward = a.g != nullptr;
+  const DV nanv = splat<DV>(std::numeric_limits<double>::quiet_NaN()), one = splat<DV>(1.0);
+  std::vector<DV> xp(static_cast<size_t>(K)), xq(static_cast<size_t>(K));
+  const size_t nk = static_cast<size_t>(K);
+  std::vector<LV> bp(nk), bq(nk), cp(nk), cq(nk);
+  LV bad_any{};
+  for (int64_t r = r0; r < r1; r += kL) {
+    const int m = int(r1 - r < kL ? r1 - r : kL);
+    LV rowbad{};
+    for (int64_t j = 0; j < K; ++j) {
+      DV x{}, y{};
+      for (int l = 0; l < m; ++l) {
+        x[l] = to_double(lp[(r + l) * K + j]);
+        y[l] = to_double(lq[(r + l) * K + j]);
+      }
+      bp[size_t(j)] = (x != x) | (x > a.tol_p);
+      bq[size_t(j)] = (y != y) | (y > a.tol_q);
+      cp[size_t(j)] = x > 0.0;
+      cq[size_t(j)] = y > 0.0;
+      xp[size_t(j)] = (bp[size_t(j)] | cp[size_t(j)]) ? DV{} : x;
+      xq[size_t(j)] = (bq[size_t(j)] | cq[size_t(j)]) ? DV{} : y;
+      rowbad |= bp[size_t(j)] | bq[size_t(j)];
+    }
+    const DV A = log_kept_mass(xp.data(), K), B = log_kept_mass(xq.data(), K);
+    rowbad |= (A > double(K) * a.tol_p) | (B > double(K) * a.tol_q);
+    const DV Ac = A > 0.0 ? DV{} : A, Bc = B > 0.0 ? DV{} : B;
+    DV S1{}, cA{}, kept{};
+    for (int64_t j = 0; j < K; ++j) {
+      DV sg;
+      const DV d = prob_diff(xp[size_t(j)], xq[size_t(j)], sg);
+      S1 += vabs(d);
+      cA += d;
+      if (a.kind == 1)
+        kept += kept_term(xp[size_t(j)], xq[size_t(j)], exp_dv<DV, LV>(xp[size_t(j)]), exp_dv<DV, LV>(xq[size_t(j)]));
+    }
+    DV sAB;
+    const DV cB = prob_diff(Ac, Bc, sAB);  // e^A - e^B = R_q - R_p
+    const DV c = S1 <= vabs(Ac) + vabs(Bc) ? cA : cB;
+    DV val, dR{};
+    if (a.kind == 0) {
+      val = 0.5 * (S1 + vabs(c));
+      val = val > 1.0 ? one : val;
+    } else {
+      const DV Rp = -expm1_dv(Ac), Rq = -expm1_dv(Bc);
+      dR = tail_log_ratio(c, Rp, Rq);
+      val = kept + tail_term(Rp, Rq, dR);
+    }
+    for (int l = m; l < kL; ++l) rowbad[l] = 0;
+    if (!backward) {
+      bad_any |= rowbad;
+      val = rowbad ? nanv : val;
+      for (int l = 0; l < m; ++l) {
+        if (a.value64)
+          static_cast<double*>(a.value)[r + l] = val[l];
+        else
+          static_cast<float*>(a.value)[r + l] = float(val[l]);
+      }
+      continue;
+    }
+    DV g{};
+    for (int l = 0; l < m; ++l)
+      g[l] = a.g_scalar ? (a.g64 ? *static_cast<const double*>(a.g) : double(*static_cast<const float*>(a.g)))
+                        : (a.g64 ? static_cast<const double*>(a.g)[r + l] : double(static_cast<const float*>(a.g)[r + l]));
+    const DV sR = c < 0.0 ? one : (c > 0.0 ? -one : DV{});  // sign(R_p - R_q) = sign(-c)
+    for (int64_t j = 0; j < K; ++j) {
+      const DV x = xp[size_t(j)], y = xq[size_t(j)];
+      const DV p = exp_dv<DV, LV>(x), q = exp_dv<DV, LV>(y);
+      DV sg;
+      const DV d = prob_diff(x, y, sg);
+      DV dp, dq;
+      if (a.kind == 0) {
+        dp = 0.5 * p * (sg - sR);
+        dq = -0.5 * q * (sg - sR);
+      } else {
+        dp = kl_grad_p(x, y, p, dR);
+        dq = kl_grad_q(d, q, dR);
+      }
+      // As the torch path: NaN at a bad entry, 0 at a clamped one, NaN elsewhere in a bad row.
+      const DV op = bp[size_t(j)] ? nanv : (cp[size_t(j)] ? DV{} : (rowbad ? nanv : g * dp));
+      const DV oq = bq[size_t(j)] ? nanv : (cq[size_t(j)] ? DV{} : (rowbad ? nanv : g * dq));
+      for (int l = 0; l < m; ++l) {
+        if (gp) store_one(gp + (r + l) * K + j, op[l]);
+        if (gq) store_one(gq + (r + l) * K + j, oq[l]);
+      }
+    }
   }
   return any_lane(bad_any);
 }
 
 }  // namespace
+
+void topk_coarse(const TopkArgs& a) {
+  // Chunks of about kChunk elements, a whole number of lane groups of rows.
+  int64_t per = (kChunk / (a.K > 0 ? a.K : 1)) / kL * kL;
+  per = per < kL ? kL : per;
+  const bool bad = over_chunks(a.rows, [&](int64_t b, int64_t e) { TRMATH_BY_DTYPE(a.dtype, run_topk, a, b, e) }, per);
+  if (a.bad) *a.bad = bad ? 1 : 0;
+}
 
 void binary_coarse(const BinArgs& a) {
   const bool bad = over_chunks(a.n, [&](int64_t b, int64_t e) { TRMATH_BY_DTYPE(a.dtype, run_binary, a, b, e) });

@@ -2,7 +2,9 @@
 // every entry point, every dtype, odd vocabulary sizes (1 .. two segments + 1), strided rows,
 // masked tokens, both execution modes (rows in parallel / segments in parallel), the
 // KL-ball projection's solver and backward, the TV projection's log-mixture and its backward,
-// and the sparse projection's tail buckets. Checks the results against a plain double-precision
+// the sparse projection's tail buckets, and the element kernels of the sampled estimators and
+// the binary coarse divergences (sizes around their chunks and vector tails, masks, importance
+// weights, both directions). Checks the results against a plain double-precision
 // reference to catch gross errors; precision itself is tested from Python against mpmath.
 #include <cmath>
 #include <cstdio>
@@ -10,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "estimator_args.hpp"
 #include "project_args.hpp"
 #include "trmath/vec.hpp"
 #include "view.hpp"
@@ -22,6 +25,10 @@ void project_kl_backward_rows(const ProjBwd& a);
 void sparse_tail_rows(const View& z, const View& w, double* out, double* mass);
 void project_tv_forward_rows(const TvMix& a);
 void project_tv_backward_rows(const TvMix& a);
+void k_estimate(const KArgs& a);
+void k_estimate_backward(const KBwdArgs& a);
+void binary_coarse(const BinArgs& a);
+void topk_coarse(const TopkArgs& a);
 }  // namespace isa_generic
 }
 using namespace trmath;
@@ -266,6 +273,130 @@ void run_case(DType dt, int64_t N, int64_t V, int64_t vstride, std::mt19937_64& 
   }
 }
 
+
+// The element kernels on n entries of dtype T: k1/k2/k3 (with a mask, importance weighted or
+// not) and binary_tv / binary_kl, values and gradients against plain double formulas.
+template <class T>
+void run_elements(DType dt, int64_t n, std::mt19937_64& rng) {
+  std::uniform_real_distribution<double> ud(-6.0, 0.0), nd(-1.5, 1.5);
+  std::vector<T> s(static_cast<size_t>(n)), o(s.size()), b(s.size());
+  std::vector<double> sd(s.size()), od(s.size()), bd(s.size());
+  std::vector<uint8_t> valid(s.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = ud(rng);
+    s[size_t(i)] = from_double<T>(a);
+    o[size_t(i)] = from_double<T>(std::min(a + nd(rng), 0.0));
+    b[size_t(i)] = from_double<T>(std::min(a + 0.1 * nd(rng), 0.0));
+    sd[size_t(i)] = simd::to_double(s[size_t(i)]);
+    od[size_t(i)] = simd::to_double(o[size_t(i)]);
+    bd[size_t(i)] = simd::to_double(b[size_t(i)]);
+    valid[size_t(i)] = (i % 5) != 2;
+  }
+  auto close = [](double got, double ref, double rtol) {
+    if (std::isinf(ref)) return got == ref;  // q = 1 > p: binary_kl is +inf
+    return std::fabs(got - ref) <= rtol * std::fabs(ref) + 1e-30;
+  };
+  std::vector<double> val(s.size()), g(s.size(), 1.0);
+  std::vector<T> gs(s.size()), go(s.size()), gb(s.size());
+  const double rt = dt == DType::f64 ? 1e-12 : 1e-2;  // 16-bit gradients round to a few 1e-3
+  for (int kind = 1; kind <= 3; ++kind)
+    for (int weighted = 0; weighted < 2; ++weighted) {
+      KArgs a;
+      a.s = s.data(); a.o = o.data(); a.b = weighted ? b.data() : nullptr; a.valid = valid.data();
+      a.dtype = dt; a.n = n; a.value_kind = a.slope_kind = kind; a.value = val.data(); a.value64 = true;
+      a.check = true; a.tol_s = a.tol_o = a.tol_b = 1e-3;
+      int bad = 0;
+      a.bad = &bad;
+      isa_generic::k_estimate(a);
+      check(bad == 0, "k_estimate: no bad entry", n);
+      KBwdArgs w;
+      w.s = s.data(); w.o = o.data(); w.b = a.b; w.valid = valid.data(); w.dtype = dt; w.n = n;
+      w.value_kind = w.slope_kind = kind; w.g = g.data(); w.g64 = true;
+      w.gs = gs.data(); w.go = go.data(); w.gb = weighted ? gb.data() : nullptr;
+      isa_generic::k_estimate_backward(w);
+      for (int64_t i = 0; i < n; ++i) {
+        const double lr = od[size_t(i)] - sd[size_t(i)];
+        double k3 = std::expm1(lr) - lr;  // cancels for small lr: there, its series
+        if (std::fabs(lr) < 0.5) {
+          double term = lr * lr / 2, sum = 0;
+          for (int j = 3; j < 30; ++j) { sum += term; term *= lr / j; }
+          k3 = sum;
+        }
+        const double k = kind == 1 ? -lr : kind == 2 ? 0.5 * lr * lr : k3;
+        const double ks = kind == 1 ? -1.0 : kind == 2 ? lr : std::expm1(lr);
+        const double wt = weighted ? std::exp(sd[size_t(i)] - bd[size_t(i)]) : 1.0;
+        const bool v = valid[size_t(i)];
+        check(close(val[size_t(i)], v ? wt * k : 0.0, 1e-12), "k_estimate value", n);
+        check(close(simd::to_double(go[size_t(i)]), v ? wt * ks : 0.0, rt), "k_estimate d/do", n);
+        if (!weighted) check(close(simd::to_double(gs[size_t(i)]), v ? -ks : 0.0, rt), "k_estimate d/ds", n);
+      }
+    }
+  for (int kind = 0; kind <= 1; ++kind) {
+    BinArgs a;
+    a.lp = s.data(); a.lq = o.data(); a.dtype = dt; a.n = n; a.kind = kind; a.tol_p = a.tol_q = 1e-3;
+    a.value = val.data(); a.value64 = true;
+    int bad = 0;
+    a.bad = &bad;
+    isa_generic::binary_coarse(a);
+    check(bad == 0, "binary_coarse: no bad entry", n);
+    BinArgs w = a;
+    w.value = nullptr; w.g = g.data(); w.g64 = true; w.gp = gs.data(); w.gq = go.data();
+    isa_generic::binary_coarse(w);
+    for (int64_t i = 0; i < n; ++i) {
+      const double p = std::exp(sd[size_t(i)]), q = std::exp(od[size_t(i)]);
+      const double ref = kind == 0 ? std::fabs(p - q) : p * std::log(p / q) + (1 - p) * std::log((1 - p) / (1 - q));
+      const double gpr = kind == 0 ? (p > q ? p : -p) : p * (std::log((1 - q) / (1 - p)) - std::log(q / p));
+      // plain formulas: the difference p - q and 1 - p cancel, so a loose relative tolerance
+      // (the plain KL formula cancels where p ~ q: an absolute error of a few 1e-16 of its terms)
+      check(close(val[size_t(i)], ref, 1e-6) || (kind == 1 && std::fabs(val[size_t(i)] - ref) < 1e-14),
+            "binary value", n);
+      check(close(simd::to_double(gs[size_t(i)]), p == q ? 0.0 : gpr, dt == DType::f64 ? 1e-6 : 1e-2), "binary d/dlp", n);
+    }
+  }
+  // Top-K rows: K of K + 2 softmax probabilities, the last two in the tail.
+  for (int64_t K : {int64_t(1), int64_t(5)}) {
+    const int64_t rows = n / K > 0 ? n / K : 1;
+    std::vector<T> zp(static_cast<size_t>(rows * K)), zq(zp.size()), dp(zp.size()), dq(zp.size());
+    std::vector<double> pd(zp.size()), qd(zp.size()), vals(static_cast<size_t>(rows)), gr(static_cast<size_t>(rows), 1.0);
+    std::vector<double> tail_p(static_cast<size_t>(rows)), tail_q(tail_p.size());
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<double> a(static_cast<size_t>(K + 2)), c(a.size());
+      double sa = 0, sc = 0;
+      for (size_t j = 0; j < a.size(); ++j) {
+        a[j] = std::exp(nd(rng)); c[j] = a[j] * std::exp(0.2 * nd(rng));
+        sa += a[j]; sc += c[j];
+      }
+      double kp = 0, kq = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        const size_t i = static_cast<size_t>(r * K + j);
+        zp[i] = from_double<T>(std::log(a[size_t(j)] / sa));
+        zq[i] = from_double<T>(std::log(c[size_t(j)] / sc));
+        pd[i] = std::exp(simd::to_double(zp[i]));
+        qd[i] = std::exp(simd::to_double(zq[i]));
+        kp += pd[i]; kq += qd[i];
+      }
+      tail_p[size_t(r)] = 1 - kp; tail_q[size_t(r)] = 1 - kq;
+    }
+    TopkArgs a;
+    a.lp = zp.data(); a.lq = zq.data(); a.dtype = dt; a.rows = rows; a.K = K; a.kind = 0;
+    a.tol_p = a.tol_q = 1e-3; a.value = vals.data(); a.value64 = true;
+    int bad = 0;
+    a.bad = &bad;
+    isa_generic::topk_coarse(a);
+    check(bad == 0, "topk_coarse: no bad row", n);
+    for (int64_t r = 0; r < rows; ++r) {
+      double s = std::fabs(tail_p[size_t(r)] - tail_q[size_t(r)]);
+      for (int64_t j = 0; j < K; ++j) s += std::fabs(pd[size_t(r * K + j)] - qd[size_t(r * K + j)]);
+      check(close(vals[size_t(r)], 0.5 * s, 1e-6), "topk_tv value", n);
+    }
+    TopkArgs w = a;
+    w.value = nullptr; w.kind = 1; w.g = gr.data(); w.g64 = true; w.gp = dp.data(); w.gq = dq.data();
+    isa_generic::topk_coarse(w);
+    for (size_t i = 0; i < dp.size(); ++i)
+      check(std::isfinite(simd::to_double(dp[i])) && std::isfinite(simd::to_double(dq[i])), "topk_kl gradient", n);
+  }
+}
+
 int main() {
   std::mt19937_64 rng(7);
   const int64_t seg = kSegment;
@@ -286,6 +417,15 @@ int main() {
           run_case<simd::bf16_t>(DType::bf16, N, V, 1, rng, true);
         }
       }
+    }
+  }
+  for (int nt : {1, 2}) {
+    set_num_threads(nt);
+    for (int64_t n : {1, 3, 7, 8, 9, 100, 16383, 16384, 16385, 3 * 16384 + 5}) {
+      run_elements<float>(DType::f32, n, rng);
+      run_elements<double>(DType::f64, n, rng);
+      run_elements<simd::bf16_t>(DType::bf16, n, rng);
+      run_elements<simd::f16_t>(DType::f16, n, rng);
     }
   }
   std::printf("core driver: %s (%d failures)\n", failures ? "FAILED" : "ok", failures);
