@@ -336,7 +336,7 @@ def binary_coarse(lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float, t
     bad = False
     if n:
         bad = _core.binary_coarse(lp.data_ptr(), lq.data_ptr(), DTYPE_CODES[lp.dtype], n, int(kind), float(tol_p),
-                                  float(tol_q), val.data_ptr(), bool(value64), True, 0, False, False, 0, 0)
+                                  float(tol_q), val.data_ptr(), bool(value64), 0, False, False, 0, 0)
     return val, bad
 
 
@@ -354,7 +354,7 @@ def binary_coarse_backward(g: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, 
     gq = _empty_large(tuple(lq.shape), lq.dtype) if need_q else None
     if n and (need_p or need_q):
         _core.binary_coarse(lp.data_ptr(), lq.data_ptr(), DTYPE_CODES[lp.dtype], n, int(kind), float(tol_p),
-                            float(tol_q), 0, False, False, g.data_ptr(), g.dtype == torch.float64, scalar,
+                            float(tol_q), 0, False, g.data_ptr(), g.dtype == torch.float64, scalar,
                             gp.data_ptr() if gp is not None else 0, gq.data_ptr() if gq is not None else 0)
     return gp, gq
 

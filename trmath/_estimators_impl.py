@@ -98,26 +98,8 @@ def k_slope(kind: int, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return k3_slope(hi, lo)
 
 
-class KOfLogRatio(torch.autograd.Function):
-    """``value_kind(x)`` forward, ``slope_kind(x) * grad`` backward, ``x = hi + lo`` (lo constant).
-
-    The straight-through estimators use a value kind and a different slope kind.
-    """
-
-    @staticmethod
-    def forward(ctx, hi, lo, value_kind: int, slope_kind: int):  # type: ignore[override]
-        ctx.save_for_backward(hi, lo)
-        ctx.slope_kind = slope_kind
-        return k_value(value_kind, hi, lo)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        hi, lo = ctx.saved_tensors
-        return g * k_slope(ctx.slope_kind, hi, lo), None, None, None
-
-
 # ---------------------------------------------------------------------------------------------
-# the fused operator: value and slope in one pass
+# the operators: the estimate in one pass, its gradients in another (recomputed)
 # ---------------------------------------------------------------------------------------------
 def _torch_lanes(s: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
     """The log-ratio ``o - s`` as an exact float64 two-sum, ``s = +-inf`` and ``o = +inf``

@@ -130,17 +130,17 @@ def _check_logprob(t: torch.Tensor, name: str, valid: Optional[torch.Tensor],
                 raise ValueError(f"{name}: entry at {where} {what} (value {v!r})")
 
 
-def _validate(args, tensors, valid, which) -> None:
-    """The value checks of the inputs numbered ``which`` (the sampler's and the behaviour's
-    log-probabilities may not be ``-inf``; the other policy's may)."""
-    for i in which:
-        _check_logprob(tensors[i], args[i][1], valid, sampled_from=(i != 1))
+def _validate(args, tensors, valid) -> None:
+    """The value checks of the inputs (the sampler's and the behaviour's log-probabilities may
+    not be ``-inf``; the other policy's may); raises for the first bad entry."""
+    for i, t in enumerate(tensors):
+        _check_logprob(t, args[i][1], valid, sampled_from=(i != 1))
 
 
-def _prepare(args: list[tuple[Any, str]], mask: Any, validate: bool, skip: int = 0):
+def _prepare(args: list[tuple[Any, str]], mask: Any):
     """Tensors of the inputs (checked dtypes and shapes), the boolean mask, the output dtype and
-    the converter back to the caller's type; with ``validate``, the value checks of every input
-    but the first ``skip`` (which the caller runs in its own pass)."""
+    the converter back to the caller's type. The values are checked by the estimator's own pass
+    (and :func:`_validate` where it flags one)."""
     tensors = []
     back = None
     for x, name in args:
@@ -171,8 +171,6 @@ def _prepare(args: list[tuple[Any, str]], mask: Any, validate: bool, skip: int =
         if tuple(m.shape) != tuple(t0.shape):
             raise ValueError(f"mask: expected shape {tuple(t0.shape)}, got {tuple(m.shape)}")
         valid = m.to(t0.device)
-    if validate:
-        _validate(args, tensors, valid, range(skip, len(tensors)))
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -210,8 +208,8 @@ def _estimate(kind: str, sampler_logprob, other_logprob, behaviour_logprob, stra
         raise ValueError("straight_through: only defined on-policy (without behaviour_logprob); "
                          "the importance-weighted estimators carry their own unbiased gradient")
     # Validation happens in the estimator's own pass (below); a flagged entry is then found and
-    # named by the checks of _prepare, which run in full where no kernel flags.
-    tensors, valid, out_dtype, back = _prepare(args, mask, validate, skip=len(args) if validate else 0)
+    # named by _validate (on other devices the pass always flags, and _validate does it all).
+    tensors, valid, out_dtype, back = _prepare(args, mask)
     kv = _KIND[kind]
     sk = 2 if straight_through else kv
     check = None
@@ -225,7 +223,7 @@ def _estimate(kind: str, sampler_logprob, other_logprob, behaviour_logprob, stra
     val, flagged = _impl.k_estimate(tensors[0], tensors[1], b, valid, kv, sk,
                                     out_dtype == torch.float64, check)
     if flagged:
-        _validate(args, tensors, valid, range(len(tensors)))
+        _validate(args, tensors, valid)
     out = val.to(out_dtype)
     if bounds is None:
         return back(out)

@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "estimator_args.hpp"
 
@@ -63,6 +64,41 @@ void k_estimate_any(const KArgs& a) { TRMATH_EST_CALL(k_estimate, a) }
 void k_estimate_backward_any(const KBwdArgs& a) { TRMATH_EST_CALL(k_estimate_backward, a) }
 void binary_coarse_any(const BinArgs& a) { TRMATH_EST_CALL(binary_coarse, a) }
 void topk_coarse_any(const TopkArgs& a) { TRMATH_EST_CALL(topk_coarse, a) }
+
+// The fields the coarse kernels share, checked (`work`: the call has elements to touch).
+void fill_coarse(CoarseArgs& a, const char* fn, bool work, uintptr_t lp, uintptr_t lq, int dtype, int kind,
+                 double tol_p, double tol_q, uintptr_t value, bool value64, uintptr_t g, bool g64, bool g_scalar,
+                 uintptr_t gp, uintptr_t gq) {
+  const std::string name(fn);
+  if (dtype < 0 || dtype > 3) throw std::invalid_argument(name + ": unsupported dtype code");
+  if (kind < 0 || kind > 1) throw std::invalid_argument(name + ": kind must be 0 (tv) or 1 (kl)");
+  if (work && (!lp || !lq || (!g && !value))) throw std::invalid_argument(name + ": null buffer");
+  a.lp = reinterpret_cast<const void*>(lp);
+  a.lq = reinterpret_cast<const void*>(lq);
+  a.dtype = static_cast<DType>(dtype);
+  a.kind = kind;
+  a.tol_p = tol_p;
+  a.tol_q = tol_q;
+  a.value = reinterpret_cast<void*>(value);
+  a.value64 = value64;
+  a.g = reinterpret_cast<const void*>(g);
+  a.g64 = g64;
+  a.g_scalar = g_scalar;
+  a.gp = reinterpret_cast<void*>(gp);
+  a.gq = reinterpret_cast<void*>(gq);
+}
+
+// Runs fn(a) without the GIL; whether it found a bad entry.
+template <class Args>
+bool run_released(void (*fn)(const Args&), Args& a) {
+  int bad = 0;
+  a.bad = &bad;
+  {
+    py::gil_scoped_release release;
+    fn(a);
+  }
+  return bad != 0;
+}
 
 }  // namespace
 
@@ -136,34 +172,13 @@ void register_estimators(py::module_& m) {
   m.def(
       "binary_coarse",
       [](uintptr_t lp, uintptr_t lq, int dtype, int64_t n, int kind, double tol_p, double tol_q, uintptr_t value,
-         bool value64, bool check, uintptr_t g, bool g64, bool g_scalar, uintptr_t gp, uintptr_t gq) {
-        if (dtype < 0 || dtype > 3) throw std::invalid_argument("binary_coarse: unsupported dtype code");
-        if (kind < 0 || kind > 1) throw std::invalid_argument("binary_coarse: kind must be 0 (tv) or 1 (kl)");
+         bool value64, uintptr_t g, bool g64, bool g_scalar, uintptr_t gp, uintptr_t gq) {
         if (n < 0) throw std::invalid_argument("binary_coarse: negative size");
-        if (n > 0 && (!lp || !lq || (!g && !value))) throw std::invalid_argument("binary_coarse: null buffer");
         BinArgs a;
-        a.lp = reinterpret_cast<const void*>(lp);
-        a.lq = reinterpret_cast<const void*>(lq);
-        a.dtype = static_cast<DType>(dtype);
         a.n = n;
-        a.kind = kind;
-        a.tol_p = tol_p;
-        a.tol_q = tol_q;
-        a.value = reinterpret_cast<void*>(value);
-        a.value64 = value64;
-        a.check = check;
-        a.g = reinterpret_cast<const void*>(g);
-        a.g64 = g64;
-        a.g_scalar = g_scalar;
-        a.gp = reinterpret_cast<void*>(gp);
-        a.gq = reinterpret_cast<void*>(gq);
-        int bad = 0;
-        a.bad = &bad;
-        {
-          py::gil_scoped_release release;
-          binary_coarse_any(a);
-        }
-        return bad != 0;
+        fill_coarse(a, "binary_coarse", n > 0, lp, lq, dtype, kind, tol_p, tol_q, value, value64, g, g64, g_scalar,
+                    gp, gq);
+        return run_released(binary_coarse_any, a);
       },
       "binary_tv (kind 0) or binary_kl (kind 1) element by element: the value (g = 0), or the "
       "gradients g * d/dlp, g * d/dlq; returns whether an entry was bad (NaN or above its "
@@ -172,33 +187,13 @@ void register_estimators(py::module_& m) {
       "topk_coarse",
       [](uintptr_t lp, uintptr_t lq, int dtype, int64_t rows, int64_t K, int kind, double tol_p, double tol_q,
          uintptr_t value, bool value64, uintptr_t g, bool g64, bool g_scalar, uintptr_t gp, uintptr_t gq) {
-        if (dtype < 0 || dtype > 3) throw std::invalid_argument("topk_coarse: unsupported dtype code");
-        if (kind < 0 || kind > 1) throw std::invalid_argument("topk_coarse: kind must be 0 (tv) or 1 (kl)");
         if (rows < 0 || K < 1) throw std::invalid_argument("topk_coarse: rows >= 0 and K >= 1 required");
-        if (rows > 0 && (!lp || !lq || (!g && !value))) throw std::invalid_argument("topk_coarse: null buffer");
         TopkArgs a;
-        a.lp = reinterpret_cast<const void*>(lp);
-        a.lq = reinterpret_cast<const void*>(lq);
-        a.dtype = static_cast<DType>(dtype);
         a.rows = rows;
         a.K = K;
-        a.kind = kind;
-        a.tol_p = tol_p;
-        a.tol_q = tol_q;
-        a.value = reinterpret_cast<void*>(value);
-        a.value64 = value64;
-        a.g = reinterpret_cast<const void*>(g);
-        a.g64 = g64;
-        a.g_scalar = g_scalar;
-        a.gp = reinterpret_cast<void*>(gp);
-        a.gq = reinterpret_cast<void*>(gq);
-        int bad = 0;
-        a.bad = &bad;
-        {
-          py::gil_scoped_release release;
-          topk_coarse_any(a);
-        }
-        return bad != 0;
+        fill_coarse(a, "topk_coarse", rows > 0, lp, lq, dtype, kind, tol_p, tol_q, value, value64, g, g64,
+                    g_scalar, gp, gq);
+        return run_released(topk_coarse_any, a);
       },
       "topk_tv (kind 0) or topk_kl (kind 1) of [rows, K] log-probabilities (16/32-bit): the value "
       "per row (g = 0), or the gradients; returns whether a row was bad. See "

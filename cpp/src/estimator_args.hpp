@@ -57,51 +57,40 @@ struct KBwdArgs {
   void* go = nullptr;
 };
 
-// The binary coarse divergences (trmath/coarse.py), element by element over n contiguous
-// log-probabilities lp, lq of one dtype: kind 0 = binary_tv |p - q|, 1 = binary_kl
-// KL(Bern(p) || Bern(q)), p = e^lp, q = e^lq (see the formulas in estimator_kernels.cpp).
-// An entry is bad where lp is NaN or above tol_p (lq: tol_q); values in (0, tol] count as 0
-// (their gradient is 0). Forward: the value (NaN where bad); with check, *bad = 1 if any entry
-// is bad. Backward (g not null): gp, gq (either may be null) = g times the partial derivatives,
-// NaN where bad, in the inputs' dtype.
-struct BinArgs {
+// What the coarse-divergence kernels share: log-probabilities lp, lq of one dtype; kind 0 = TV,
+// 1 = KL; an entry is bad where lp is NaN or above tol_p (lq: tol_q), and values in (0, tol]
+// count as 0 (their gradient is 0). Forward (g null): the values (double if value64, else float)
+// and *bad = 1 if anything was bad. Backward (g not null: double if g64, else float; one value if
+// g_scalar): gp, gq (either may be null) = g times the partial derivatives, in the inputs' dtype.
+struct CoarseArgs {
   const void* lp = nullptr;
   const void* lq = nullptr;
   DType dtype = DType::f32;
-  int64_t n = 0;
   int kind = 0;
   double tol_p = 0, tol_q = 0;
-  void* value = nullptr;  // forward: n outputs, double if value64, else float
+  void* value = nullptr;
   bool value64 = false;
-  bool check = false;
   int* bad = nullptr;
-  const void* g = nullptr;  // backward: n values (or one, if g_scalar), double if g64, else float
+  const void* g = nullptr;
   bool g64 = false, g_scalar = false;
   void* gp = nullptr;
   void* gq = nullptr;
 };
 
+// The binary coarse divergences (trmath/coarse.py), element by element over n contiguous entries:
+// binary_tv |p - q|, binary_kl KL(Bern(p) || Bern(q)), p = e^lp, q = e^lq (the formulas in
+// estimator_kernels.cpp). Values and gradients are NaN where an entry is bad.
+struct BinArgs : CoarseArgs {
+  int64_t n = 0;
+};
+
 // The Top-K coarse divergences of 16/32-bit log-probabilities (float64 inputs keep the
 // double-double refinements of trmath/_coarse_impl.py): rows of K kept tokens, contiguous
-// [rows, K] in one dtype; kind 0 = topk_tv, 1 = topk_kl. Entries are sanitised as in BinArgs; a
-// row is bad when an entry is, or when its kept mass exceeds exp(K tol) (tol of its argument).
-// Forward: value[rows] (NaN for a bad row); *bad = 1 if any row is bad. Backward (g[rows] not
-// null): gp, gq [rows, K] in the inputs' dtype, NaN at a bad entry, 0 at a clamped one, NaN
-// elsewhere in a bad row.
-struct TopkArgs {
-  const void* lp = nullptr;
-  const void* lq = nullptr;
-  DType dtype = DType::f32;
+// [rows, K]; topk_tv or topk_kl per row (g: one per row). A row is bad when an entry is, or when
+// its kept mass exceeds exp(K tol) (tol of its argument): value NaN; gradients NaN at a bad
+// entry, 0 at a clamped one, NaN elsewhere in a bad row.
+struct TopkArgs : CoarseArgs {
   int64_t rows = 0, K = 1;
-  int kind = 0;
-  double tol_p = 0, tol_q = 0;
-  void* value = nullptr;  // double if value64, else float
-  bool value64 = false;
-  int* bad = nullptr;
-  const void* g = nullptr;  // backward: rows values (or one, if g_scalar), double if g64, else float
-  bool g64 = false, g_scalar = false;
-  void* gp = nullptr;
-  void* gq = nullptr;
 };
 
 }  // namespace trmath
