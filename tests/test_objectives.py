@@ -550,6 +550,104 @@ def test_mismatch_diagnostics_against_mpmath():
         assert float(m["mismatch_k3"]) >= 0
 
 
+def _mismatch_sums_bound(n: int, abs_sum: float) -> float:
+    """Rounding bound of a sum of n terms in either path's order: the compiled kernel sums 16384
+    entries per chunk in double lanes (at most 2048 additions in a chain on 8 lanes, 4096 on 4),
+    then the lanes (3) and the chunks (n / 16384) -- gamma_k sum|terms| with k below 4100 + n /
+    16384 (Higham, 2002, 4.2); torch's pairwise sum has a shorter chain. Twice that: the two
+    orders' errors add, and each term carries an ulp of its own (k3, exp)."""
+    return 2 * (4100 + n / 16384 + 2) * 2.0 ** -53 * abs_sum
+
+
+@pytest.mark.parametrize("dt", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 7, 16384, 3 * 16384 + 5])
+def test_mismatch_sums_kernel_matches_torch_path(on_both_paths, dt, n):
+    """The mismatch diagnostics' one-pass sums (trmath::mismatch_sums; the compiled kernel on CPU)
+    against the float64 torch path that serves other devices: maxima equal, sums within the
+    rounding bound of their summation orders; over chunk boundaries, masks, every dtype."""
+    from trmath._estimators_impl import mismatch_sums
+
+    g = torch.Generator().manual_seed(n)
+    mu = (-3 * torch.rand(n, generator=g, dtype=torch.float64)).to(dt)
+    tr = (mu.double() + torch.randn(n, generator=g, dtype=torch.float64) * 0.7).clamp_max(0).to(dt)
+    for valid in (torch.ones(n, dtype=torch.bool), torch.rand(n, generator=g) > 0.3):
+        a, b = on_both_paths(lambda: mismatch_sums(mu, tr, valid))
+        assert a.dtype == b.dtype == torch.float64 and a.shape == b.shape == (6,)
+        lr = torch.where(valid, tr.double() - mu.double(), torch.zeros((), dtype=torch.float64))
+        k3 = torch.expm1(lr) - lr
+        assert torch.equal(a[2:4], b[2:4])  # max lr, max |lr|: no rounding
+        if not bool(valid.any()):
+            continue
+        assert float(a[2]) == float(lr[valid].max()) and float(a[3]) == float(lr.abs().max())
+        w = torch.where(valid, torch.exp(lr - float(a[2])), torch.zeros((), dtype=torch.float64))
+        for j, terms in ((0, lr.abs()), (1, k3), (4, w), (5, w * w)):
+            bound = _mismatch_sums_bound(n, float(terms.sum()))
+            assert abs(float(a[j]) - float(b[j])) <= bound, (j, float(a[j]), float(b[j]), bound)
+
+
+def test_mismatch_sums_edge_cases(on_both_paths):
+    """No valid entry: max lr = -inf, everything else 0; a NaN at a valid entry makes every sum
+    NaN, at padding changes nothing; the result does not depend on the thread count."""
+    from trmath._estimators_impl import mismatch_sums
+
+    n = 2 * 16384 + 3
+    g = torch.Generator().manual_seed(5)
+    mu = -torch.rand(n, generator=g)
+    tr = mu + 0.1 * torch.randn(n, generator=g)
+    none = torch.zeros(n, dtype=torch.bool)
+    for got in on_both_paths(lambda: mismatch_sums(mu, tr, none)):
+        assert got.tolist() == [0.0, 0.0, -math.inf, 0.0, 0.0, 0.0]
+    empty = torch.zeros(0)
+    for got in on_both_paths(lambda: mismatch_sums(empty, empty, torch.zeros(0, dtype=torch.bool))):
+        assert got.tolist() == [0.0, 0.0, -math.inf, 0.0, 0.0, 0.0]
+    valid = torch.rand(n, generator=g) > 0.5
+    ref = mismatch_sums(mu, tr, valid)
+    for pos in (int(torch.nonzero(~valid)[0]), int(torch.nonzero(~valid)[-1])):
+        bad = tr.clone()
+        bad[pos] = math.nan
+        assert torch.equal(mismatch_sums(mu, bad, valid), ref)  # padding is free
+    bad = tr.clone()
+    bad[int(torch.nonzero(valid)[-1])] = math.nan
+    for got in on_both_paths(lambda: mismatch_sums(mu, bad, valid)):
+        assert bool(torch.isnan(got).all())
+    before = trmath.num_threads()
+    try:
+        trmath.set_num_threads(1)
+        one = mismatch_sums(mu, tr, valid)
+    finally:
+        trmath.set_num_threads(before)
+    assert torch.equal(one, ref)
+
+
+def test_mismatch_metrics_against_mpmath_many_tokens():
+    """mismatch_metrics over more tokens than one kernel chunk (k3 and the ESS sums cross chunk
+    boundaries), with a mask, against 40-digit references: k3's mean and the ESS within 1e-13
+    relative, k1 within the summation bound of its signed terms, max |lr| exact."""
+    import mpmath
+
+    mp = mpmath.mp.clone() if hasattr(mpmath.mp, "clone") else mpmath.mp
+    mp.dps = 40
+    g = torch.Generator().manual_seed(11)
+    B, T = 5, 9000
+    mu = -3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    lp = mu + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    m = trmath.mismatch_metrics(mu, lp, mask)
+    lr = [mp.mpf(a) - mp.mpf(b) for a, b in zip(lp[mask].tolist(), mu[mask].tolist())]
+    n = len(lr)
+    k3 = mp.fsum(mp.expm1(x) - x for x in lr) / n
+    k1 = -mp.fsum(lr) / n
+    w = [mp.exp(x) for x in lr]
+    ess = mp.fsum(w) ** 2 / (n * mp.fsum(x * x for x in w))
+    # k3 and the ESS sums have positive terms, each within an ulp or two: their rounding walks
+    # like sqrt(chain) eps ~ 1e-14 (measured 2e-16 and 9e-16 here); 1e-13 is below the worst-case
+    # bound (~9e-13, _mismatch_sums_bound) but far above what these seeded inputs give.
+    assert abs(float(m["mismatch_k3"]) - float(k3)) <= 1e-13 * float(k3)
+    assert abs(float(m["mismatch_k1"]) - float(k1)) <= _mismatch_sums_bound(n, float(mp.fsum(abs(x) for x in lr))) / n
+    assert abs(float(m["mismatch_ess"]) - float(ess)) <= 1e-13 * float(ess)
+    assert float(m["mismatch_max_abs_log_ratio"]) == max(abs(float(x)) for x in (lp - mu)[mask].tolist())
+
+
 # ------------------------------------------------------------------------------------------------
 # dtypes, exact divergence paths
 # ------------------------------------------------------------------------------------------------

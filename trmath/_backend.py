@@ -372,6 +372,18 @@ def topk_coarse(lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float, tol
     return val, bad
 
 
+def mismatch_sums(s: torch.Tensor, o: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The mismatch diagnostics' sums over the valid entries of contiguous CPU log-probabilities
+    ``s`` (rollout) and ``o`` (trainer) of one dtype, ``lr = o - s``: float64 ``[6]`` holding
+    sum lr, sum k3(lr), M = max lr, max |lr|, sum e^(lr - M), sum e^(2 (lr - M))
+    (cpp/src/estimator_args.hpp: NaN everywhere if a valid entry is NaN; M = -inf and the others
+    0 if none is valid)."""
+    out = torch.empty(6, dtype=torch.float64)
+    _core.mismatch_sums(s.data_ptr(), o.data_ptr(), valid.data_ptr() if valid is not None else 0,
+                        DTYPE_CODES[s.dtype], s.numel(), out.data_ptr())
+    return out
+
+
 def topk_coarse_backward(g: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float,
                          tol_q: float, need_p: bool, need_q: bool):
     """``(g * d/dlp, g * d/dlq)`` of :func:`topk_coarse` (``g``: ``[rows]``), in the inputs'

@@ -224,6 +224,50 @@ def _k_backward(ctx, g, gflag):
 k_fwd.register_autograd(_k_backward, setup_context=_k_setup)
 
 
+def mismatch_sums_impl(s: Tensor, o: Tensor, valid: Tensor) -> Tensor:
+    """float64 ``[6]``: sum lr, sum k3(lr), M = max lr, max |lr|, sum e^(lr - M),
+    sum e^(2 (lr - M)) over the valid entries, ``lr = o - s`` (``s``, ``o`` of one dtype and
+    shape, ``valid`` a bool tensor of that shape). A NaN at a valid entry (or ``s = +-inf``,
+    ``o = +inf``) makes every value NaN; no valid entry gives M = -inf and 0 for the others. On
+    CPU the element kernel's one pass (chunked sums, combined in a fixed order); elsewhere the
+    torch functions of this module."""
+    from . import _ops
+
+    if _ops.use_cpp(s):
+        return _ops._cpp().mismatch_sums(s.contiguous(), o.contiguous(), valid.contiguous())
+    f64 = torch.float64
+    zero = torch.zeros((), dtype=f64, device=s.device)
+    ninf = torch.full((), -math.inf, dtype=f64, device=s.device)
+    hi, lo = _torch_lanes(s, o)
+    k3 = torch.where(valid, k_value(3, hi, lo), zero)
+    nan = (valid & torch.isnan(hi)).any()
+    x = torch.where(valid, hi, ninf)
+    top = x.max() if x.numel() else ninf
+    w = torch.exp(x - torch.where(torch.isfinite(top), top, zero))
+    sums = torch.stack([torch.where(valid, hi, zero).sum() + torch.where(valid, lo, zero).sum(), k3.sum(), top,
+                        torch.where(valid, hi.abs(), zero).max() if x.numel() else zero, w.sum(), (w * w).sum()])
+    return torch.where(nan, torch.full_like(sums, math.nan), sums)
+
+
+@torch.library.custom_op("trmath::mismatch_sums", mutates_args=())
+def mismatch_sums_op(s: Tensor, o: Tensor, valid: Tensor) -> Tensor:
+    return mismatch_sums_impl(s, o, valid)
+
+
+@mismatch_sums_op.register_fake
+def _(s, o, valid):
+    return s.new_empty((6,), dtype=torch.float64)
+
+
+def mismatch_sums(s: Tensor, o: Tensor, valid: Tensor) -> Tensor:
+    """:func:`mismatch_sums_impl` (no gradient), through the custom operator when tracing."""
+    from . import _ops
+
+    if _ops.direct_call(s, o, valid):
+        return mismatch_sums_impl(s, o, valid)
+    return mismatch_sums_op(s, o, valid)
+
+
 def k_estimate(s: Tensor, o: Tensor, b: Optional[Tensor], valid: Optional[Tensor], value_kind: int,
                slope_kind: int, value64: bool,
                check: Optional[tuple[float, float, float]] = None) -> tuple[Tensor, bool]:

@@ -158,6 +158,26 @@ class _Batch:
     valid: torch.Tensor         # bool [B, T]
     has_old: bool
     dtype: torch.dtype
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # Counts shared by the metrics (each a pass over [B, T], computed once per call).
+    def _get(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """Valid tokens with A > 0 (advantages are 0 at padding)."""
+        return self._get("pos", lambda: self.adv > 0)
+
+    @property
+    def neg(self) -> torch.Tensor:
+        return self._get("neg", lambda: self.adv < 0)
+
+    def count(self, key: str) -> torch.Tensor:
+        """Number of valid tokens (``"valid"``), of those with A > 0 / A < 0 (``"pos"`` / ``"neg"``)."""
+        return self._get("n_" + key, lambda: torch.count_nonzero(getattr(self, key)))
 
 
 def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, lp_name="logprob") -> _Batch:
@@ -188,13 +208,7 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
         raise ValueError(f"advantages: expected shape {shape} or ({shape[0]},), got {tuple(adv.shape)}")
     valid = _as_mask(mask, shape, lp.device)
     dt = torch.float64 if torch.float64 in (lp.dtype, rl.dtype) else torch.float32
-    if validate:
-        _check_finite_where(lp.detach(), valid, lp_name)
-        _check_finite_where(rl, valid, "rollout_logprob")
-        if old is not None:
-            _check_finite_where(old, valid, "old_logprob")
-        _check_finite_where(adv, valid, "advantages")
-    else:
+    if not validate:
         # Unvalidated: NaN propagates, and an infinite value (invalid as well) becomes NaN, so
         # that no clip, cap or zero ratio turns it into a finite loss. lp keeps its graph
         # (inf + NaN is NaN; the gradient passes unchanged).
@@ -209,55 +223,75 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
     rl_s = torch.where(valid, rl.detach().to(dt), zero)
     old_s = rl_s if old is None else torch.where(valid, old.detach().to(dt), zero)
     adv_s = torch.where(valid, adv.detach().to(dt), zero)
+    if validate:
+        # One pass over the selected values first: their float64 sum is finite when every valid
+        # entry of every argument is (a float32 overflow of the element-wise sum, or a value that
+        # overflows in the conversion to float32, only sends it to the checks below, which then
+        # find nothing at the arguments themselves). Otherwise the arguments are checked in order,
+        # so the error names the first one holding a bad value, and that value's position.
+        parts = [lp_s.detach(), rl_s, adv_s] + ([old_s] if old is not None else [])
+        total = parts[0] + parts[1]
+        for t in parts[2:]:
+            total = total + t
+        if not bool(torch.isfinite(total.sum(dtype=torch.float64))):
+            _check_finite_where(lp.detach(), valid, lp_name)
+            _check_finite_where(rl, valid, "rollout_logprob")
+            if old is not None:
+                _check_finite_where(old, valid, "old_logprob")
+            _check_finite_where(adv, valid, "advantages")
     return _Batch(lp_s, rl_s, old_s, adv_s, valid, old is not None, dt)
 
 
 # ------------------------------------------------------------------------------------------------
 # masked statistics
 # ------------------------------------------------------------------------------------------------
-def _count(sel: torch.Tensor) -> torch.Tensor:
-    return sel.sum()
-
-
 def _frac(num: torch.Tensor, den: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """Fraction of the valid tokens selected by ``num`` among those of ``den``; 0 if ``den`` is empty."""
-    n = _count(num).to(dt)
-    d = _count(den).to(dt)
-    return torch.where(d > 0, n / d.clamp_min(1), torch.zeros_like(n)).detach()
+    """``num / den`` of two token counts, ``num <= den``; 0 if ``den`` is 0 (then so is ``num``)."""
+    return (num.to(dt) / den.clamp_min(1).to(dt)).detach()
 
 
-def _mean(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+def _mean(x: torch.Tensor, sel: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``x`` over ``sel`` (0 if empty); ``n``: the count of ``sel`` when known."""
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    s = torch.where(sel, x, zero).sum()
-    n = sel.sum().to(x.dtype)
-    return torch.where(n > 0, s / n.clamp_min(1), zero).detach()
+    s = torch.where(sel, x.detach(), zero).sum()
+    n = sel.sum() if n is None else n
+    return (s / n.clamp_min(1).to(x.dtype)).detach()
 
 
-def _max(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    """Largest ``x`` over ``sel`` (0 if empty); no host synchronisation, no boolean indexing."""
+def _extreme(x: torch.Tensor, sel: torch.Tensor, largest: bool, n: torch.Tensor | None = None) -> torch.Tensor:
+    """Largest (smallest) ``x`` over ``sel``, 0 if empty; NaN propagates. No host
+    synchronisation, no boolean indexing; ``n``: the count of ``sel`` when known."""
     x = x.detach()
     if x.numel() == 0:  # an empty batch (a shape, known on the host)
         return torch.zeros((), dtype=x.dtype, device=x.device)
-    m = torch.where(sel, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max()
-    return torch.where(sel.any(), m, torch.zeros_like(m))
+    fill = torch.full((), -math.inf if largest else math.inf, dtype=x.dtype, device=x.device)
+    xs = torch.where(sel, x, fill)
+    m = xs.max() if largest else xs.min()
+    has = sel.any() if n is None else n > 0
+    return torch.where(has, m, torch.zeros_like(m))
 
 
-def _min(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    return -_max(-x, sel)
+def _max(x: torch.Tensor, sel: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+    return _extreme(x, sel, True, n)
+
+
+def _min(x: torch.Tensor, sel: torch.Tensor, n: torch.Tensor | None = None) -> torch.Tensor:
+    return _extreme(x, sel, False, n)
 
 
 def _sign_split(metrics: dict, key: str, hit: torch.Tensor, b: _Batch) -> None:
     """``key``: fraction of valid tokens; ``key_pos`` / ``key_neg``: among those with A > 0 / A < 0."""
-    v = b.valid
-    metrics[key] = _frac(hit & v, v, b.dtype)
-    metrics[key + "_pos"] = _frac(hit & v & (b.adv > 0), v & (b.adv > 0), b.dtype)
-    metrics[key + "_neg"] = _frac(hit & v & (b.adv < 0), v & (b.adv < 0), b.dtype)
+    hit = hit & b.valid
+    metrics[key] = _frac(torch.count_nonzero(hit), b.count("valid"), b.dtype)
+    metrics[key + "_pos"] = _frac(torch.count_nonzero(hit & b.pos), b.count("pos"), b.dtype)
+    metrics[key + "_neg"] = _frac(torch.count_nonzero(hit & b.neg), b.count("neg"), b.dtype)
 
 
-def _ratio_stats(metrics: dict, r: torch.Tensor, sel: torch.Tensor) -> None:
-    metrics["ratio_mean"] = _mean(r.detach(), sel)
-    metrics["ratio_min"] = _min(r, sel)
-    metrics["ratio_max"] = _max(r, sel)
+def _ratio_stats(metrics: dict, r: torch.Tensor, b: _Batch) -> None:
+    n = b.count("valid")
+    metrics["ratio_mean"] = _mean(r, b.valid, n)
+    metrics["ratio_min"] = _min(r, b.valid, n)
+    metrics["ratio_max"] = _max(r, b.valid, n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,32 +445,31 @@ def aggregate_loss(
 # ------------------------------------------------------------------------------------------------
 # importance weights (TIS / MIS) and mismatch diagnostics
 # ------------------------------------------------------------------------------------------------
-def _mismatch(rollout: torch.Tensor, trainer: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+def _mismatch(rollout: torch.Tensor, trainer: torch.Tensor, valid: torch.Tensor,
+              n: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Diagnostics of KL(mu || pi_trainer) from the sampled tokens, in float64 (valid tokens only).
 
-    Written with selections only (no boolean indexing), so it never synchronises with the device.
+    ``rollout`` and ``trainer`` share a dtype (as :func:`_prepare` makes them); ``n``: the count
+    of ``valid`` when known. One pass over both (``trmath::mismatch_sums``: on CPU the element
+    kernel of k3), then scalar arithmetic: no boolean indexing, no host synchronisation.
     """
-    import trmath
+    from ._estimators_impl import mismatch_sums
 
     f64 = torch.float64
     zero = torch.zeros((), dtype=f64, device=rollout.device)
-    mu = torch.where(valid, rollout.detach().to(f64), zero)
-    tr = torch.where(valid, trainer.detach().to(f64), zero)
-    k1 = torch.as_tensor(trmath.k1(mu, tr, mask=valid, validate=False))  # 0 at padding
-    k3 = torch.as_tensor(trmath.k3(mu, tr, mask=valid, validate=False))  # expm1(lr) - lr form
-    n = valid.sum().to(f64)
+    sums = mismatch_sums(rollout.detach(), trainer.detach(), valid)
+    n = (valid.sum() if n is None else n).to(f64)
     has = n > 0
     nn = n.clamp_min(1)
-    lr = tr - mu  # log w, w = pi_trainer / mu; 0 at padding
-    ninf = torch.full((), -math.inf, dtype=f64, device=rollout.device)
-    # Normalised effective sample size (sum w)^2 / (n sum w^2) in (0, 1], in log space: no overflow.
-    log_ess = 2 * torch.logsumexp(torch.where(valid, lr, ninf).reshape(-1), 0) \
-        - torch.logsumexp(torch.where(valid, 2 * lr, ninf).reshape(-1), 0) - torch.log(nn)
+    # Normalised effective sample size (sum w)^2 / (n sum w^2) in (0, 1] of w = e^lr, both sums
+    # taken about the largest valid lr (no overflow; that term is 1, so both are >= 1 and a term
+    # that underflows changes them by less than 1e-300 relative). NaN propagates.
+    log_ess = 2 * torch.log(sums[4]) - torch.log(sums[5]) - torch.log(nn)
     return {
-        "mismatch_k1": torch.where(has, k1.to(f64).sum() / nn, zero),
-        "mismatch_k3": torch.where(has, k3.to(f64).sum() / nn, zero),
+        "mismatch_k1": (-sums[0] / nn).detach(),  # k1 = log mu - log pi = -lr
+        "mismatch_k3": (sums[1] / nn).detach(),
         "mismatch_ess": torch.where(has, torch.exp(torch.where(has, log_ess, zero)), zero),
-        "mismatch_max_abs_log_ratio": _max(lr.abs(), valid),
+        "mismatch_max_abs_log_ratio": sums[3].detach(),
     }
 
 
@@ -468,15 +501,15 @@ def _is_weights(b: _Batch, correction, level, cap, low) -> tuple[torch.Tensor, t
         hit = log_w > log_cap
         w = torch.where(hit, torch.full_like(log_w, cap if cap != math.inf else 0.0),
                         torch.exp(torch.clamp(log_w, max=log_cap)))
-        metrics["is_truncated_frac"] = _frac(hit & valid, valid, b.dtype)
+        metrics["is_truncated_frac"] = _frac(torch.count_nonzero(hit & valid), b.count("valid"), b.dtype)
         keep = valid
     else:
         log_low = math.log(low) if low > 0 else -math.inf
         out = (log_w > log_cap) | (log_w < log_low)
         w = torch.where(torch.isnan(log_w), log_w, ones)  # an unvalidated NaN stays NaN
         keep = valid & ~out
-        metrics["is_masked_frac"] = _frac(out & valid, valid, b.dtype)
-    metrics["is_weight_mean"] = _mean(torch.where(keep, w, torch.zeros_like(w)), valid)
+        metrics["is_masked_frac"] = _frac(torch.count_nonzero(out & valid), b.count("valid"), b.dtype)
+    metrics["is_weight_mean"] = _mean(w, keep, b.count("valid"))  # over valid: 0 where not kept
     return w.detach(), keep, metrics
 
 
@@ -557,7 +590,7 @@ def mismatch_metrics(rollout_logprob: Any, trainer_logprob: Any, mask: Any = Non
       :math:`(\sum w)^2 / (n \sum w^2) \in (0, 1]` of :math:`w = e^{\ell}`, in log space;
     * ``mismatch_max_abs_log_ratio`` -- :math:`\max |\ell|`.
 
-    All in float64 (0 when no token is valid). Uses ``trmath.k1`` / ``trmath.k3``.
+    All in float64 (0 when no token is valid). ``mismatch_k3`` uses :func:`trmath.k3`.
 
     Parameters
     ----------
@@ -593,8 +626,8 @@ def _finish(token_loss, keep, b: _Batch, metrics: dict, *, aggregation, normaliz
     # (MIS weights are 1, or NaN where an unvalidated log-weight is)
     loss_mat = torch.where(keep, token_loss * w if is_correction is not None else token_loss, zero)
     trainer = b.old if b.has_old else b.lp
-    metrics.update(_mismatch(b.rollout, trainer, b.valid))
-    metrics["n_tokens"] = b.valid.sum().detach()
+    metrics.update(_mismatch(b.rollout, trainer, b.valid, b.count("valid")))
+    metrics["n_tokens"] = b.count("valid").detach()
     metrics["n_seqs"] = b.valid.any(dim=-1).sum().detach()
     if aggregation is None:
         return loss_mat, metrics
@@ -637,14 +670,14 @@ def _clip_surrogate(lr: torch.Tensor, b: _Batch, eps_low: float, eps_high: float
     A = b.adv
     r_det = torch.exp(lr.detach())
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
-    clip_hi = (A > 0) & (r_det > hi)
-    clip_lo = (A < 0) & (r_det < lo)
-    dual = (A < 0) & (r_det > clip_ratio_c) if clip_ratio_c is not None else torch.zeros_like(clip_hi)
+    clip_hi = b.pos & (r_det > hi)
+    clip_lo = b.neg & (r_det < lo)
+    dual = b.neg & (r_det > clip_ratio_c) if clip_ratio_c is not None else torch.zeros_like(clip_hi)
     frozen = clip_hi | clip_lo | dual
     r = torch.exp(torch.where(frozen, lr.detach(), lr))
     loss = torch.maximum(-A * r, -A * torch.clamp(r, min=lo, max=hi))
     if clip_ratio_c is not None:
-        loss = torch.where(A < 0, torch.minimum(loss, -A * clip_ratio_c), loss)
+        loss = torch.where(b.neg, torch.minimum(loss, -A * clip_ratio_c), loss)
     return loss, r_det, clip_hi | clip_lo, dual
 
 
@@ -737,8 +770,8 @@ def _ppo_family(logprob, rollout_logprob, advantages, mask, el, eh, c, kwargs):
     metrics: dict[str, torch.Tensor] = {}
     _sign_split(metrics, "clip_frac", clipped, b)
     if c is not None:
-        metrics["dual_clip_frac"] = _frac(dual & b.valid, b.valid, b.dtype)
-    _ratio_stats(metrics, r, b.valid)
+        metrics["dual_clip_frac"] = _frac(torch.count_nonzero(dual & b.valid), b.count("valid"), b.dtype)
+    _ratio_stats(metrics, r, b)
     return _finish(loss, b.valid, b, metrics, **_finish_kw(kw))
 
 
@@ -849,7 +882,7 @@ def cispo_loss(
     loss = -b.adv * w * b.lp
     metrics: dict[str, torch.Tensor] = {}
     _sign_split(metrics, "clip_frac", (r > 1.0 + eh) | (r < lo), b)
-    _ratio_stats(metrics, r, b.valid)
+    _ratio_stats(metrics, r, b)
     return _finish(loss, b.valid, b, metrics, **_finish_kw(kw))
 
 
@@ -899,7 +932,7 @@ def gspo_loss(
     loss, s, clipped, _ = _clip_surrogate(lr_tok, b, el, eh, None)
     metrics: dict[str, torch.Tensor] = {}
     _sign_split(metrics, "clip_frac", clipped, b)
-    _ratio_stats(metrics, s, b.valid)
+    _ratio_stats(metrics, s, b)
     return _finish(loss, b.valid, b, metrics, **_finish_kw(kw))
 
 
@@ -974,7 +1007,7 @@ def sapo_loss(
     tn = _check_number(tau_neg, "tau_neg", strict=True)
     kw = _split_kwargs(kwargs, ())
     b = _prepare(logprob, rollout_logprob, advantages, mask, kw.get("old_logprob"), kw.get("validate", True))
-    tau = torch.where(b.adv > 0, torch.full_like(b.adv, tp), torch.full_like(b.adv, tn))
+    tau = torch.where(b.pos, torch.full_like(b.adv, tp), torch.full_like(b.adv, tn))
     lr = b.lp - b.old
     # Above lr = 30 the gate's derivative is below 4 e^30 exp(-tau (e^30 - 1)): exactly 0 in any
     # float format. Detaching there keeps an overflowing ratio from making 0 * inf in the backward.
@@ -983,8 +1016,8 @@ def sapo_loss(
     loss = -b.adv * (4.0 / tau) * _Sigmoid.apply(tau * (r - 1.0))
     x = tau * (r.detach() - 1.0)
     gate = 4.0 * torch.sigmoid(x) * torch.sigmoid(-x)
-    metrics: dict[str, torch.Tensor] = {"gate_mean": _mean(gate, b.valid)}
-    _ratio_stats(metrics, r, b.valid)
+    metrics: dict[str, torch.Tensor] = {"gate_mean": _mean(gate, b.valid, b.count("valid"))}
+    _ratio_stats(metrics, r, b)
     return _finish(loss, b.valid, b, metrics, **_finish_kw(kw))
 
 
@@ -1099,7 +1132,7 @@ def _dppo_core(b: _Batch, divergence, delta, delta_low, delta_high, extras):
     A = b.adv
     # A NaN divergence cannot reach here at a valid position (raised above); +inf (KL with
     # pi(i) = 0 < mu(i)) is a legitimate "outside the region".
-    drop = ((A > 0) & (r > 1) & (D > dh)) | ((A < 0) & (r < 1) & (D > dl))
+    drop = (b.pos & (r > 1) & (D > dh)) | (b.neg & (r < 1) & (D > dl))
     return b.valid & ~drop, r, D
 
 
@@ -1265,10 +1298,10 @@ def dppo_loss(
     loss = torch.where(keep, -b.adv * w * b.lp, zero)
     metrics: dict[str, torch.Tensor] = {}
     _sign_split(metrics, "masked_frac", b.valid & ~keep, b)
-    metrics["divergence_mean"] = _mean(D, b.valid)
-    metrics["divergence_max"] = _max(D, b.valid)
-    metrics["truncated_frac"] = _frac((r > C) & b.valid, b.valid, b.dtype)
-    _ratio_stats(metrics, r, b.valid)
+    metrics["divergence_mean"] = _mean(D, b.valid, b.count("valid"))
+    metrics["divergence_max"] = _max(D, b.valid, b.count("valid"))
+    metrics["truncated_frac"] = _frac(torch.count_nonzero((r > C) & b.valid), b.count("valid"), b.dtype)
+    _ratio_stats(metrics, r, b)
     return _finish(loss, keep, b, metrics, **_finish_kw(kw))
 
 

@@ -19,6 +19,7 @@ void k_estimate(const KArgs& a);
 void k_estimate_backward(const KBwdArgs& a);
 void binary_coarse(const BinArgs& a);
 void topk_coarse(const TopkArgs& a);
+void mismatch_sums(const MismatchArgs& a);
 }  // namespace isa_generic
 #if defined(TRMATH_HAVE_AVX2)
 namespace isa_avx2 {
@@ -26,6 +27,7 @@ void k_estimate(const KArgs& a);
 void k_estimate_backward(const KBwdArgs& a);
 void binary_coarse(const BinArgs& a);
 void topk_coarse(const TopkArgs& a);
+void mismatch_sums(const MismatchArgs& a);
 }  // namespace isa_avx2
 #endif
 #if defined(TRMATH_HAVE_AVX512)
@@ -34,6 +36,7 @@ void k_estimate(const KArgs& a);
 void k_estimate_backward(const KBwdArgs& a);
 void binary_coarse(const BinArgs& a);
 void topk_coarse(const TopkArgs& a);
+void mismatch_sums(const MismatchArgs& a);
 }  // namespace isa_avx512
 #endif
 
@@ -64,6 +67,7 @@ void k_estimate_any(const KArgs& a) { TRMATH_EST_CALL(k_estimate, a) }
 void k_estimate_backward_any(const KBwdArgs& a) { TRMATH_EST_CALL(k_estimate_backward, a) }
 void binary_coarse_any(const BinArgs& a) { TRMATH_EST_CALL(binary_coarse, a) }
 void topk_coarse_any(const TopkArgs& a) { TRMATH_EST_CALL(topk_coarse, a) }
+void mismatch_sums_any(const MismatchArgs& a) { TRMATH_EST_CALL(mismatch_sums, a) }
 
 // The fields the coarse kernels share, checked (`work`: the call has elements to touch).
 void fill_coarse(CoarseArgs& a, const char* fn, bool work, uintptr_t lp, uintptr_t lq, int dtype, int kind,
@@ -198,6 +202,25 @@ void register_estimators(py::module_& m) {
       "topk_tv (kind 0) or topk_kl (kind 1) of [rows, K] log-probabilities (16/32-bit): the value "
       "per row (g = 0), or the gradients; returns whether a row was bad. See "
       "cpp/src/estimator_args.hpp.");
+  m.def(
+      "mismatch_sums",
+      [](uintptr_t s, uintptr_t o, uintptr_t valid, int dtype, int64_t n, uintptr_t out) {
+        if (dtype < 0 || dtype > 3) throw std::invalid_argument("mismatch_sums: unsupported dtype code");
+        if (n < 0) throw std::invalid_argument("mismatch_sums: negative size");
+        if (!out || (n > 0 && (!s || !o))) throw std::invalid_argument("mismatch_sums: null buffer");
+        MismatchArgs a;
+        a.s = reinterpret_cast<const void*>(s);
+        a.o = reinterpret_cast<const void*>(o);
+        a.valid = reinterpret_cast<const uint8_t*>(valid);
+        a.dtype = static_cast<DType>(dtype);
+        a.n = n;
+        a.out = reinterpret_cast<double*>(out);
+        py::gil_scoped_release release;
+        mismatch_sums_any(a);
+      },
+      "Sums of the mismatch diagnostics over the valid entries of s (rollout) and o (trainer) "
+      "log-probabilities: sum lr, sum k3, max lr, max |lr|, sum e^(lr - max), sum e^(2 (lr - "
+      "max)) into 6 doubles; see cpp/src/estimator_args.hpp.");
 }
 
 }  // namespace trmath

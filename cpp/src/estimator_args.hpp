@@ -93,4 +93,20 @@ struct TopkArgs : CoarseArgs {
   int64_t rows = 0, K = 1;
 };
 
+// Sums over the valid entries of n contiguous log-probabilities s (rollout) and o (trainer) of
+// one dtype, for the rollout-trainer mismatch diagnostics (trmath/objectives.py), with
+// lr = o - s (an exact two-sum hi + lo, as k_estimate): out[0] = sum lr, out[1] = sum k3(lr),
+// out[2] = M = max lr, out[3] = max |lr|, out[4] = sum e^(lr - M), out[5] = sum e^(2 (lr - M)).
+// Sums in double lanes over fixed chunks, combined in chunk order (the result does not depend on
+// the thread count). s = +-inf or o = +inf count as NaN (k_estimate's rule); a NaN entry makes
+// every output NaN. No valid entry: out[2] = -inf, the others 0.
+struct MismatchArgs {
+  const void* s = nullptr;
+  const void* o = nullptr;
+  const uint8_t* valid = nullptr;  // may be null (all valid)
+  DType dtype = DType::f32;
+  int64_t n = 0;
+  double* out = nullptr;  // 6 values
+};
+
 }  // namespace trmath

@@ -633,6 +633,63 @@ bool run_topk(const TopkArgs& a, int64_t r0, int64_t r1) {
   return any_lane(bad_any);
 }
 
+// ---- the mismatch diagnostics' sums (MismatchArgs) ------------------------------------------
+// One chunk's part: sums of hi and lo (lr = hi + lo), of k3, the maxima of lr and |lr|, and the
+// sums of e^(lr - M_c), e^(2 (lr - M_c)) about the chunk's own maximum M_c (merged exactly, up
+// to the rounding of e^(M_c - M), in chunk order).
+struct MPart {
+  double hi = 0, lo = 0, k3 = 0, mx = -std::numeric_limits<double>::infinity(), mabs = 0, s1 = 0, s2 = 0;
+  bool nan = false;
+};
+
+TRMATH_INLINE double hmax(DV v) {
+  double m = v[0];
+  for (int j = 1; j < kL; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+template <class In>
+bool run_mismatch(const MismatchArgs& a, int64_t begin, int64_t e, MPart& P) {
+  const In* s = static_cast<const In*>(a.s);
+  const In* o = static_cast<const In*>(a.o);
+  const double inf = std::numeric_limits<double>::infinity();
+  const DV ninf = splat<DV>(-inf), zero{};
+  DV shi{}, slo{}, sk3{}, mx = ninf, mabs{};
+  LV nan{};
+  for (int64_t i = begin; i < e; i += kL) {
+    const int m = int(e - i < kL ? e - i : kL);
+    const LV keep = keep_lanes(a.valid, i, m);  // lanes past m: 0
+    const Lanes L = lanes(load_part(s + i, m), load_part(o + i, m), true);
+    nan |= keep & (L.hi != L.hi);
+    shi += keep ? L.hi : zero;
+    slo += keep ? L.lo : zero;
+    sk3 += keep ? value_of(3, L) : zero;
+    mx = keep & (L.hi > mx) ? L.hi : mx;
+    const DV ab = vabs(L.hi);
+    mabs = keep & (ab > mabs) ? ab : mabs;
+  }
+  P.hi = hsum(shi);
+  P.lo = hsum(slo);
+  P.k3 = hsum(sk3);
+  P.mx = hmax(mx);
+  P.mabs = hmax(mabs);
+  P.nan = any_lane(nan);
+  if (P.nan || P.mx == -inf) return false;
+  const DV M = splat<DV>(P.mx);
+  DV s1{}, s2{};
+  for (int64_t i = begin; i < e; i += kL) {
+    const int m = int(e - i < kL ? e - i : kL);
+    const LV keep = keep_lanes(a.valid, i, m);
+    const DV hi = lanes(load_part(s + i, m), load_part(o + i, m), false).hi;
+    const DV w = exp_dv<DV, LV>(keep ? hi - M : ninf);  // <= 1; e^-inf = 0
+    s1 += w;
+    s2 += w * w;
+  }
+  P.s1 = hsum(s1);
+  P.s2 = hsum(s2);
+  return false;
+}
+
 }  // namespace
 
 void topk_coarse(const TopkArgs& a) {
@@ -650,6 +707,43 @@ void binary_coarse(const BinArgs& a) {
 
 void k_estimate_backward(const KBwdArgs& a) {
   over_chunks(a.n, [&](int64_t b, int64_t e) { TRMATH_BY_DTYPE(a.dtype, run_backward, a, b, e) });
+}
+
+void mismatch_sums(const MismatchArgs& a) {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  const int64_t chunks = (a.n + kChunk - 1) / kChunk;
+  std::vector<MPart> parts(size_t(chunks > 0 ? chunks : 0));
+  over_chunks(a.n, [&](int64_t b, int64_t e) {
+    MPart& P = parts[size_t(b / kChunk)];
+    TRMATH_BY_DTYPE(a.dtype, run_mismatch, a, b, e, P)
+  });
+  double hi = 0, lo = 0, k3 = 0, mx = -inf, mabs = 0, s1 = 0, s2 = 0;
+  bool bad = false;
+  for (const MPart& P : parts) {
+    bad |= P.nan;
+    hi += P.hi;
+    lo += P.lo;
+    k3 += P.k3;
+    mx = P.mx > mx ? P.mx : mx;
+    mabs = P.mabs > mabs ? P.mabs : mabs;
+  }
+  if (!bad && mx > -inf) {
+    for (const MPart& P : parts) {
+      if (P.mx == -inf) continue;
+      const double f = std::exp(P.mx - mx);  // <= 1
+      s1 += f * P.s1;
+      s2 += (f * f) * P.s2;
+    }
+  }
+  double* out = a.out;
+  out[0] = hi + lo;
+  out[1] = k3;
+  out[2] = mx;
+  out[3] = mabs;
+  out[4] = s1;
+  out[5] = s2;
+  if (bad)
+    for (int j = 0; j < 6; ++j) out[j] = nan;
 }
 
 void k_estimate(const KArgs& a) {

@@ -29,6 +29,7 @@ void k_estimate(const KArgs& a);
 void k_estimate_backward(const KBwdArgs& a);
 void binary_coarse(const BinArgs& a);
 void topk_coarse(const TopkArgs& a);
+void mismatch_sums(const MismatchArgs& a);
 }  // namespace isa_generic
 }
 using namespace trmath;
@@ -331,6 +332,38 @@ void run_elements(DType dt, int64_t n, std::mt19937_64& rng) {
         if (!weighted) check(close(simd::to_double(gs[size_t(i)]), v ? -ks : 0.0, rt), "k_estimate d/ds", n);
       }
     }
+  {
+    // The mismatch diagnostics' sums against plain loops (k3 as above; the lanes' and chunks'
+    // summation order moves the sums by a few 1e-16 relative).
+    double out[6];
+    MismatchArgs m;
+    m.s = s.data(); m.o = o.data(); m.valid = valid.data(); m.dtype = dt; m.n = n; m.out = out;
+    isa_generic::mismatch_sums(m);
+    double hi = 0, k3s = 0, mx = -INFINITY, mabs = 0, s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!valid[size_t(i)]) continue;
+      const double lr = od[size_t(i)] - sd[size_t(i)];
+      double k3 = std::expm1(lr) - lr;
+      if (std::fabs(lr) < 0.5) {
+        double term = lr * lr / 2, sum = 0;
+        for (int j = 3; j < 30; ++j) { sum += term; term *= lr / j; }
+        k3 = sum;
+      }
+      hi += lr; k3s += k3; mx = std::max(mx, lr); mabs = std::max(mabs, std::fabs(lr));
+    }
+    for (int64_t i = 0; i < n; ++i)
+      if (valid[size_t(i)]) {
+        const double w = std::exp(od[size_t(i)] - sd[size_t(i)] - mx);
+        s1 += w; s2 += w * w;
+      }
+    double habs = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (valid[size_t(i)]) habs += std::fabs(od[size_t(i)] - sd[size_t(i)]);
+    check(std::fabs(out[0] - hi) <= 1e-12 * habs + 1e-300, "mismatch_sums: sum lr", n);
+    check(close(out[1], k3s, 1e-12), "mismatch_sums: sum k3", n);
+    check(out[2] == mx && out[3] == mabs, "mismatch_sums: maxima", n);
+    check(close(out[4], s1, 1e-12) && close(out[5], s2, 1e-12), "mismatch_sums: exponential sums", n);
+  }
   for (int kind = 0; kind <= 1; ++kind) {
     BinArgs a;
     a.lp = s.data(); a.lq = o.data(); a.dtype = dt; a.n = n; a.kind = kind; a.tol_p = a.tol_q = 1e-3;
