@@ -1082,9 +1082,15 @@ def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_l
             raise ValueError("rollout_topk_logprobs and topk_logprobs: shapes differ "
                              f"({tuple(p.shape)} vs {tuple(q.shape)})")
         fn = getattr(trmath, divergence)
+        # The valid rows only (padding rows may hold anything), gathered by index: one nonzero
+        # shared by both arguments and the scatter back (boolean indexing repeats it, 5x slower).
+        idx = torch.nonzero(valid.reshape(-1)).squeeze(1)
+        K = p.shape[-1]
         with _context(divergence, "rollout_topk_logprobs", "topk_logprobs",
                       " (indices count the valid tokens in row-major order)"):
-            out[valid] = torch.as_tensor(fn(p.detach()[valid], q.detach()[valid])).to(dt)
+            d = torch.as_tensor(fn(p.detach().reshape(-1, K).index_select(0, idx),
+                                   q.detach().reshape(-1, K).index_select(0, idx))).to(dt)
+        out.view(-1).index_copy_(0, idx, d)
     else:
         q = _check_extra(logits, "logits", lead, lp.device, divergence)
         p = _check_extra(rollout_logits, "rollout_logits", lead, lp.device, divergence)
