@@ -212,10 +212,13 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
         # Unvalidated: NaN propagates, and an infinite value (invalid as well) becomes NaN, so
         # that no clip, cap or zero ratio turns it into a finite loss. lp keeps its graph
         # (inf + NaN is NaN; the gradient passes unchanged).
-        lp = lp + torch.where(torch.isinf(lp.detach()), math.nan, 0.0).to(lp.dtype)
-        rl, adv = (torch.where(torch.isinf(x), torch.full_like(x, math.nan), x) for x in (rl, adv))
+        # x + (x - x): x where finite (a -0 becomes +0), NaN where x is +-inf or NaN.
+        lpd = lp.detach()
+        lp = lp + (lpd - lpd)
+        rl, adv = (x + (x - x) for x in (rl.detach(), adv.detach()))
         if old is not None:
-            old = torch.where(torch.isinf(old), torch.full_like(old, math.nan), old)
+            old = old.detach()
+            old = old + (old - old)
     zero = torch.zeros((), dtype=dt, device=lp.device)
     # Select, never multiply: whatever padding holds (inf, NaN) is replaced before any arithmetic,
     # and the gradient of torch.where is exactly 0 at the positions it does not select.
