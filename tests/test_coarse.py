@@ -644,6 +644,75 @@ def test_topk_tail_cancellation_point():
     assert_close_to_reference(trmath.topk_kl(lp, lq), [ref], rtol=1e-12, atol=1e-300, name="tail_cancel")
 
 
+def _filled_tail_rows(dt: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, 4]`` rows of ``dt`` log-probabilities whose kept mass is within ~1e-9 ... 1e-20 of 1
+    although no kept probability is near 1: two or three shares of the mass rounded to ``dt``,
+    then entries that fill the deficit left by that rounding, each rounded in turn (so the tail
+    is what the last rounding leaves). ``lq`` moves the last entry by a few ulps. Rows whose
+    kept mass exceeds 1 are dropped (they have no exact value)."""
+    rng = np.random.default_rng(seed)
+    rows_p, rows_q = [], []
+    with mpmath.workdps(80):
+        while len(rows_p) < n:
+            shares = int(rng.integers(2, 4))
+            base = [float(torch.tensor(math.log(1.0 / shares) - rng.uniform(0, 1e-6), dtype=torch.float64).to(dt))] * shares
+            row = base[:3]
+            while len(row) < 4:
+                deficit = 1 - mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in row)
+                if deficit <= 0:
+                    break
+                row.append(float(torch.tensor(float(mpmath.log(deficit * (1 - rng.uniform(0, 1e-3)))),
+                                              dtype=torch.float64).to(dt)))
+            if len(row) < 4:
+                continue
+            q = list(row)
+            q[-1] = float(torch.tensor(q[-1], dtype=dt) * (1 + 3 * torch.finfo(dt).eps))
+            ok = all(mpmath.fsum(mpmath.exp(mpmath.mpf(v)) for v in r) <= 1 for r in (row, q))
+            if ok and max(row + q) <= 0:
+                rows_p.append(row)
+                rows_q.append(q)
+    return torch.tensor(rows_p, dtype=torch.float64).to(dt), torch.tensor(rows_q, dtype=torch.float64).to(dt)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16], ids=dtname)
+@pytest.mark.parametrize("name", sorted(TOPK))
+def test_topk_kept_mass_near_one_without_a_dominant_token(name, dt, on_both_paths):
+    """Kept masses within 1e-9 ... 1e-20 of 1 while the largest kept log-prob is far below 0
+    (log(1/2), log(1/3)): log M + log(k + R) cancels there, and the tail masses R_p, R_q -- all
+    the KL's tail term and TV's |R_q - R_p| see -- must not inherit that cancellation. Kernel and
+    torch path against mpmath at the target tolerance; gradients against the float64 path
+    (double-double) within 1e-6 of the row's largest."""
+    tp, tq = _filled_tail_rows(dt, 24, seed=hash(dtname(dt)) % 1000)
+    rtol, atol = target_tolerance(dtname(dt))
+    ref = mp_coarse_batch(name, as64(tp), as64(tq))
+
+    def run():
+        a, b = tp.clone().requires_grad_(), tq.clone().requires_grad_()
+        v = TOPK[name](a, b)
+        v.sum().backward()
+        return v.detach(), a.grad, b.grad
+    for path, (v, gp, gq) in zip(("kernel", "torch"), on_both_paths(run)):
+        assert_close_to_reference(v, ref, rtol=rtol, atol=atol, inputs=(as64(tp), as64(tq)),
+                                  name=f"{name}/filled_tail/{dtname(dt)}/{path}")
+        a64, b64 = tp.double().requires_grad_(), tq.double().requires_grad_()
+        TOPK[name](a64, b64).sum().backward()
+        for g, g64 in ((gp, a64.grad), (gq, b64.grad)):
+            scale = g64.abs().amax(-1, keepdim=True)
+            assert bool(((g.double() - g64).abs() <= torch.finfo(dt).eps * g64.abs() + 1e-6 * scale).all()), path
+
+
+def test_topk_kept_mass_rounding_to_one():
+    """A float32 row whose kept mass is 1 - 1e-17 with two tokens at log(1/2) (rounded): the log
+    kept mass computed as M + log(k + R) rounds to 0 in float64, which once emptied both tails
+    (TV off by half, KL by all of it)."""
+    lp = torch.tensor([[-0.6931471824645996, -0.6931471824645996, -20.079490661621094, -27.630691528320312]])
+    lq = torch.tensor([[-0.6931471824645996, -0.6931471824645996, -20.079490661621094, -27.63071060180664]])
+    rtol, atol = target_tolerance("float32")
+    for name in sorted(TOPK):
+        ref = mp_coarse_batch(name, as64(lp), as64(lq))
+        assert_close_to_reference(TOPK[name](lp, lq), ref, rtol=rtol, atol=atol, name=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # the binary element kernel (CPU) against the float64 torch formulas that serve other devices
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@
 #define simd TRMATH_CAT(simd_, TRMATH_ISA)
 
 #include "estimator_args.hpp"
+#include "trmath/ddouble.hpp"
 #include "trmath/elementary.hpp"
 
 #define TRMATH_NS TRMATH_CAT(isa_, TRMATH_ISA)
@@ -500,15 +501,15 @@ bool run_binary(const BinArgs& a, int64_t begin, int64_t e) {
 
 // ---- the Top-K coarse divergences (16/32-bit inputs) --------------------------------------
 // One lane per row, kL rows at a time; a row's K entries are gathered into the lanes. Per row:
-// the log kept masses A = log sum p_j (the maxima counted apart: A = M + log k + log1p(R / k),
-// relatively accurate near 0, where R_p = -expm1(A) needs it), c = R_q - R_p from whichever of
-// sum (p_j - q_j) and e^A - e^B has the smaller rounding bound, then
+// the log kept masses A = log sum p_j (the maxima counted apart: A = M + log(k + R), with its
+// error bound; in double-double where that bound matters, see run_topk), c = R_q - R_p from
+// whichever of sum (p_j - q_j) and e^A - e^B has the smaller rounding bound, then
 //   topk_tv = (sum |p_j - q_j| + |c|) / 2,  topk_kl = sum p_j g(d_j) + R_p g(d_R)
 // with the terms of the binary case; gradients d/dlp_j = p_j (s_j - s_R) / 2 (TV, s = signs of
 // p_j - q_j and of R_p - R_q), p_j (d_R - d_j) (KL), d/dlq_j = -q_j (s_j - s_R) / 2,
 // -(p_j - q_j) + q_j expm1(-d_R). These are the float64 formulas of trmath/_coarse_impl.py
-// without its double-double refinements, which only float64 inputs need (for 16/32-bit inputs
-// the plain float64 evaluation is within ~1e-12 relative, the target 1e-5).
+// without its double-double refinements of c, which only float64 inputs need (for 16/32-bit
+// inputs the float64 evaluation is then within ~1e-12 relative, the target 1e-5).
 
 template <class In>
 TRMATH_INLINE void store_one(In* p, double v) {
@@ -518,8 +519,12 @@ TRMATH_INLINE void store_one(In* p, double v) {
     store_from_float(p, float(v));
 }
 
-// log sum_j e^{x_j} over the K entries of each lane (-inf if all are -inf).
-TRMATH_INLINE DV log_kept_mass(const DV* x, int64_t K) {
+// log sum_j e^{x_j} over the K entries of each lane (-inf if all are -inf), as M + lg with M the
+// largest entry and lg = log(k + R) >= 0 (k maxima, R the rest about M); mag = |M| + lg. Each
+// part is within a few ulps, so the result is off by at most ~4 eps mag absolutely: relatively
+// accurate unless M and lg cancel (a kept mass near 1 with no kept probability near 1), where
+// run_topk refines it (log_kept_mass_dd).
+TRMATH_INLINE DV log_kept_mass(const DV* x, int64_t K, DV& mag) {
   const double inf = std::numeric_limits<double>::infinity();
   DV mx = splat<DV>(-inf);
   for (int64_t j = 0; j < K; ++j) mx = x[j] > mx ? x[j] : mx;
@@ -534,7 +539,29 @@ TRMATH_INLINE DV log_kept_mass(const DV* x, int64_t K) {
   const DV cs = cnt > 0.0 ? cnt : splat<DV>(1.0);
   const DV small = log_pos(cs) + log1p_ratio_c(R <= cs ? R : DV{}, cs, coef::log1p_d);
   const DV lg = R <= cs ? small : log_pos(cs + R);
+  mag = fin ? vabs(ms) + lg : DV{};
   return fin ? ms + lg : splat<DV>(-inf);
+}
+
+// The same for lane l in double-double (M + log(k + R) with R = sum e^(x_j - M) from exact
+// differences and double-double exponentials), rounded once: within an ulp or two of the log
+// kept mass however close to 0 it is.
+__attribute__((noinline)) double log_kept_mass_dd(const DV* x, int64_t K, int l) {
+  const double inf = std::numeric_limits<double>::infinity();
+  double M = -inf;
+  for (int64_t j = 0; j < K; ++j) M = x[j][l] > M ? x[j][l] : M;
+  if (M == -inf) return -inf;
+  double cnt = 0;
+  dd::DD R{0.0, 0.0};
+  for (int64_t j = 0; j < K; ++j) {
+    const double v = x[j][l];
+    if (v == M)
+      cnt += 1.0;
+    else if (v > -inf)
+      R = dd::add(R, dd::exp(dd::two_sum(v, -M)));
+  }
+  const dd::DD A = dd::add(dd::DD{M, 0.0}, dd::log_count_plus(cnt, R));
+  return A.hi + A.lo;
 }
 
 template <class In>
@@ -567,9 +594,10 @@ bool run_topk(const TopkArgs& a, int64_t r0, int64_t r1) {
       xq[size_t(j)] = (bq[size_t(j)] | cq[size_t(j)]) ? DV{} : y;
       rowbad |= bp[size_t(j)] | bq[size_t(j)];
     }
-    const DV A = log_kept_mass(xp.data(), K), B = log_kept_mass(xq.data(), K);
+    DV magA, magB;
+    DV A = log_kept_mass(xp.data(), K, magA), B = log_kept_mass(xq.data(), K, magB);
     rowbad |= (A > double(K) * a.tol_p) | (B > double(K) * a.tol_q);
-    const DV Ac = A > 0.0 ? DV{} : A, Bc = B > 0.0 ? DV{} : B;
+    for (int l = m; l < kL; ++l) rowbad[l] = 0;
     DV S1{}, cA{}, kept{};
     for (int64_t j = 0; j < K; ++j) {
       DV sg;
@@ -579,19 +607,64 @@ bool run_topk(const TopkArgs& a, int64_t r0, int64_t r1) {
       if (a.kind == 1)
         kept += kept_term(xp[size_t(j)], xq[size_t(j)], exp_dv<DV, LV>(xp[size_t(j)]), exp_dv<DV, LV>(xq[size_t(j)]));
     }
-    DV sAB;
-    const DV cB = prob_diff(Ac, Bc, sAB);  // e^A - e^B = R_q - R_p
-    const DV c = S1 <= vabs(Ac) + vabs(Bc) ? cA : cB;
-    DV val, dR{};
+    // c = R_q - R_p from sum (p_j - q_j) (error ~4 eps S1) or e^A - e^B (error ~ the errors
+    // eA, eB of A and B, 4 eps mag each), whichever bound is the smaller; a row whose kept mass
+    // clearly exceeds 1 (A > eA: rounding of the inputs) has its tail set to 0 and takes the
+    // torch formulas' comparison of S1 with |A| + |B| (only e^A - e^B is the difference of the
+    // clamped tails). TV = (S1 + |c|) / 2 is then within ~8 eps. The tails themselves and c
+    // matter to KL's tail term T = R_p g(d_R), which moves by about |d_R| (dR_p + dR_q + dc).
+    // A lane gets A and B in double-double (log_kept_mass_dd) where that could exceed 2^-30 of
+    // a lower bound of its KL, or where A or B is within its error of 0 (a kept mass within
+    // ~4 eps |log p_max| of 1: its tail, or whether it is clamped, is then unknown; TV needs
+    // that too) -- kept masses near 1 with no kept probability near 1, or rows trading kept mass
+    // while their tails barely differ. Typical rows never qualify; a row whose kept entries
+    // equal the other's (S1 = 0) never needs it (its tails are then equal as computed).
+    const double eps = std::numeric_limits<double>::epsilon(), eps4 = 4.0 * eps, ninf = -std::numeric_limits<double>::infinity();
+    DV eA = eps4 * magA, eB = eps4 * magB, Ac, Bc, c, cerr;
+    auto pick_c = [&] {
+      Ac = A > 0.0 ? DV{} : A;
+      Bc = B > 0.0 ? DV{} : B;
+      DV sAB;
+      const DV cB = prob_diff(Ac, Bc, sAB);  // e^A - e^B = R_q - R_p
+      const LV clamped = (A > eA) | (B > eB);
+      const LV useA = clamped ? S1 <= vabs(Ac) + vabs(Bc) : eps4 * S1 <= eA + eB;
+      c = useA ? cA : cB;
+      cerr = useA ? eps4 * S1 : eA + eB;
+    };
+    pick_c();
+    DV Rp = -expm1_dv(Ac), Rq = -expm1_dv(Bc), dR{};
+    {
+      const LV live = (A > ninf) & (B > ninf) & ~rowbad & (S1 > 0.0);
+      LV need = (vabs(A) <= eA) | (vabs(B) <= eB);
+      if (a.kind == 1) {
+        dR = tail_log_ratio(c, Rp, Rq);
+        const DV sens = vabs(dR) < std::numeric_limits<double>::infinity() ? vabs(dR) : one;
+        const DV Rmax = Rp > Rq ? Rp : Rq;
+        const DV kl_lb = kept + c * c / (2.0 * (Rmax > 0.0 ? Rmax : one));
+        need |= sens * (eA + eB + cerr) > 0x1p-30 * kl_lb;
+      }
+      need &= live;
+      if (any_lane(need)) {
+        for (int l = 0; l < m; ++l) {
+          if (!need[l]) continue;
+          A[l] = log_kept_mass_dd(xp.data(), K, l);
+          B[l] = log_kept_mass_dd(xq.data(), K, l);
+          eA[l] = 2.0 * eps * std::fabs(A[l]);
+          eB[l] = 2.0 * eps * std::fabs(B[l]);
+        }
+        pick_c();
+        Rp = -expm1_dv(Ac);
+        Rq = -expm1_dv(Bc);
+        if (a.kind == 1) dR = tail_log_ratio(c, Rp, Rq);
+      }
+    }
+    DV val;
     if (a.kind == 0) {
       val = 0.5 * (S1 + vabs(c));
       val = val > 1.0 ? one : val;
     } else {
-      const DV Rp = -expm1_dv(Ac), Rq = -expm1_dv(Bc);
-      dR = tail_log_ratio(c, Rp, Rq);
       val = kept + tail_term(Rp, Rq, dR);
     }
-    for (int l = m; l < kL; ++l) rowbad[l] = 0;
     if (!backward) {
       bad_any |= rowbad;
       val = rowbad ? nanv : val;
