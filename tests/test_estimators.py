@@ -141,6 +141,49 @@ def test_values_against_definition(name):
     np.testing.assert_array_equal(f(s, o, straight_through=True), f(s, o))  # value unchanged
 
 
+@pytest.mark.parametrize("name", ["k1", "k2", "k3"])
+def test_importance_weighted_accuracy_wide_range(name, on_both_paths):
+    """Importance-weighted float64 estimators with s - b from -80 to 1 (the weight e^(s - b) from
+    1e-35 to e): the weight comes from the exact two-sum s - b = hi + lo as e^hi (1 + lo), so the
+    rounding of s - b (half an ulp of |s - b|: 60 ulps of the weight at s - b ~ -78) does not
+    reach it. Bound: the estimator's 4 ulps, plus the weight (the exponential within an ulp, the
+    neglected lo^2 / 2 below 2^-100) and the product's rounding: 6 ulps."""
+    rng = np.random.default_rng(7)
+    n = 400
+    s = -rng.uniform(0, 80, n)
+    o = np.minimum(s + rng.uniform(-3, 3, n), 0.0)
+    b = -rng.uniform(0, 1, n)
+    ref = _oracle(name + "_is", s, o, b)
+    for got in on_both_paths(lambda: getattr(trmath, name)(s, o, behaviour_logprob=b)):
+        u = ulps(got, ref, "float64")
+        assert u.max() <= ULP_BOUND["float64"] + 2, f"{u.max():.2f} ulps at index {int(np.argmax(u))}"
+
+
+def test_importance_weight_underflow_and_overflow_keep_the_exact_product(on_both_paths):
+    """Valid inputs whose weight e^(s - b) under- or overflows in float64: the estimate is the
+    exact product's limit -- +inf for an infinite k1 times a weight that underflowed, 0 for k3(0)
+    times one that overflowed -- never the NaN of 0 * inf; likewise the gradients."""
+    f64 = torch.float64
+    s = torch.tensor([-1e4, 0.0, -2.0], dtype=f64, requires_grad=True)
+    o = torch.tensor([-math.inf, 0.0, -2.0], dtype=f64, requires_grad=True)
+    b = torch.tensor([0.0, -800.0, -900.0], dtype=f64)
+
+    def run():
+        out = {}
+        for name in ("k1", "k2", "k3"):
+            v = getattr(trmath, name)(s, o, behaviour_logprob=b)
+            g = torch.autograd.grad(v[1:].sum(), (s, o))
+            out[name] = (v.detach(), g)
+        return out
+    for res in on_both_paths(run):
+        for name, (v, (gs, go)) in res.items():
+            assert float(v[0]) == math.inf, name  # k(lr = -inf) = +inf, weight e^-1e4 > 0
+            assert float(v[1]) == 0.0 and float(v[2]) == 0.0, name  # k(0) = 0, weight e^800, e^898
+            # (entry 0 is outside the summed loss: its gradient is 0 times an infinite slope,
+            # NaN as torch's own 0 * inf; entries 1, 2 overflow honestly to +-inf or are 0)
+            assert not bool(torch.isnan(gs[1:]).any() | torch.isnan(go[1:]).any()), name
+
+
 def test_gradients_by_gradcheck():
     torch.manual_seed(0)
     s = -torch.rand(6, dtype=torch.float64) * 3

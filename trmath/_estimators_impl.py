@@ -112,12 +112,23 @@ def _torch_lanes(s: Tensor, o: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _torch_weight(s: Tensor, b: Tensor) -> Tensor:
-    """``exp(s - b)`` in float64, ``s`` or ``b = +-inf`` made NaN (the kernel's rules)."""
+    """``exp(s - b)`` in float64 from the exact two-sum ``s - b = hi + lo`` (``e^hi (1 + lo)``),
+    ``s`` or ``b = +-inf`` made NaN (the kernel's rules)."""
     f64 = torch.float64
     xs, xb = s.to(f64), b.to(f64)
     xs = xs + torch.where(torch.isinf(xs), math.nan, 0.0).to(f64)
     xb = xb + torch.where(torch.isinf(xb), math.nan, 0.0).to(f64)
-    return torch.exp(xs - xb)
+    hi, lo = two_diff(xs, xb)
+    e = torch.exp(hi)
+    return torch.where((lo != 0) & torch.isfinite(e), e + e * lo, e)
+
+
+def _wmul(w: Tensor, k: Tensor) -> Tensor:
+    """``w k`` for a weight of :func:`_torch_weight` that under- or overflowed: 0 where ``k = 0``
+    and ``k`` where ``k`` is infinite and ``w = 0`` (the exact product; never ``0 * inf``)."""
+    r = w * k
+    r = torch.where((k == 0) & ~torch.isnan(w), torch.zeros_like(r), r)
+    return torch.where(torch.isinf(k) & (w == 0), k, r)
 
 
 def k_fwd_impl(s: Tensor, o: Tensor, b: Optional[Tensor], valid: Optional[Tensor], value_kind: int,
@@ -140,7 +151,7 @@ def k_fwd_impl(s: Tensor, o: Tensor, b: Optional[Tensor], valid: Optional[Tensor
     hi, lo = _torch_lanes(s, o)
     val = k_value(value_kind, hi, lo)
     if b is not None:
-        val = _torch_weight(s, b) * val
+        val = _wmul(_torch_weight(s, b), val)
     if valid is not None:
         val = torch.where(valid, val, torch.zeros((), dtype=val.dtype, device=s.device))
     return (val if value64 else val.to(torch.float32)), check
@@ -166,7 +177,7 @@ def k_bwd_impl(g: Tensor, s: Tensor, o: Tensor, b: Optional[Tensor], valid: Opti
         go_, gs_, gb_ = gd * slope, -(gd * slope), None
     else:
         w = _torch_weight(s, b)
-        gwk, gws = gd * (w * k_value(value_kind, hi, lo)), gd * (w * slope)
+        gwk, gws = gd * _wmul(w, k_value(value_kind, hi, lo)), gd * _wmul(w, slope)
         go_, gs_, gb_ = gws, gwk - gws, -gwk
     outs = []
     for x, t, want in ((gs_, s, need[0]), (go_, o, need[1]), (gb_, b, need[2])):

@@ -198,14 +198,30 @@ TRMATH_INLINE DV value_of(int kind, const Lanes& L) {
   return base + tail(expm1_of(hi, L.series, L.em1, L.up, L.em1_up), lo);
 }
 
-// The importance weight exp(s - b) (s - b exact for 16/32-bit inputs; within an ulp of exp
-// otherwise); s or b = +-inf count as NaN.
+// The importance weight exp(s - b): s - b = hi + lo exactly (two-sum; lo = 0 for 16/32-bit
+// inputs), e^hi (1 + lo), so that the rounding of s - b (up to half an ulp of |s - b|, 60 ulps
+// of the weight at s - b ~ -78) does not reach it: within an ulp or two. s or b = +-inf count
+// as NaN.
 TRMATH_INLINE DV weight(DV sv, DV bv) {
   const double inf = std::numeric_limits<double>::infinity();
   const DV nanv = splat<DV>(std::numeric_limits<double>::quiet_NaN());
   sv = vabs(sv) == inf ? nanv : sv;
   bv = vabs(bv) == inf ? nanv : bv;
-  return exp_dv<DV, LV>(sv - bv);
+  const DV hi = sv - bv;
+  const DV bb = hi - sv;
+  DV lo = (sv - (hi - bb)) + ((-bv) - bb);
+  const DV e = exp_dv<DV, LV>(hi);
+  return (lo != 0.0) & (lo == lo) & (e < inf) ? e + e * lo : e;
+}
+
+// w k for the weight w of weight() (exactly positive and finite unless NaN) and an estimator
+// value or slope k: where e^(s - b) under- or overflowed, the exact product is still 0 where
+// k = 0 and infinite (k's sign) where k is infinite -- never 0 * inf = NaN.
+TRMATH_INLINE DV wmul(DV w, DV k) {
+  const double inf = std::numeric_limits<double>::infinity();
+  DV r = w * k;
+  r = (k == 0.0) & (w == w) ? DV{} : r;
+  return (vabs(k) == inf) & (w == 0.0) ? k : r;
 }
 
 // d k / d lr of the given kind; NaN where an input was NaN (or became NaN), so that k1's
@@ -267,7 +283,7 @@ bool run_backward(const KBwdArgs& a, int64_t begin, int64_t e) {
       continue;
     }
     const DV w = weight(sv, load_part(b + i, m));
-    const DV gwk = g * (w * value_of(a.value_kind, L)), gws = g * (w * slope_of(a.slope_kind, L));
+    const DV gwk = g * wmul(w, value_of(a.value_kind, L)), gws = g * wmul(w, slope_of(a.slope_kind, L));
     const DV zero{};
     if (go) store_part(go + i, a.valid ? (keep ? gws : zero) : gws, m);
     if (gs) store_part(gs + i, a.valid ? (keep ? gwk - gws : zero) : gwk - gws, m);
@@ -296,7 +312,7 @@ bool run(const KArgs& a, int64_t begin, int64_t e) {
     if (b) {
       const DV bv = load_part(b + i, m);
       if (a.check) bad |= keep & ((bv != bv) | (bv > a.tol_b) | (bv == -inf));
-      val = weight(sv, bv) * val;
+      val = wmul(weight(sv, bv), val);
     }
     DV slope = a.slope ? slope_of(a.slope_kind, L) : DV{};
     if (a.valid) {
