@@ -701,6 +701,49 @@ def test_topk_kept_mass_near_one_without_a_dominant_token(name, dt, on_both_path
             assert bool(((g.double() - g64).abs() <= torch.finfo(dt).eps * g64.abs() + 1e-6 * scale).all()), path
 
 
+def test_subnormal_log_probs_float64(on_both_paths):
+    """float64 log-probabilities that are subnormal (p within 5e-324 of 1): the tail 1 - p is then
+    subnormal and its ratio to the other tail leaves the float64 range (0.6 / 5e-324) or becomes
+    subnormal itself; d_R = log(R_q / R_p) must come from the difference of the logs there (it
+    once overflowed and dropped the tail term: 0.368 for an exact 1.0). Binary and Top-K (K = 1,
+    and K = 2 with an empty slot), both paths, against mpmath to 1e-12."""
+    tiny = [-5e-324, -1e-320, -1e-310, -2.2250738585072014e-308]
+    other = [-1.0, -0.5, -1e-300, -30.0]
+    lp = torch.tensor([a for a in tiny for _ in other] + [b for _ in tiny for b in other], dtype=F64)
+    lq = torch.tensor([b for _ in tiny for b in other] + [a for a in tiny for _ in other], dtype=F64)
+    for name in sorted(BIN):
+        ref = mp_coarse_batch(name, as64(lp), as64(lq))
+        for path, got in zip(("kernel", "torch"), on_both_paths(lambda: BIN[name](lp, lq))):
+            assert_close_to_reference(got, ref, rtol=1e-12, atol=1e-300, name=f"{name}/{path}")
+    ninf = torch.full_like(lp, -math.inf)
+    for name in sorted(TOPK):
+        for tp, tq in ((lp[:, None], lq[:, None]), (torch.stack([lp, ninf], -1), torch.stack([lq, ninf], -1))):
+            ref = mp_coarse_batch(name, as64(tp), as64(tq))
+            assert_close_to_reference(TOPK[name](tp, tq), ref, rtol=1e-12, atol=1e-300, name=name)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=dtname)
+def test_topk_result_does_not_depend_on_layout(dt):
+    """The same rows stored K-major (a transposed copy, transposed back) give bitwise the same
+    values and gradients as contiguous rows."""
+    g = torch.Generator().manual_seed(4)
+    for shape in ((24, 5), (4, 6, 5), (64, 20)):
+        n, K = int(np.prod(shape[:-1])), shape[-1]
+        P = torch.log_softmax(torch.randn(n, K + 3, generator=g, dtype=F64), -1)[:, :K].reshape(shape).to(dt)
+        Q = torch.log_softmax(torch.randn(n, K + 3, generator=g, dtype=F64), -1)[:, :K].reshape(shape).to(dt)
+        perm = (len(shape) - 1,) + tuple(range(len(shape) - 1))
+        inv = tuple(range(1, len(shape))) + (0,)
+        for name, fn in sorted(TOPK.items()):
+            outs = []
+            for a, b in ((P, Q), (P.permute(*perm).contiguous().permute(*inv), Q.permute(*perm).contiguous().permute(*inv))):
+                a, b = a.clone().requires_grad_() if a.is_contiguous() else a.detach().requires_grad_(), b.detach().requires_grad_()
+                v = fn(a, b)
+                ga, gb = torch.autograd.grad(v.sum(), (a, b))
+                outs.append((v.detach(), ga, gb))
+            for x, y in zip(*outs):
+                assert torch.equal(x, y), (name, shape)
+
+
 def test_topk_kept_mass_rounding_to_one():
     """A float32 row whose kept mass is 1 - 1e-17 with two tokens at log(1/2) (rounded): the log
     kept mass computed as M + log(k + R) rounds to 0 in float64, which once emptied both tails

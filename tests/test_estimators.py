@@ -184,6 +184,21 @@ def test_importance_weight_underflow_and_overflow_keep_the_exact_product(on_both
             assert not bool(torch.isnan(gs[1:]).any() | torch.isnan(go[1:]).any()), name
 
 
+def test_numpy_inputs_of_any_layout_and_unsupported_dtypes():
+    """A numpy mask (or input) with negative strides is read as given; a numpy dtype torch has
+    no counterpart for raises TypeError naming the argument."""
+    rng = np.random.default_rng(3)
+    a, b = -rng.random(6), -rng.random(6)
+    m = a > -0.5
+    np.testing.assert_array_equal(trmath.k3(a, b, mask=m[::-1]), trmath.k3(a, b, mask=m[::-1].copy()))
+    np.testing.assert_array_equal(trmath.k3(a[::-1], b), trmath.k3(a[::-1].copy(), b))
+    if np.dtype(np.longdouble).itemsize > 8:  # a distinct extended type on this platform
+        with pytest.raises(TypeError, match=r"^sampler_logprob: expected a float16, float32 or float64 array"):
+            trmath.k3(a.astype(np.longdouble), b)
+    with pytest.raises(TypeError, match=r"^mask: numpy dtype"):
+        trmath.k3(a, b, mask=np.array(["x"] * 6))
+
+
 def test_gradients_by_gradcheck():
     torch.manual_seed(0)
     s = -torch.rand(6, dtype=torch.float64) * 3

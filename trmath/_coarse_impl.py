@@ -303,7 +303,13 @@ class Parts:
         u = c / safe_Rp
         near = u.abs() <= 0.5
         dR_near = torch.log1p(torch.where(near, u, torch.zeros_like(u)))
-        dR_far = torch.log(Rq / safe_Rp)
+        # log of the ratio where it is a normal number; else (a subnormal tail, or a ratio beyond
+        # the float64 range: tails of 5e-324 next to 0.6) the difference of the logs, whose
+        # absolute error ~eps (|log R_q| + |log R_p|) is ~1e-16 relative to |d_R| >= 700 there
+        ratio = Rq / safe_Rp
+        normal = (ratio >= torch.finfo(ratio.dtype).tiny) & (ratio < INF)
+        logs = torch.log(Rq) - torch.log(safe_Rp)
+        dR_far = torch.where(normal, torch.log(torch.where(normal, ratio, torch.ones_like(ratio))), logs)
         dR = torch.where(near, dR_near, dR_far)
         # conventions: both tails empty -> 0; only R_p empty -> +inf; only R_q empty -> -inf
         dR = torch.where(pos_p, dR, torch.where(pos_q, torch.full_like(dR, INF), torch.zeros_like(dR)))

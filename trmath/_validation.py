@@ -15,6 +15,19 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def from_numpy(x: Any, name: str) -> torch.Tensor:
+    """A torch view of a numpy array (or of ``np.asarray(x)``), copied only where torch cannot
+    view it (negative strides); a dtype torch has no counterpart for (``longdouble``, strings,
+    objects) raises :class:`TypeError` naming the argument."""
+    a = np.asarray(x)
+    if any(s < 0 for s in a.strides):
+        a = np.ascontiguousarray(a)  # torch cannot view negative strides
+    try:
+        return torch.from_numpy(a)
+    except TypeError:
+        raise TypeError(f"{name}: numpy dtype {a.dtype} has no torch counterpart") from None
+
+
 def as_tensor(x: Any, name: str) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     """Return a torch view of ``x`` (no copy) and a function mapping results back.
 
@@ -25,9 +38,9 @@ def as_tensor(x: Any, name: str) -> tuple[torch.Tensor, Callable[[torch.Tensor],
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
-        if any(s < 0 for s in x.strides):
-            x = np.ascontiguousarray(x)  # torch cannot view negative strides
-        return torch.from_numpy(x), lambda t: t.detach().numpy()
+        if x.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"{name}: expected a float16, float32 or float64 array, got dtype {x.dtype}")
+        return from_numpy(x, name), lambda t: t.detach().numpy()
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
@@ -68,7 +81,7 @@ def check_tokens(tokens: Any, logits: torch.Tensor, name: str = "tokens") -> tor
     elif isinstance(tokens, int) and not isinstance(tokens, bool):
         tokens = torch.tensor(tokens, dtype=torch.int64, device=logits.device)
     if isinstance(tokens, np.ndarray):
-        tokens = torch.from_numpy(tokens)
+        tokens = from_numpy(tokens, name)
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name}: expected an integer torch.Tensor or numpy array (or an int for a "
                         f"single row), got {type(tokens).__name__}")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import _coarse_impl as _impl
-from ._validation import FLOAT_DTYPES, as_tensor, check_pair, check_temperature, check_tokens, row_label
+from ._validation import FLOAT_DTYPES, as_tensor, check_pair, check_temperature, check_tokens, from_numpy, row_label
 
 __all__ = [
     "binary_tv",
@@ -145,7 +145,9 @@ def _prepare(p: Any, q: Any, pname: str, qname: str, topk: bool, validate: bool)
     xs = []
     for t, nm in ((lp, pname), (lq, qname)):
         tol = _tol(t.dtype)
-        x = t.to(torch.float64)
+        # contiguous: the torch reductions over K then sum in one order whatever the caller's
+        # layout, so a row's result does not depend on its strides
+        x = t.to(torch.float64).contiguous()
         nan = torch.isnan(x)
         pos = x > tol
         if validate:
@@ -511,7 +513,7 @@ def gather_logprobs(logits: Any, ids: Any, *, temperature: float = 1.0, validate
         raise ValueError("logits: expected shape [..., V] with V >= 1")
     T = check_temperature(temperature)
     if isinstance(ids, np.ndarray):
-        ids = torch.from_numpy(ids)
+        ids = from_numpy(ids, "ids")
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids: expected an integer torch.Tensor or numpy array, got {type(ids).__name__}")
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():

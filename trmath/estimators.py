@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import _estimators_impl as _impl
-from ._validation import as_tensor, check_pair, check_temperature
+from ._validation import as_tensor, check_pair, check_temperature, from_numpy
 
 __all__ = [
     "ESTIMATORS",
@@ -161,7 +161,7 @@ def _prepare(args: list[tuple[Any, str]], mask: Any):
                              f"({t0.device}, {t.device})")
     valid = None
     if mask is not None:
-        m = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask))
+        m = mask if isinstance(mask, torch.Tensor) else from_numpy(mask, "mask")
         if m.dtype != torch.bool:
             if m.is_floating_point() or m.is_complex():
                 raise TypeError(f"mask: expected a boolean (or 0/1 integer) mask, got {m.dtype}")
@@ -451,7 +451,7 @@ def rb_kl(p_logits: Any, q_logits: Any, tokens: Any, mask: Any = None, *,
     T = check_temperature(temperature)
     lead = tuple(z.shape[:-1])
     if isinstance(tokens, np.ndarray):
-        tokens = torch.from_numpy(tokens)
+        tokens = from_numpy(tokens, "tokens")
     if (not isinstance(tokens, torch.Tensor) or tokens.dtype == torch.bool
             or tokens.is_floating_point()):
         raise TypeError(f"tokens: expected an integer torch.Tensor or numpy array, got "
@@ -461,7 +461,7 @@ def rb_kl(p_logits: Any, q_logits: Any, tokens: Any, mask: Any = None, *,
                          f"got {tuple(tokens.shape)}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
-            mask = torch.as_tensor(np.asarray(mask))
+            mask = from_numpy(mask, "mask")
         if mask.dtype != torch.bool:
             if mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any()):
                 raise TypeError(f"mask: expected a boolean (or 0/1 integer) mask, got {mask.dtype}")

@@ -39,6 +39,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from ._validation import from_numpy
+
 __all__ = [
     "AGGREGATIONS",
     "DPPO_DIVERGENCES",
@@ -89,7 +91,7 @@ def _tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return from_numpy(x, name)
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
