@@ -146,6 +146,36 @@ def test_positive_logprob_tolerance(fn, dt):
         fn(lq, torch.full_like(lq, math.inf))
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("K", [5, 20, 100])
+def test_kept_mass_tolerance_grows_with_log_k(dt, K, on_both_paths):
+    """The kept-mass tolerance is 4 eps (1 + ln K): a row of K equal probabilities of total mass
+    exp(2 tol) raises (both paths: kernel and torch formulas flag the row), one at exp(tol / 2) is
+    rounding (a zero tail); a float32 log_softmax of large logits rounded to the dtype passes
+    (its log kept mass stays below a quarter eps, measured)."""
+    eps = torch.finfo(dt).eps
+    tol = 4 * eps * (1 + math.log(K))
+    for mass_log, bad in ((2 * tol, True), (tol / 2, False)):
+        row = torch.full((1, K), mass_log - math.log(K), dtype=F64).to(dt)
+        A = float(torch.logsumexp(row.double(), -1))
+        assert (A > tol) == bad  # the rounding to dt leaves the row on its side of the bar
+        other = torch.full((1, K), math.log(0.5 / K), dtype=dt)
+        for fn in TOPK:
+            if bad:
+                with pytest.raises(ValueError, match="p_logprobs: the kept probabilities of row 0"):
+                    fn(row, other)
+                for got in on_both_paths(lambda: fn(row, other, validate=False)):
+                    assert bool(torch.isnan(got).all())
+            else:
+                assert bool(torch.isfinite(fn(row, other)).all())
+    g = torch.Generator().manual_seed(K)
+    z = torch.randn(16, 50000, generator=g) * 5 + 100
+    z[:, 0] += 15
+    lp = torch.log_softmax(z, -1).topk(K, -1).values.to(dt)
+    for fn in TOPK:
+        assert bool(torch.isfinite(fn(lp, lp)).all())
+
+
 def test_kept_mass_above_one():
     lp = torch.tensor([[math.log(0.6), math.log(0.5)]], dtype=F64)
     lq = torch.tensor([[math.log(0.3), math.log(0.5)]], dtype=F64)

@@ -362,7 +362,7 @@ def binary_coarse_backward(g: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, 
 def topk_coarse(lp: torch.Tensor, lq: torch.Tensor, kind: int, tol_p: float, tol_q: float):
     """topk_tv (``kind`` 0) or topk_kl (1) of contiguous CPU ``[rows, K]`` log-probabilities of
     one 16/32-bit dtype: float32 ``[rows]``, NaN for a bad row (an entry NaN or above its
-    tolerance, or a kept mass above ``exp(K tol)``); and whether some row was bad."""
+    tolerance, or a kept mass above ``exp(tol (1 + ln K))``); and whether some row was bad."""
     rows, K = lp.shape
     val = torch.empty(rows, dtype=torch.float32)
     bad = False

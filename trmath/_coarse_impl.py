@@ -588,7 +588,8 @@ def _torch_topk_parts(lp: Tensor, lq: Tensor, kind: int, tol_p: float, tol_q: fl
         bads.append(bad)
         clamps.append(x > 0)
         over.append(A)
-    rowbad = bads[0].any(-1) | bads[1].any(-1) | (over[0] > tol_p * K) | (over[1] > tol_q * K)
+    grow = 1.0 + math.log(max(K, 1))  # the kept-mass tolerance: tol (1 + ln K) (coarse._mass_tol)
+    rowbad = bads[0].any(-1) | bads[1].any(-1) | (over[0] > tol_p * grow) | (over[1] > tol_q * grow)
     parts = Parts(xs[0], xs[1], over[0].clamp_max(0.0), over[1].clamp_max(0.0), refine=kind == 1, dd=False)
     return parts, bads, clamps, rowbad
 

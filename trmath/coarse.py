@@ -26,7 +26,7 @@ down to ``-1e4``. See :doc:`/theory/coarse` for the formulas and the error argum
 **Input tolerance.** A log-probability must be ``<= 0``; values in ``(0, tol]`` with
 ``tol = 4 * eps(dtype)`` (``eps`` of the *input* dtype: ``4.8e-7`` for float32, ``8.9e-16`` for
 float64) are rounding and are clamped to 0; larger ones raise :class:`ValueError`. Likewise the
-kept probabilities of a Top-K row may exceed 1 by rounding only: ``log sum_S p <= 4 K eps(dtype)``
+kept probabilities of a Top-K row may exceed 1 by rounding only: ``log sum_S p <= 4 eps(dtype) (1 + ln K)``
 (clamped to a zero tail), otherwise :class:`ValueError`.
 """
 
@@ -59,6 +59,15 @@ _LOGPROB_TOL_EPS = 4.0
 
 def _tol(dtype: torch.dtype) -> float:
     return _LOGPROB_TOL_EPS * torch.finfo(dtype).eps
+
+
+def _mass_tol(dtype: torch.dtype, K: int) -> float:
+    """Largest log kept mass of a Top-K row taken as rounding: 4 eps (1 + ln K). Log-probs rounded
+    to the dtype (relative error u = eps / 2 each) give a kept mass of at most sum p_j^(1 - u) <=
+    K^u for a true mass <= 1, so log mass <= u ln K; this allows 8 times that, plus 4 eps for
+    log-probs computed (not only stored) in the dtype. It grows with ln K, not K: a float32
+    log_softmax of large logits (|z| ~ 100) rounded to each dtype stays below a quarter eps."""
+    return _tol(dtype) * (1.0 + math.log(max(int(K), 1)))
 
 
 def _index_label(flat: int, shape: tuple[int, ...]) -> str:
@@ -179,14 +188,14 @@ def _check_mass(x: torch.Tensor, dtype: torch.dtype, name: str, validate: bool):
     Returns ``(over, A)``: the rows over the tolerance and the log kept masses (reused by the
     divergence, so that each row's log-sum-exp is computed once)."""
     A = _impl.log_kept_mass(x.detach())
-    tol = _tol(dtype) * x.shape[-1]
+    tol = _mass_tol(dtype, x.shape[-1])
     over = A > tol
     if validate and bool(over.any()):
         i = int(torch.nonzero(over.reshape(-1))[0])
         lead = tuple(x.shape[:-1])
         raise ValueError(
             f"{name}: the kept probabilities of {row_label(i, lead)} sum to exp({float(A.reshape(-1)[i]):.6g}) > 1 "
-            f"(beyond the rounding tolerance log-mass <= {tol:.3g} = 4 K eps); the tail mass would be negative"
+            f"(beyond the rounding tolerance log-mass <= {tol:.3g} = 4 eps (1 + ln K)); the tail mass would be negative"
         )
     return over, A
 

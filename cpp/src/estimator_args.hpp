@@ -87,7 +87,7 @@ struct BinArgs : CoarseArgs {
 // The Top-K coarse divergences of 16/32-bit log-probabilities (float64 inputs keep the
 // double-double refinements of trmath/_coarse_impl.py): rows of K kept tokens, contiguous
 // [rows, K]; topk_tv or topk_kl per row (g: one per row). A row is bad when an entry is, or when
-// its kept mass exceeds exp(K tol) (tol of its argument): value NaN; gradients NaN at a bad
+// its kept mass exceeds exp(tol (1 + ln K)) (tol of its argument): value NaN; gradients NaN at a bad
 // entry, 0 at a clamped one, NaN elsewhere in a bad row.
 struct TopkArgs : CoarseArgs {
   int64_t rows = 0, K = 1;

@@ -592,6 +592,7 @@ bool run_topk(const TopkArgs& a, int64_t r0, int64_t r1) {
   std::vector<DV> xp(static_cast<size_t>(K)), xq(static_cast<size_t>(K));
   const size_t nk = static_cast<size_t>(K);
   std::vector<LV> bp(nk), bq(nk), cp(nk), cq(nk);
+  const double grow = 1.0 + std::log(double(K));  // kept-mass tolerance tol (1 + ln K), as coarse._mass_tol
   LV bad_any{};
   for (int64_t r = r0; r < r1; r += kL) {
     const int m = int(r1 - r < kL ? r1 - r : kL);
@@ -612,7 +613,7 @@ bool run_topk(const TopkArgs& a, int64_t r0, int64_t r1) {
     }
     DV magA, magB;
     DV A = log_kept_mass(xp.data(), K, magA), B = log_kept_mass(xq.data(), K, magB);
-    rowbad |= (A > double(K) * a.tol_p) | (B > double(K) * a.tol_q);
+    rowbad |= (A > grow * a.tol_p) | (B > grow * a.tol_q);
     for (int l = m; l < kL; ++l) rowbad[l] = 0;
     DV S1{}, cA{}, kept{};
     for (int64_t j = 0; j < K; ++j) {
