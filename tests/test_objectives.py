@@ -550,6 +550,19 @@ def test_mismatch_diagnostics_against_mpmath():
         assert float(m["mismatch_k3"]) >= 0
 
 
+def test_dppo_topk_empty_k_axis_and_on_policy_mismatch_sign():
+    """An empty Top-K axis is named by the divergence's own check (a ValueError, not a reshape
+    error); on-policy (rollout = trainer) the mismatch k1 is +0, not -0."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    e = torch.zeros(1, 3, 0)
+    for div in ("topk_tv", "topk_kl"):
+        with pytest.raises(ValueError, match="rollout_topk_logprobs: the kept-token axis"):
+            trmath.dppo_loss(lp, lp - 0.1, torch.tensor([1.0]), divergence=div, topk_logprobs=e,
+                             rollout_topk_logprobs=e)
+    for m in (trmath.mismatch_metrics(lp, lp), trmath.ppo_loss(lp, lp, torch.tensor([1.0]))[1]):
+        assert math.copysign(1.0, float(m["mismatch_k1"])) == 1.0
+
+
 def _mismatch_sums_bound(n: int, abs_sum: float) -> float:
     """Rounding bound of a sum of n terms in either path's order: the compiled kernel sums 16384
     entries per chunk in double lanes (at most 2048 additions in a chain on 8 lanes, 4096 on 4),

@@ -471,7 +471,7 @@ def _mismatch(rollout: torch.Tensor, trainer: torch.Tensor, valid: torch.Tensor,
     # that underflows changes them by less than 1e-300 relative). NaN propagates.
     log_ess = 2 * torch.log(sums[4]) - torch.log(sums[5]) - torch.log(nn)
     return {
-        "mismatch_k1": (-sums[0] / nn).detach(),  # k1 = log mu - log pi = -lr
+        "mismatch_k1": ((0.0 - sums[0]) / nn).detach(),  # k1 = log mu - log pi = -lr; +0 when equal
         "mismatch_k3": (sums[1] / nn).detach(),
         "mismatch_ess": torch.where(has, torch.exp(torch.where(has, log_ess, zero)), zero),
         "mismatch_max_abs_log_ratio": sums[3].detach(),
@@ -1090,11 +1090,11 @@ def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_l
         # The valid rows only (padding rows may hold anything), gathered by index: one nonzero
         # shared by both arguments and the scatter back (boolean indexing repeats it, 5x slower).
         idx = torch.nonzero(valid.reshape(-1)).squeeze(1)
-        K = p.shape[-1]
         with _context(divergence, "rollout_topk_logprobs", "topk_logprobs",
                       " (indices count the valid tokens in row-major order)"):
-            d = torch.as_tensor(fn(p.detach().reshape(-1, K).index_select(0, idx),
-                                   q.detach().reshape(-1, K).index_select(0, idx))).to(dt)
+            # flatten (not reshape(-1, K)): an empty K axis reaches the divergence's own check
+            d = torch.as_tensor(fn(p.detach().flatten(0, 1).index_select(0, idx),
+                                   q.detach().flatten(0, 1).index_select(0, idx))).to(dt)
         out.view(-1).index_copy_(0, idx, d)
     else:
         q = _check_extra(logits, "logits", lead, lp.device, divergence)
