@@ -745,6 +745,75 @@ def test_dppo_topk(divergence):
     assert (keep.numpy() == want).all()
 
 
+def _dppo_case(seed: int = 9):
+    """A small DPPO batch with every divergence's inputs (logits, Top-K log-probs), padding."""
+    B, T, V, K = 2, 6, 30, 5
+    g = torch.Generator().manual_seed(seed)
+    z_mu = torch.randn(B, T, V, generator=g)
+    z_pi = z_mu + 0.5 * torch.randn(B, T, V, generator=g)
+    lmu, lpi = torch.log_softmax(z_mu, -1), torch.log_softmax(z_pi, -1)
+    ids = lmu.topk(K, dim=-1).indices
+    tok = ids[..., 0]
+    lp, mu = lpi.gather(-1, tok[..., None])[..., 0], lmu.gather(-1, tok[..., None])[..., 0]
+    A = torch.randn(B, T, generator=g)
+    M = torch.ones(B, T, dtype=torch.bool)
+    M[1, 4:] = False
+    extras = dict(topk_logprobs=lpi.gather(-1, ids), rollout_topk_logprobs=lmu.gather(-1, ids),
+                  logits=z_pi, rollout_logits=z_mu)
+    return lp, mu, A, M, extras
+
+
+@pytest.mark.parametrize("divergence", ["binary_tv", "binary_kl", "topk_tv", "topk_kl", "exact_tv", "exact_kl"])
+def test_dppo_unvalidated_propagates_nan_instead_of_raising(divergence):
+    """validate=False: a bad divergence input at a valid token makes that token's loss and
+    gradient NaN (never a finite loss, never an exception); at padding it changes nothing.
+    validate=True still raises."""
+    lp, mu, A, M, extras = _dppo_case()
+    ref, _ = trmath.dppo_loss(lp, mu, A, M, divergence=divergence, aggregation=None, validate=False, **extras)
+    key = "topk_logprobs" if divergence.startswith("topk") else "logits" if divergence.startswith("exact") else None
+    for pos, valid in (((0, 2), True), ((1, 5), False)):
+        ex = dict(extras)
+        lpb = lp.clone()
+        if key is None:
+            lpb[pos] = math.nan
+        else:
+            x = ex[key].clone()
+            x[pos][0] = math.nan
+            ex[key] = x
+        l = lpb.clone().requires_grad_()
+        loss, m = trmath.dppo_loss(l, mu, A, M, divergence=divergence, aggregation=None, validate=False, **ex)
+        if valid:
+            (g,) = torch.autograd.grad(loss[pos], l, retain_graph=True)
+            assert bool(torch.isnan(loss[pos])) and bool(torch.isnan(g[pos]))
+            assert bool(torch.isnan(m["divergence_mean"]))
+            with pytest.raises(ValueError):
+                trmath.dppo_loss(lpb, mu, A, M, divergence=divergence, **ex)
+        else:
+            assert torch.equal(loss.detach(), ref)
+        others = torch.ones_like(M)
+        others[pos] = False
+        assert torch.equal(loss.detach()[others & M], ref[others & M])
+
+
+@pytest.mark.parametrize("divergence", ["binary_tv", "binary_kl", "topk_tv", "topk_kl", "exact_kl"])
+def test_dppo_unvalidated_compiles_without_graph_breaks(divergence):
+    """With validate=False DPPO has no data-dependent branch or shape: its training-step loss
+    compiles with fullgraph=True, value and gradient equal to eager."""
+    lp, mu, A, M, extras = _dppo_case(3)
+
+    def step(lp, mu, A, M, extras):
+        return trmath.dppo_loss(lp, mu, A, M, divergence=divergence, validate=False, **extras)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    a, b = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    ref, got = step(a, mu, A, M, extras), compiled(b, mu, A, M, extras)
+    assert torch.equal(ref, got)
+    ref.backward()
+    got.backward()
+    assert torch.equal(a.grad, b.grad)
+
+
 # ------------------------------------------------------------------------------------------------
 # registry
 # ------------------------------------------------------------------------------------------------

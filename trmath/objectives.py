@@ -160,6 +160,7 @@ class _Batch:
     valid: torch.Tensor         # bool [B, T]
     has_old: bool
     dtype: torch.dtype
+    validate: bool = True       # False: NaN propagates (no check raises, nothing is host-synchronised)
     _cache: dict = field(default_factory=dict, repr=False)
 
     # Counts shared by the metrics (each a pass over [B, T], computed once per call).
@@ -244,7 +245,7 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
             if old is not None:
                 _check_finite_where(old, valid, "old_logprob")
             _check_finite_where(adv, valid, "advantages")
-    return _Batch(lp_s, rl_s, old_s, adv_s, valid, old is not None, dt)
+    return _Batch(lp_s, rl_s, old_s, adv_s, valid, old is not None, dt, bool(validate))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1059,15 +1060,19 @@ class _context:
 
 @torch.no_grad()
 def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_logprobs, logits,
-                rollout_logits, temperature, dt) -> torch.Tensor:
-    """D_t = divergence(mu, pi) at valid tokens (0 elsewhere), detached, dtype ``dt``."""
+                rollout_logits, temperature, dt, validate=True) -> torch.Tensor:
+    """D_t = divergence(mu, pi) at valid tokens (0 elsewhere), detached, dtype ``dt``.
+
+    ``validate=False``: nothing raises and nothing synchronises with the host (so a compiled
+    graph has no break); a bad input gives NaN at its token, which the caller propagates."""
     import trmath
 
     if isinstance(divergence, (torch.Tensor, np.ndarray)):
         d = _float_tensor(divergence, "divergence")
         if tuple(d.shape) != tuple(lp.shape):
             raise ValueError(f"divergence: expected shape {tuple(lp.shape)}, got {tuple(d.shape)}")
-        _check_finite_nan(d, valid, "divergence")
+        if validate:
+            _check_finite_nan(d, valid, "divergence")
         return torch.where(valid, d.detach().to(dt), torch.zeros((), dtype=dt, device=d.device))
     if not isinstance(divergence, str) or divergence not in DPPO_DIVERGENCES:
         raise ValueError(f"divergence: unknown {divergence!r}; valid: {', '.join(DPPO_DIVERGENCES)} "
@@ -1078,7 +1083,7 @@ def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_l
         fn = getattr(trmath, divergence)
         # Padding holds log-prob 0 in both (selected in _prepare): a valid input giving D = 0.
         with _context(divergence, "rollout_logprob", "logprob"):
-            d = torch.as_tensor(fn(rollout, lp.detach())).to(dt)
+            d = torch.as_tensor(fn(rollout, lp.detach(), validate=validate)).to(dt)
         out = torch.where(valid, d, out)
     elif divergence.startswith("topk"):
         q = _check_extra(topk_logprobs, "topk_logprobs", lead, lp.device, divergence)
@@ -1087,6 +1092,12 @@ def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_l
             raise ValueError("rollout_topk_logprobs and topk_logprobs: shapes differ "
                              f"({tuple(p.shape)} vs {tuple(q.shape)})")
         fn = getattr(trmath, divergence)
+        if not validate:
+            # Every row, unvalidated: a bad one (padding may hold anything) gives NaN, selected
+            # out at padding; no data-dependent shape, so this traces into one graph.
+            with _context(divergence, "rollout_topk_logprobs", "topk_logprobs"):
+                d = torch.as_tensor(fn(p.detach(), q.detach(), validate=False)).to(dt)
+            return torch.where(valid, d, out)
         # The valid rows only (padding rows may hold anything), gathered by index: one nonzero
         # shared by both arguments and the scatter back (boolean indexing repeats it, 5x slower).
         idx = torch.nonzero(valid.reshape(-1)).squeeze(1)
@@ -1104,7 +1115,7 @@ def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_l
         # an invalid row at a valid position is caught below.
         d = fn(p.detach(), q.detach(), temperature=temperature, validate=False).to(dt)
         bad = valid & torch.isnan(d)
-        if bool(bad.any()):
+        if validate and bool(bad.any()):
             flat = int(torch.nonzero(bad.reshape(-1))[0])
             raise ValueError(f"rollout_logits, logits: the row at valid position {_pos(flat, lead)} "
                              "contains NaN or +inf, or is entirely -inf")
@@ -1139,10 +1150,10 @@ def _deltas(divergence, delta, delta_low, delta_high) -> tuple[float, float]:
 def _dppo_core(b: _Batch, divergence, delta, delta_low, delta_high, extras):
     dl, dh = _deltas(divergence, delta, delta_low, delta_high)
     r = torch.exp(b.lp.detach() - b.rollout)
-    D = _divergence(divergence, b.lp, b.rollout, b.valid, dt=b.dtype, **extras)
-    A = b.adv
-    # A NaN divergence cannot reach here at a valid position (raised above); +inf (KL with
-    # pi(i) = 0 < mu(i)) is a legitimate "outside the region".
+    D = _divergence(divergence, b.lp, b.rollout, b.valid, dt=b.dtype, validate=b.validate, **extras)
+    # A NaN divergence reaches here at a valid position only unvalidated (the token is then kept
+    # and dppo_loss makes its loss NaN); +inf (KL with pi(i) = 0 < mu(i)) is a legitimate
+    # "outside the region".
     drop = (b.pos & (r > 1) & (D > dh)) | (b.neg & (r < 1) & (D > dl))
     return b.valid & ~drop, r, D
 
@@ -1204,7 +1215,10 @@ def dppo_mask(
     return_divergence : bool
         Also return :math:`D_t` (0 at padding).
     validate : bool
-        NaN/inf at valid positions raise :class:`ValueError`.
+        NaN/inf at valid positions raise :class:`ValueError`. ``False``: nothing raises (and
+        nothing synchronises with the host, so the call compiles into one graph); a token whose
+        divergence is NaN (a bad input) is kept and its divergence returned as NaN
+        (:func:`dppo_loss` makes its loss NaN).
 
     Returns
     -------
@@ -1307,6 +1321,10 @@ def dppo_loss(
     w = torch.clamp(r, max=C)
     zero = torch.zeros((), dtype=b.dtype, device=b.lp.device)
     loss = torch.where(keep, -b.adv * w * b.lp, zero)
+    if not b.validate:
+        # an unvalidated NaN divergence at a valid token: that token's loss (and its gradient)
+        # is NaN -- times NaN, not a selection, so it cannot vanish into a finite loss
+        loss = loss * torch.where(b.valid & torch.isnan(D), math.nan, 1.0).to(loss.dtype)
     metrics: dict[str, torch.Tensor] = {}
     _sign_split(metrics, "masked_frac", b.valid & ~keep, b)
     metrics["divergence_mean"] = _mean(D, b.valid, b.count("valid"))
