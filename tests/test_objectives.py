@@ -813,6 +813,14 @@ def test_dppo_unvalidated_compiles_without_graph_breaks(divergence):
     got.backward()
     assert torch.equal(a.grad, b.grad)
 
+    def mask_step(lp, mu, A, M, extras):
+        return trmath.dppo_mask(lp, mu, A, divergence=divergence, mask=M, return_divergence=True,
+                                validate=False, **extras)
+
+    keep_ref, D_ref = mask_step(lp, mu, A, M, extras)
+    keep_got, D_got = torch.compile(mask_step, backend="aot_eager", fullgraph=True)(lp, mu, A, M, extras)
+    assert torch.equal(keep_ref, keep_got) and torch.equal(D_ref, D_got)
+
 
 # ------------------------------------------------------------------------------------------------
 # registry
