@@ -745,6 +745,49 @@ def test_sparse_rejects_overfull_rows():
             trmath.project_kl_sparse(good, bad, 0.1, validate=validate)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+@pytest.mark.parametrize("S", (20, 129))
+def test_sparse_mass_tolerance_is_logarithmic_in_the_support(dtype, S):
+    """A row of S equal probabilities of mass exp(2 tol), tol = 4 eps (1 + ln S), raises on
+    both paths (no-grad one call, and with a gradient); at exp(tol / 2) it is rounding. (A
+    bound growing with S let a bfloat16 row of 20 tokens at mass 1.8 through.)"""
+    eps = torch.finfo(dtype).eps
+    tol = 4 * eps * (1 + math.log(S))
+    old = torch.log_softmax(torch.randn(1, S, generator=torch.Generator().manual_seed(S)), -1).to(dtype)
+    for mass_log, bad in ((2 * tol, True), (tol / 2, False)):
+        new = torch.full((1, S), mass_log - math.log(S), dtype=torch.float64).to(dtype)
+        assert (float(torch.logsumexp(new.double(), -1)) > tol) == bad
+        for grad in (False, True):
+            x = new.clone().requires_grad_(grad)
+            if bad:
+                with pytest.raises(ValueError, match="new_logprobs: row 0 has probabilities summing to more than 1"):
+                    trmath.project_kl_sparse(x, old, 0.05)
+            else:  # a zero tail (its slot -inf), the kept tokens projected
+                out = trmath.project_kl_sparse(x, old, 0.05).detach()
+                assert bool(torch.isfinite(out[..., :-1]).all()) and float(out[0, -1]) == -math.inf
+
+
+def test_sparse_errors_name_the_sparse_arguments():
+    """The sparse projection's infeasible row names its own arguments; sparse_support rejects
+    rows without log-probabilities (NaN, +inf, entirely -inf) naming its argument, and takes a
+    numpy integer k."""
+    with pytest.raises(ValueError, match=r"^old_logprobs: row 0 puts mass .* outside the support of new_logprobs"):
+        trmath.project_kl_sparse(torch.tensor([[-0.1, -math.inf]]), torch.tensor([[-5.0, -0.01]]), 0.05)
+    good = torch.zeros(2, 3)
+    for value, what in ((math.nan, "contains NaN"), (math.inf, r"contains \+inf"), (None, "is entirely -inf")):
+        for arg, name in ((0, "new_logits"), (1, "old_logits")):
+            bad = good.clone()
+            if value is None:
+                bad[1] = -math.inf
+            else:
+                bad[1, 2] = value
+            args = (bad, good) if arg == 0 else (good, bad)
+            with pytest.raises(ValueError, match=rf"^{name}: row 1 {what}"):
+                trmath.sparse_support(*args, 1)
+    idx, _, _ = trmath.sparse_support(torch.tensor([[2.0, 1.0, 0.0]]), torch.zeros(1, 3), np.int64(1))
+    assert idx.tolist() == [[0, 0]]
+
+
 @pytest.mark.parametrize("value, what", [(float("nan"), "contains NaN"), (float("inf"), "contains \\+inf"),
                                          (None, "is entirely -inf")])
 @pytest.mark.parametrize("arg", [0, 1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import _project_torch as _pt
@@ -311,14 +312,14 @@ class _KLProjectCpp(torch.autograd.Function):
 _STATUS_INFEASIBLE = 256
 
 
-def _raise_infeasible(bad: torch.Tensor, lead: tuple[int, ...], eps: float) -> None:
+def _raise_infeasible(bad: torch.Tensor, lead: tuple[int, ...], eps: float, names=_NAMES) -> None:
     from ._validation import row_label
 
     idx = torch.nonzero(bad.reshape(-1)).reshape(-1)
     if idx.numel():
         raise ValueError(
-            f"old_logits: {row_label(int(idx[0]), lead)} puts mass e^-epsilon or more outside the "
-            f"support of new_logits (epsilon={eps!r}): every distribution in the KL ball has "
+            f"{names[1]}: {row_label(int(idx[0]), lead)} puts mass e^-epsilon or more outside the "
+            f"support of {names[0]} (epsilon={eps!r}): every distribution in the KL ball has "
             "KL(q || pi_new) = +inf")
 
 
@@ -335,12 +336,12 @@ def _project_kl(z, w, eps, T, validate, names=_NAMES):
             out, stats, status = fwd(z, w, eps, T)
         if validate and bool(status.any()):  # one reduction when every row is valid
             raise_for_status((status & 127).cpu(), lead, names)
-            _raise_infeasible((status & _STATUS_INFEASIBLE) != 0, lead, eps)
+            _raise_infeasible((status & _STATUS_INFEASIBLE) != 0, lead, eps, names)
         return out, stats[..., 0]
     lp, eta = _pt.kl_project(z.reshape(-1, V), w.reshape(-1, V), eps, T)
     eta = eta.reshape(lead)
     if validate:
-        _raise_infeasible(torch.isnan(eta).cpu(), lead, eps)
+        _raise_infeasible(torch.isnan(eta).cpu(), lead, eps, names)
     return lp.reshape(z.shape).to(_out_dtype(z.dtype)), eta
 
 
@@ -370,6 +371,12 @@ def project_kl(new_logits: Any, old_logits: Any, epsilon: float, *, temperature:
         :math:`T > 0`: both policies are :math:`\operatorname{softmax}(z/T)`.
     return_eta : bool, optional
         Also return the multiplier :math:`\eta \ge 0` of each row (float64; not differentiable).
+        Within :math:`10^{-6}` of the root for :math:`\varepsilon \ge 10^{-30}`. Below that
+        (:math:`\eta > 10^{14}`, where :math:`\tilde\pi` equals :math:`\pi_{old}` to float64
+        rounding) the root finder stops at the absolute resolution of the KL it evaluates, and
+        :math:`\eta` can come out too small: by :math:`4\cdot 10^{-5}` relative at
+        :math:`\varepsilon = 10^{-50}`, by orders of magnitude at :math:`10^{-80}` (the
+        projected log-probabilities are unaffected).
     validate : bool, optional
         Raise :class:`ValueError` on NaN, ``+inf`` or all-``-inf`` rows, and on infeasible rows
         (default). With ``validate=False`` such rows come back as NaN.
@@ -481,8 +488,12 @@ def sparse_support(new_logits: Any, old_logits: Any, k: int, tokens: Any = None,
     z, w = check_pair(z, w, "new_logits", "old_logits")
     T = check_temperature(temperature)
     V = z.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not 1 <= k <= V:
         raise ValueError(f"k: expected an integer in [1, {V}], got {k!r}")
+    k = int(k)
+    # A row with NaN or +inf, or entirely -inf, has no log-probabilities to gather (they would
+    # come back NaN, and the projection would then blame its own arguments).
+    raise_for_status((_status(z, 1) | _status(w, 8)).cpu(), tuple(z.shape[:-1]), ("new_logits", "old_logits"))
     parts = [torch.topk(z, k, dim=-1).indices, torch.topk(w, k, dim=-1).indices]
     if tokens is not None:
         tok = check_tokens(tokens, z)
@@ -506,9 +517,11 @@ def sparse_support(new_logits: Any, old_logits: Any, k: int, tokens: Any = None,
 
 def _mass_slack(z: torch.Tensor) -> float:
     """The largest log-mass of a row of listed log-probabilities that still passes as a
-    sub-distribution: a sum above 1 beyond rounding (a few ulps of the input dtype per entry) is
-    not one."""
-    return 4.0 * z.shape[-1] * torch.finfo(z.dtype).eps
+    sub-distribution: a sum above 1 beyond rounding is not one. The rule of the Top-K
+    divergences (``coarse._mass_tol``): 4 eps (1 + ln S) -- log-probs rounded to the dtype give a
+    log-mass of at most eps / 2 ln S; growing with S itself, it let a bfloat16 row of 20
+    tokens through at mass 1.8."""
+    return 4.0 * torch.finfo(z.dtype).eps * (1.0 + math.log(max(z.shape[-1], 1)))
 
 
 def _tail_checks(s: torch.Tensor, z: torch.Tensor, w: torch.Tensor, names: tuple[str, str],
@@ -646,8 +659,9 @@ def project_kl_sparse(new_logprobs: Any, old_logprobs: Any, epsilon: float, *,
             if res is not None:
                 out, eta = res
                 return (back(out), back(eta)) if return_eta else back(out)
-    zt, wt, s = _with_tails(z, w, ("new_logprobs", "old_logprobs"), validate)
-    out, eta = _project_kl(zt, wt, eps, 1.0, validate)
+    names = ("new_logprobs", "old_logprobs")
+    zt, wt, s = _with_tails(z, w, names, validate)
+    out, eta = _project_kl(zt, wt, eps, 1.0, validate, names)
     out = out.to(_out_dtype(z.dtype))
     if not validate:
         # A row entirely -inf (which validation rejects) is NaN, value and gradient, not a
