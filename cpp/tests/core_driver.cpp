@@ -430,6 +430,41 @@ void run_elements(DType dt, int64_t n, std::mt19937_64& rng) {
   }
 }
 
+// Top-K rows whose kept mass is within 1e-17 of 1 with two tokens at log(1/2) (float32): the
+// kernel's double-double refinement of the log kept masses (values as mpmath: KL 8.3724497e-18,
+// TV 1.9079592e-17), in a full lane group and a partial one, forward and backward.
+void run_topk_refined() {
+  const float p[4] = {-0.6931471824645996f, -0.6931471824645996f, -20.079490661621094f, -27.630691528320312f};
+  const float q[4] = {-0.6931471824645996f, -0.6931471824645996f, -20.079490661621094f, -27.63071060180664f};
+  for (int64_t rows : {int64_t(3), int64_t(11)}) {
+    std::vector<float> zp(static_cast<size_t>(rows * 4)), zq(zp.size()), dp(zp.size()), dq(zp.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int j = 0; j < 4; ++j) {
+        zp[size_t(r * 4 + j)] = p[j];
+        zq[size_t(r * 4 + j)] = q[j];
+      }
+    std::vector<double> vals(static_cast<size_t>(rows)), g(vals.size(), 1.0);
+    for (int kind = 0; kind <= 1; ++kind) {
+      TopkArgs a;
+      a.lp = zp.data(); a.lq = zq.data(); a.dtype = DType::f32; a.rows = rows; a.K = 4; a.kind = kind;
+      a.tol_p = a.tol_q = 4.0 * 1.1920929e-07; a.value = vals.data(); a.value64 = true;
+      int bad = 0;
+      a.bad = &bad;
+      isa_generic::topk_coarse(a);
+      check(bad == 0, "topk refined: no bad row", rows);
+      const double ref = kind == 0 ? 1.9079591791190665e-17 : 8.37244972123793e-18;
+      for (int64_t r = 0; r < rows; ++r)
+        check(std::fabs(vals[size_t(r)] - ref) <= 1e-5 * ref, "topk refined value", rows);
+      TopkArgs w = a;
+      w.value = nullptr; w.g = g.data(); w.g64 = true; w.gp = dp.data(); w.gq = dq.data();
+      isa_generic::topk_coarse(w);
+      for (size_t i = 0; i < dq.size(); ++i)
+        check(std::isfinite(dp[i]) && std::isfinite(dq[i]), "topk refined gradient", rows);
+      if (kind == 1) check(std::fabs(dq[0] + 0.32715699757816735) <= 1e-6, "topk refined d/dlq", rows);
+    }
+  }
+}
+
 int main() {
   std::mt19937_64 rng(7);
   const int64_t seg = kSegment;
@@ -460,6 +495,10 @@ int main() {
       run_elements<simd::bf16_t>(DType::bf16, n, rng);
       run_elements<simd::f16_t>(DType::f16, n, rng);
     }
+  }
+  for (int nt : {1, 2}) {
+    set_num_threads(nt);
+    run_topk_refined();
   }
   std::printf("core driver: %s (%d failures)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;
