@@ -169,6 +169,81 @@ def test_demo_rejects_unknown_algorithm(tmp_path):
         demo.run(demo.DemoConfig(algorithms=("nope",), out=str(tmp_path)))
 
 
+def test_demo_cli_reports_bad_arguments_as_usage_errors(capsys):
+    """--steps 0 and an unknown algorithm: argparse's usage error (exit status 2), no traceback."""
+    from trmath.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--steps", "0", "--algorithms", "grpo,nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--steps: expected an integer >= 1, got 0" in err and "--algorithms: unknown 'nope'" in err
+
+
+def test_demo_scores_only_the_last_positions_whatever_the_forward_takes():
+    """last_logits passes logits_to_keep / num_logits_to_keep only to a forward that names it,
+    and otherwise slices the full logits: the same [B, n, V] either way (a forward that swallowed
+    an unknown keyword in **kwargs returned every position, misaligned with the responses)."""
+    from trmath import demo
+
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(20, 7, generator=g)
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    def full(seq):
+        return table[seq]  # [B, L, V]: a position's logits depend on its token only
+
+    class New:
+        def forward(self, seq, logits_to_keep=0):
+            return Out(full(seq)[:, -logits_to_keep:] if logits_to_keep else full(seq))
+
+        __call__ = forward
+
+    class Old:
+        def forward(self, seq, num_logits_to_keep=0, **kwargs):
+            return Out(full(seq)[:, -num_logits_to_keep:] if num_logits_to_keep else full(seq))
+
+        __call__ = forward
+
+    class Plain:
+        def forward(self, seq, **kwargs):
+            return Out(full(seq))
+
+        __call__ = forward
+
+    seq = torch.randint(0, 20, (3, 6), generator=g)
+    ref = full(seq)[:, -4:]
+    for m in (New(), Old(), Plain()):
+        assert torch.equal(demo.last_logits(m, seq, 4), ref)
+    prompts, responses = seq[:, :3], seq[:, 3:]
+    assert torch.equal(demo.response_logits(Plain(), prompts, responses), full(seq)[:, 2:5])
+
+
+def test_rollout_padding_tokens_may_hold_any_label():
+    """Padding positions of the tokens may hold anything (Hugging Face's -100): the rollout keeps
+    0 there and the loss equals that of the same batch with valid ids at the padding."""
+    g = torch.Generator().manual_seed(5)
+    mu = torch.randn(2, 4, 30, generator=g)
+    tokens = torch.randint(0, 30, (2, 4), generator=g)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    A = torch.tensor([1.0, -0.5])
+    logits = mu + 0.2 * torch.randn(2, 4, 30, generator=g)
+    ref_ro = adapter.Rollout.from_logits(mu, tokens, A, mask, top_k=3)
+    ref, _ = adapter.compute_loss("dppo", logits, ref_ro, divergence="topk_kl", delta=0.05)
+    padded = torch.where(mask, tokens, torch.full_like(tokens, -100))
+    ro = adapter.Rollout.from_logits(mu, padded, A, mask, top_k=3)
+    assert bool((ro.tokens[~mask] == 0).all()) and torch.equal(ro.tokens[mask], tokens[mask])
+    got, _ = adapter.compute_loss("dppo", logits, ro, divergence="topk_kl", delta=0.05)
+    assert torch.equal(got, ref)
+    direct = adapter.Rollout(padded, ref_ro.logprobs, A, mask)  # built by hand: the same
+    assert bool((direct.tokens[~mask] == 0).all())
+    assert torch.equal(adapter.compute_loss("ppo", logits, direct)[0],
+                       adapter.compute_loss("ppo", logits, ref_ro)[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # from hidden states and the LM head: the same loss, without holding [B, T, V] logits
 # ---------------------------------------------------------------------------------------------

@@ -559,7 +559,7 @@ def test_bitwise_determinism():
 # the textbook float32 formulas (docs/theory/coarse.rst quotes these numbers)
 # ------------------------------------------------------------------------------------------------
 def textbook_binary_kl_f32(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """``p log(p/q) + (1-p) log((1-p+1e-8)/(1-q+1e-8))`` in float32, as commonly written."""
+    """``p (log p - log q) + (1-p) log((1-p+1e-8)/(1-q+1e-8))`` in float32, as commonly written."""
     p, q = lp.float().exp(), lq.float().exp()
     return p * (lp.float() - lq.float()) + (1 - p) * torch.log((1 - p + 1e-8) / (1 - q + 1e-8))
 

@@ -309,6 +309,22 @@ def test_bad_temperature_types(func, T):
             single(func, torch.zeros(1, 3), temperature=T)
 
 
+@pytest.mark.parametrize("func", PAIR + SINGLE)
+def test_temperatures_whose_inverse_overflows_are_rejected(func):
+    """Below 1e-30 the kernels' 1/T overflows float (T = 1e-39 in float32 gave KL = 0 for an
+    exact 1e39, JS and entropy NaN): an error; 1e-30 itself, and numpy scalars, are accepted."""
+    z, w = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[0.0, 2.0, 1.0]])
+    for T in (1e-39, 9.9e-31, np.float32(1e-39)):
+        with pytest.raises(ValueError, match=r"temperature: must be >= 1e-30"):
+            if func in PAIR:
+                getattr(trmath, func)(z, w, temperature=T)
+            else:
+                single(func, z, temperature=T)
+    for T in (1e-30, np.float32(0.5), np.float64(0.5), np.int64(2)):
+        out = getattr(trmath, func)(z, w, temperature=T) if func in PAIR else single(func, z, temperature=T)
+        assert bool(torch.isfinite(torch.as_tensor(out[0] if isinstance(out, tuple) else out)).all())
+
+
 def test_temperature_accepts_int_and_one_element_tensor():
     z, w = torch.tensor([[0.0, 1.0, 3.0]]), torch.tensor([[0.5, 0.0, 2.0]])
     ref = trmath.kl(z, w, temperature=2.0)

@@ -20,7 +20,7 @@ import torch
 
 import trmath
 from trmath import _ops
-from trmath.testing import StableRNG, cast, mp_grad_batch
+from trmath.testing import StableRNG, cast, mp_grad_batch, mp_grad_kl
 
 INF = math.inf
 PAIR = ("kl", "tv", "js")
@@ -325,6 +325,81 @@ def test_float64_pair_gradients_of_peaked_and_near_rows(backend, T):
     assert not failures, "\n".join(failures)
 
 
+def _dominant_rows(T: float, V: int, seed: int):
+    """Rows where one token holds 1 - 1e-3 ... 1 - 1e-22 of p: q peaked on the same token
+    (both sides dominant, JS's dw too), on another token (KL large), or nowhere; and rows where
+    q is so peaked and p spread."""
+    rng = StableRNG(seed)
+    zs, ws = [], []
+    for k, gap in enumerate((7.0, 14.0, 20.0, 30.0, 50.0)):
+        for mode in ("same", "other", "flat", "q only"):
+            z = rng.normal(V)
+            top = int(rng.integers(0, V))
+            z[top] += gap
+            if mode == "same":
+                w = z + 0.3 * rng.normal(V)
+            elif mode == "other":
+                w = rng.normal(V)
+                w[(top + 1 + k) % V] += gap
+            elif mode == "flat":
+                w = 2.0 * rng.normal(V)
+            else:
+                z, w = 2.0 * rng.normal(V), z
+            zs.append(T * z)
+            ws.append(T * w)
+    return np.stack(zs), np.stack(ws)
+
+
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                         ids=_dname)
+@pytest.mark.parametrize("T", (1.0, 0.7, 0.05))
+def test_pair_gradients_at_a_dominant_token(backend, dtype, T):
+    """KL's and JS's gradient entry at a token holding nearly all of p (JS's dw: of q) within the
+    target of the oracle relative to the row's largest gradient, with no allowance for the
+    arithmetic on the terms (but for JS's near-log 2 terms, below). The direct formula
+    p_j (eps_j - KL) / T is a difference of numbers
+    of the size p_j (|eps_j| + KL) while the entry is of the order of the mass left to the other
+    tokens: formed so, the float kernels returned -1.9e-6 for an exact 2.7e-9 (the row's largest
+    entry; p_j = 1 - 1e-13) and 9.5e-6 for 8.1e-6, and the float64 kernels 4e-12 for 1e-17 at
+    T = 0.01. The entry is now minus the sum of the row's others (the gradient rows sum to 0)
+    where that is the more accurate: in the kernels and in the torch backend."""
+    _ops._FORCE_TORCH[0] = backend == "torch"
+    V = 200 if dtype != torch.float64 else 300
+    z64, w64 = _dominant_rows(T, V, seed=int(100 * T) + 3)
+    z = torch.stack([cast(r, dtype) for r in z64])
+    w = torch.stack([cast(r, dtype) for r in w64])
+    g = torch.from_numpy(StableRNG(11).uniform(z.shape[0], 0.5, 2.0))
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    elem = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(dtype, 0.0)
+    tiny = float(torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+    gf = g.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    failures = []
+    for func in ("kl", "js"):
+        zz = z.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(True)
+        (getattr(trmath, func)(zz, ww, temperature=T) * gf).sum().backward()
+        refs = mp_grad_batch(func, z, w, temperature=T, grad_output=g)
+        for k, (got, ref) in enumerate(zip((zz.grad, ww.grad), refs)):
+            assert got.dtype == dtype
+            r = np.asarray(ref, dtype=np.float64)
+            err = np.abs(got.double().numpy() - r)
+            allowed = rel * np.abs(r).max(-1, keepdims=True) + elem * np.abs(r) + tiny + ATOL
+            if func == "js" and dtype != torch.float64:
+                # JS's entries q_i (log(q_i/m_i) - KL(q||m)) where the other row is nearly a point
+                # mass elsewhere: both terms lie near log 2, and log 2 - KL(q||m) carries the
+                # float32 rounding of the summed KL terms, a few ulps of log 2 (up to 2e-5 of the
+                # row's largest entry measured at T = 1, 1.2e-4 at T = 0.05): 16 float32 ulps of
+                # (|g| / T) max_j q_j (p_j for d/dz), as the oracle tests allow every term.
+                side = torch.softmax((z if k == 0 else w).double() / T, -1).amax(-1).numpy()
+                allowed = allowed + (16 * 2.0**-23 * np.abs(g.numpy()) / T * side)[:, None]
+            if (err > allowed).any():
+                rows = np.unique(np.nonzero(err > allowed)[0]).tolist()
+                worst = float((err / np.abs(r).max(-1, keepdims=True)).max())
+                failures.append(f"d{func}/d{'zw'[k]}: rows {rows}, worst {worst:.3g} of the row max")
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("T", (1.0, 0.7))
 @pytest.mark.parametrize("V", (64, 1000, 5000))
 def test_entropy_gradient_of_near_uniform_rows(V, T):
@@ -515,6 +590,65 @@ def test_torch_compile_fullgraph_matches_eager(backend):
 # ------------------------------------------------------------------------------------------------
 # 16-bit gradients: the float32 arithmetic, rounded once to nearest even
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ("cpp", "torch"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
+@pytest.mark.parametrize("T", TEMPERATURES)
+def test_kl_gradients_where_kl_is_infinite(backend, dtype, T):
+    """A row with some q_i = 0 < p_i has KL = +inf: its z-gradient is undefined (NaN wherever
+    p_j > 0, 0 at masked tokens), its w-gradient keeps the formula (q - p) / T (the oracle's
+    convention; it came out [0, 0, -0.5, -0.5] for [0.25, 0.25, -0.25, -0.25]: the mass where
+    q = 0 was missing from lse_p), and a row selected out of the loss (upstream gradient 0) gets
+    0, so the other rows' gradients stay finite (0 * NaN poisoned them)."""
+    _ops._FORCE_TORCH[0] = backend == "torch"
+    rng = StableRNG(int(10 * T) + 31)
+    V = 40
+    z = rng.normal(3 * V).reshape(3, V)
+    w = rng.normal(3 * V).reshape(3, V)
+    w[0, 3::7] = -INF   # q = 0 where p > 0: KL = +inf
+    w[1, :5] = -INF
+    z[1, :2] = -INF     # and p = 0 at two of those tokens
+    z, w = cast(z, dtype), cast(w, dtype)
+    zz, ww = z.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    k = trmath.kl(zz, ww, temperature=T)
+    assert bool(torch.isinf(k[:2]).all()) and bool(torch.isfinite(k[2]))
+    g = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
+    (k[:2] * g[:2].to(k.dtype)).sum().backward(retain_graph=True)
+    for r in range(2):
+        dz_ref, dw_ref = mp_grad_kl(z[r], w[r], temperature=T, grad_output=float(g[r]))
+        got_z = zz.grad[r].double().numpy()
+        assert np.array_equal(np.isnan(got_z), np.isnan(dz_ref)), (r, got_z, dz_ref)
+        assert np.all(got_z[~np.isnan(dz_ref)] == 0)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2.0**-8}[dtype]
+        np.testing.assert_allclose(ww.grad[r].double().numpy(), dw_ref,
+                                   rtol=tol, atol=tol * np.abs(dw_ref).max())
+    zz.grad = ww.grad = None
+    torch.where(torch.isfinite(k), k, torch.zeros_like(k)).sum().backward()
+    assert bool((zz.grad[:2] == 0).all()) and bool((ww.grad[:2] == 0).all())
+    assert bool(torch.isfinite(zz.grad[2]).all()) and bool((zz.grad[2] != 0).any())
+
+
+def test_torch_compile_fullgraph_with_a_dynamic_temperature():
+    """A compiled function called with a second temperature traces it as a dynamic float; its
+    check (math.isfinite) broke the graph then. Values and gradients equal eager's, bitwise."""
+    if _compile_available() is not None:
+        pytest.skip(_compile_available())
+
+    def f(z, w, T):
+        return (trmath.kl(z, w, temperature=T) + trmath.js(z, w, temperature=T)
+                + trmath.entropy(z, temperature=T)).sum()
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(4)
+    z0, w = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    for T in (0.7, 0.9, 1.3):
+        a, b = z0.clone().requires_grad_(), z0.clone().requires_grad_()
+        ref, got = f(a, w, T), cf(b, w, T)
+        ref.backward()
+        got.backward()
+        assert torch.equal(ref, got) and torch.equal(a.grad, b.grad), T
+
+
 def _grads(func, xs, g):
     xs = [x.detach().clone().requires_grad_(True) for x in xs]
     if func in PAIR:

@@ -1012,3 +1012,134 @@ def test_unvalidated_objectives_compile_without_graph_breaks(loss):
         got.nan_to_num().sum().backward()
         assert torch.equal(a.grad.isnan(), b.grad.isnan())
         assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
+
+
+@pytest.mark.parametrize("loss", ("ppo", "cispo", "gspo", "sapo", "dppo"))
+def test_global_normalizer_tensor_compiles_unvalidated(loss):
+    """The gradient-accumulation recipe -- normalizer=loss_normalizer(mask) over the step's
+    micro-batches, a 0-d tensor -- compiles with fullgraph=True beside validate=False (its check
+    read the value on the host: a graph break, and a synchronisation on a GPU), equal to eager;
+    with validate=True a bad normaliser is still an error."""
+    g = torch.Generator().manual_seed(9)
+    lp0 = -torch.rand(3, 5, generator=g) - 0.05
+    mu = lp0 - 0.2 * torch.randn(3, 5, generator=g)
+    A = torch.randn(3, generator=g)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    fn = {"cispo": trmath.cispo_loss, "gspo": trmath.gspo_loss, "sapo": trmath.sapo_loss,
+          "dppo": trmath.dppo_loss}.get(loss, trmath.ppo_loss)
+    kw = {"divergence": "binary_tv"} if loss == "dppo" else {}
+    agg = "seq-mean-token-mean" if loss == "gspo" else "token-mean"
+    N = trmath.loss_normalizer(mask, agg) * 2  # as if a second micro-batch of the same size
+
+    def step(lp, mu, A, mask, N):
+        return fn(lp, mu, A, mask, validate=False, aggregation=agg, normalizer=N, **kw)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    a, b = lp0.clone().requires_grad_(), lp0.clone().requires_grad_()
+    ref, got = step(a, mu, A, mask, N), compiled(b, mu, A, mask, N)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=0)
+    whole = fn(lp0, mu, A, mask, aggregation=agg, **kw)[0]
+    torch.testing.assert_close(ref * 2, whole, rtol=1e-6, atol=0)  # half the global normaliser
+    for bad in (0.0, -2.0, math.nan):
+        with pytest.raises(ValueError, match="normalizer: must be finite and > 0"):
+            fn(lp0, mu, A, mask, aggregation=agg, normalizer=torch.tensor(bad), **kw)
+    with pytest.raises(TypeError, match="normalizer: expected a real number"):
+        trmath.aggregate_loss(lp0, mask, normalizer=torch.tensor(True))
+
+
+def test_numpy_scalars_are_numbers():
+    """numpy's scalars (np.int64 from a count, np.float32) are numbers wherever a number is
+    taken (they are neither int nor float): normalizer, max_length, clip ranges, caps."""
+    lp = torch.tensor([[-0.5, -1.0, -2.0]])
+    mu = lp - 0.1
+    A = torch.tensor([1.0])
+    ref = trmath.ppo_loss(lp, mu, A, normalizer=2, aggregation="seq-mean-token-sum-norm", max_length=4)[0]
+    for n, L in ((np.int64(2), np.int64(4)), (np.float32(2), np.int32(4))):
+        got = trmath.ppo_loss(lp, mu, A, normalizer=n, aggregation="seq-mean-token-sum-norm", max_length=L)[0]
+        assert torch.equal(got, ref)
+    assert torch.equal(trmath.ppo_loss(lp, mu, A, eps_low=np.float32(0.25))[0],
+                       trmath.ppo_loss(lp, mu, A, eps_low=float(np.float32(0.25)))[0])
+    with pytest.raises(TypeError, match="normalizer: expected a number, got bool"):
+        trmath.ppo_loss(lp, mu, A, normalizer=np.bool_(True))
+    with pytest.raises(ValueError, match="max_length: expected an integer >= 1"):
+        trmath.ppo_loss(lp, mu, A, aggregation="seq-mean-token-sum-norm", max_length=np.float64(4.0))
+
+
+def test_sapo_gradient_where_the_ratio_is_large_and_tau_small():
+    """SAPO's gradient -A r sech^2(tau (r - 1) / 2) at large log-ratios: exact (mpmath) for small
+    tau (the graph used to be cut above lr = 30, giving 0 for -1.6e6), an exact 0 and never NaN
+    where e^lr overflows (lr = 100 in float32, 800 in float64), and the on-policy value -A."""
+    import mpmath
+
+    for dt in (torch.float64, torch.float32):
+        for tau, lr in ((1e-12, 30.5), (1e-13, 33.0), (1.0, 2.0), (1.0, 5.0), (1.0, 100.0), (1.0, 800.0),
+                        (1.05, -3.0), (0.5, 0.0)):
+            lp = torch.tensor([[lr]], dtype=dt, requires_grad=True)
+            mu = torch.zeros(1, 1, dtype=dt)
+            A = torch.tensor([2.0], dtype=dt)
+            loss, _ = trmath.sapo_loss(lp, mu, A, tau_pos=tau, tau_neg=tau)
+            loss.backward()
+            lrv = float(torch.tensor(lr, dtype=dt))
+            with mpmath.workdps(40):  # (a local precision: other tests' references keep theirs)
+                r = mpmath.exp(mpmath.mpf(lrv))
+                x = tau * (r - 1)
+                ref = float(-2 * r * mpmath.sech(x / 2) ** 2)
+            got = float(lp.grad)
+            assert math.isfinite(got) and math.isfinite(float(loss.detach())), (dt, tau, lr, got)
+            # plus the dtype's smallest subnormal: below it the correctly rounded gradient is 0
+            # (float32, lr = 5: the exact 1.1e-61)
+            fi = torch.finfo(dt)
+            tol = (1e-12 if dt == torch.float64 else 2e-5) * abs(ref) + fi.smallest_normal * fi.eps
+            assert abs(got - ref) <= tol, (dt, tau, lr, got, ref)
+
+
+def test_dppo_rejects_negative_precomputed_divergences():
+    """A divergence is >= 0: a negative or -inf precomputed value (an upstream bug) is an error
+    naming its position, not a silently kept token; NaN too; padding may hold anything."""
+    lp = torch.tensor([[-0.1, -0.2, -0.3]])
+    mu = lp - 0.05
+    A = torch.tensor([1.0])
+    mask = torch.tensor([[True, True, False]])
+    for bad in (-5.0, -math.inf, -1e-30):
+        d = torch.tensor([[0.01, bad, 0.0]])
+        with pytest.raises(ValueError, match=r"divergence: .* < 0 at valid position \(0, 1\)"):
+            trmath.dppo_mask(lp, mu, A, divergence=d, delta=0.1)
+        with pytest.raises(ValueError, match=r"< 0 at valid position"):
+            trmath.dppo_loss(lp, mu, A, mask, divergence=d, delta=0.1)
+    d = torch.tensor([[0.01, 0.5, -7.0]])  # the negative value at padding: free
+    loss, m = trmath.dppo_loss(lp, mu, A, mask, divergence=d, delta=0.1)
+    assert math.isfinite(float(loss)) and float(m["masked_frac"]) == 0.5
+
+
+def test_values_that_overflow_the_computation_dtype_are_errors():
+    """float64 advantages (or old log-probs) beside float32 log-probs are converted to float32:
+    a finite value beyond its range is an error naming it, never an infinite loss."""
+    lp = torch.tensor([[-0.5, -1.0]])
+    mu = lp - 0.1
+    with pytest.raises(ValueError, match=r"advantages: 1e\+39 at valid position \(0, 0\) overflows float32"):
+        trmath.ppo_loss(lp, mu, torch.tensor([1e39], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"old_logprob: -1e\+40 at valid position \(0, 1\) overflows float32"):
+        trmath.ppo_loss(lp, mu, torch.tensor([1.0]), old_logprob=torch.tensor([[-0.5, -1e40]], dtype=torch.float64))
+    # at padding, or with float64 log-probs, nothing overflows
+    loss, _ = trmath.ppo_loss(lp, mu, torch.tensor([[1.0, 1e39]], dtype=torch.float64),
+                              torch.tensor([[True, False]]))
+    assert math.isfinite(float(loss))
+    loss, _ = trmath.ppo_loss(lp.double(), mu.double(), torch.tensor([1e39], dtype=torch.float64))
+    assert math.isfinite(float(loss))
+
+
+def test_dppo_exact_divergence_errors_name_the_callers_arguments():
+    """The exact divergences' argument errors name rollout_logits / logits, not the internal
+    p_logits / q_logits of trmath.kl."""
+    lp = torch.tensor([[-0.1, -0.2]])
+    mu = lp - 0.05
+    z, w = torch.randn(1, 2, 4), torch.randn(1, 2, 3)
+    for div in ("exact_kl", "exact_tv"):
+        with pytest.raises(ValueError, match=r"rollout_logits and logits: vocabulary sizes differ") as e:
+            trmath.dppo_loss(lp, mu, torch.tensor([1.0]), divergence=div, logits=w, rollout_logits=z)
+        assert "p_logits" not in str(e.value) and "q_logits" not in str(e.value)

@@ -923,6 +923,24 @@ def test_troll_loss_errors_name_its_arguments(backend):
             trmath.troll_loss(lp, lpo, adv, mask, **bad)
 
 
+def test_troll_loss_mask_is_bool_or_zero_one():
+    """troll_loss takes the mask as every objective does: bool or 0/1, anything else an error
+    (0.5 and 2.0 counted as valid before), on the logits' device."""
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(1, 2, 6, dtype=torch.float64, generator=g)
+    old = torch.randn(1, 2, 6, dtype=torch.float64, generator=g)
+    tok = torch.tensor([[1, 4]])
+    lp = torch.log_softmax(logits, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    lpo = torch.log_softmax(old, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    kw = dict(logits=logits, rollout_logits=old, tokens=tok)
+    with pytest.raises(ValueError, match="mask: entries must be 0 or 1"):
+        trmath.troll_loss(lp, lpo, adv, torch.tensor([[0.5, 2.0]]), **kw)
+    ref, _ = trmath.troll_loss(lp, lpo, adv, torch.tensor([[True, False]]), **kw)
+    got, _ = trmath.troll_loss(lp, lpo, adv, torch.tensor([[1.0, 0.0]]), **kw)
+    assert torch.equal(got, ref)
+
+
 def test_troll_loss_value_gradient_and_mask():
     g = torch.Generator().manual_seed(17)
     logits = (torch.randn(2, 5, 16, dtype=torch.float64, generator=g) * 2).requires_grad_()

@@ -578,3 +578,16 @@ def test_error_measures() -> None:
     assert ulps([0.0], [0.0])[0] == 0.0
     assert target_tolerance(torch.bfloat16) == (1e-5, 1e-30)
     assert target_tolerance("float64") == (1e-12, 1e-300)
+
+
+def test_token_logprob_gradient_oracle_where_the_token_holds_all_but_1e_130():
+    """The token's own entry g (1 - p_t) / T is the other tokens' mass, not a difference that
+    vanishes below the working precision (z = [300, 0.3]: 1 - p_t = e^-299.7 = 6.95e-131)."""
+    import mpmath
+
+    from trmath.testing import mp_grad_token_logprob
+
+    got = mp_grad_token_logprob(np.array([300.0, 0.3]), 0)
+    with mpmath.workdps(60):
+        rest = mpmath.mpf(1) / (1 + mpmath.exp(mpmath.mpf(300) - mpmath.mpf("0.3")))
+    assert got[0] == pytest.approx(float(rest), rel=1e-15) and got[1] == pytest.approx(-float(rest), rel=1e-15)

@@ -56,6 +56,13 @@ PAIR_OPS = ("kl", "tv", "js")
 mpmath.mp.dps = 50
 
 
+@pytest.fixture(autouse=True)
+def _mp_precision():
+    """Every reference here at 50 digits, whatever precision another module's test left set."""
+    with mpmath.workdps(50):
+        yield
+
+
 def _mp_logprobs(row: Sequence[float], T: float) -> tuple[list[mpmath.mpf | None], mpmath.mpf]:
     """Exact log-probabilities of softmax(row / T) (None for masked tokens) and the normaliser."""
     t = mpmath.mpf(T)

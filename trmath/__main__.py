@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import config_from_args, run
 
         try:
-            run(config_from_args(args))
+            run(config_from_args(args, dm))
         except ImportError as e:
             print(f"trmath demo needs the 'demo' extra: pip install 'trmath[demo]' ({e})", file=sys.stderr)
             return 2

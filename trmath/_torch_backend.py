@@ -154,6 +154,8 @@ def _check_temperature(temperature: object) -> float:
     t = float(temperature)
     if not (math.isfinite(t) and t > 0.0):
         raise ValueError(f"temperature must be finite and > 0, got {t}")
+    if t < 1e-30:
+        raise ValueError(f"temperature must be >= 1e-30 (1/T overflows float arithmetic below it), got {t}")
     return t
 
 
@@ -929,6 +931,17 @@ def _pair_backward(
                 gw = gc * em
             else:
                 gw = None
+            # KL = +inf (some q_i = 0 < p_i): d/dz undefined, NaN wherever p_j > 0; d/dw keeps
+            # its formula; a row whose upstream gradient is 0 gets 0 (no 0 * NaN reaching the
+            # gradients of the rows a loss keeps).
+            inf_row = torch.isinf(a)
+            if bool(inf_row.any()):
+                zero_g = inf_row & (gc == 0)
+                if gz is not None:
+                    gz = torch.where(inf_row, torch.where(b.p > 0, math.nan, 0.0), gz)
+                    gz = torch.where(zero_g, 0.0, gz)
+                if gw is not None:
+                    gw = torch.where(zero_g, 0.0, gw)
         elif op == "tv":
             # s_j - sum_i p_i s_i from the side masses of this very classification: consistent
             # with s_j (so ties and V = 1 give 0) and never formed as 1 - (P+ - P-).
@@ -945,7 +958,8 @@ def _pair_backward(
                 gz = _dominant_from_rest(gz, b.p, z[rows], w[rows], b, t, gc, a)
             dz[rows] = _nan_rows(gz, b.bad).to(z.dtype)
         if dw is not None and gw is not None:
-            gw = _zero_masked(gw, b.wmask)
+            # (KL: where q_j = 0 < p_j -- KL = +inf -- d/dw keeps its formula -g p_j / T)
+            gw = _zero_masked(gw, b.wmask & ~(b.p > 0) if op == "kl" else b.wmask)
             if op != "tv":
                 gw = _dominant_from_rest(gw, b.q, z[rows], w[rows], b, t, gc, bb)
             dw[rows] = _nan_rows(gw, b.bad).to(w.dtype)

@@ -7,6 +7,7 @@ that is entirely ``-inf``, token ids out of range) also name the first offending
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import numpy as np
@@ -97,15 +98,25 @@ def check_tokens(tokens: Any, logits: torch.Tensor, name: str = "tokens") -> tor
     return tokens
 
 
+# Below this the kernels' 1/T (and z/T in float lanes) overflows float: T = 1e-39 gave KL = 0,
+# JS and entropy NaN. No sampling temperature comes near it.
+MIN_TEMPERATURE = 1e-30
+
+
 def check_temperature(temperature: Any) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
         if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
             temperature = float(temperature)
         else:
             raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0.0:
+    # Comparisons, not math.isfinite: under torch.compile with a dynamic float they become
+    # guards, where isfinite broke the graph (NaN fails t > 0).
+    if not (t > 0.0 and t < math.inf):
         raise ValueError(f"temperature: must be finite and > 0, got {temperature!r}")
+    if t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature: must be >= {MIN_TEMPERATURE:g} (1/T overflows the kernels' "
+                         f"float arithmetic below it), got {temperature!r}")
     return t
 
 

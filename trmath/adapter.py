@@ -7,10 +7,15 @@ being trained into a loss with :func:`compute_loss`, for any objective registere
 :mod:`trmath.objectives` (PPO-clip/GRPO, CISPO, GSPO, DPPO variants, ...) and for the TROLL KL
 projection.
 
-Scoring is temperature-consistent: log-probs are computed at the sampling temperature. No
-``[B, T, V]`` float32 copy of the logits is made beyond what the model produced: the per-token
-log-probs come from :func:`trmath.token_logprobs` (fused, reads bfloat16 logits in place), and
-the top-K log-probs from a gather minus :func:`trmath.logsumexp`.
+Scoring is temperature-consistent: log-probs are computed at the sampling temperature. The
+token-level objectives and the Binary / Top-K divergences make no ``[B, T, V]`` copy of the
+logits beyond what the model produced: the per-token log-probs come from
+:func:`trmath.token_logprobs` (fused, reads bfloat16 logits in place), and the top-K log-probs
+from a gather minus :func:`trmath.logsumexp`. Two paths hold more, by their nature: the exact
+divergences read the rollout's and the policy's logits together, so keep the rollout logits in
+the policy's dtype (a float32 copy of bfloat16 policy logits is made otherwise, for the common
+dtype); and ``troll`` holds the projected distribution (``[B, T, V]``, float32 for 16/32-bit
+logits) and, for 16-bit policy logits, a float32 copy of them for its KL term.
 """
 
 from __future__ import annotations
@@ -95,6 +100,15 @@ def response_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.
     return trmath.token_logprobs(logits, tokens, temperature=temperature)
 
 
+def _padding_tokens_zero(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """``tokens`` with 0 at the padding positions of ``mask`` (which may hold any label)."""
+    if mask is None or not isinstance(tokens, Tensor) or not isinstance(mask, Tensor):
+        return tokens
+    if tuple(mask.shape) != tuple(tokens.shape) or mask.device != tokens.device:
+        return tokens  # the objective reports the mismatch, naming mask
+    return torch.where(mask.bool(), tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+
+
 @dataclass
 class Rollout:
     """What a trainer keeps from a rollout batch, ``B`` responses of ``T`` tokens.
@@ -102,7 +116,9 @@ class Rollout:
     Attributes
     ----------
     tokens : torch.Tensor ``[B, T]`` (int64)
-        The sampled response tokens.
+        The sampled response tokens. At padding positions (``mask`` False) they may hold
+        anything (e.g. the label ``-100``): the record keeps 0 there, so every gather stays in
+        range, and the objectives select those positions out.
     logprobs : torch.Tensor ``[B, T]``
         Their log-probs under the rollout (behaviour) policy, at the sampling temperature.
     advantages : torch.Tensor ``[B, T]`` or ``[B]``
@@ -124,6 +140,9 @@ class Rollout:
     topk_logprobs: Tensor | None = None
     logits: Tensor | None = None
 
+    def __post_init__(self):
+        self.tokens = _padding_tokens_zero(self.tokens, self.mask)
+
     @classmethod
     def from_logits(cls, logits: Tensor, tokens: Tensor, advantages: Tensor, mask: Tensor | None = None, *,
                     top_k: int = 0, keep_logits: bool = False, temperature: float = 1.0) -> "Rollout":
@@ -132,9 +151,10 @@ class Rollout:
 
         with torch.no_grad():
             logits = logits.detach()
-            lp = trmath.token_logprobs(logits, tokens, temperature=temperature)
             if mask is None:
                 mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+            tokens = _padding_tokens_zero(tokens, mask)
+            lp = trmath.token_logprobs(logits, tokens, temperature=temperature)
             ids = tlp = None
             if top_k:
                 ids, tlp, _ = trmath.topk_logprobs(logits, logits, top_k, tokens, temperature=temperature)

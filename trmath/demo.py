@@ -157,12 +157,32 @@ def build_model(cfg: DemoConfig, torch):
     return LlamaForCausalLM(mc).to(cfg.device)
 
 
+def last_logits(model, seq, n: int):
+    """The model's logits at the last ``n`` positions of ``seq``, ``[B, n, V]``.
+
+    Only those positions go through the LM head where the model's ``forward`` takes
+    ``logits_to_keep`` (transformers >= 4.50) or ``num_logits_to_keep`` (4.45 - 4.49); the
+    keyword is never passed to a ``forward`` that would swallow it in ``**kwargs`` and return
+    every position. Other models compute all the logits, sliced here.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for kw in ("logits_to_keep", "num_logits_to_keep"):
+        if kw in params:
+            return model(seq, **{kw: n}).logits[:, -n:, :]
+    return model(seq).logits[:, -n:, :]
+
+
 def response_logits(model, prompts, responses):
     """The model's logits ``[B, R, V]`` scoring each response token (before temperature)."""
     full = __import__("torch").cat([prompts, responses], dim=1)
     # Only the positions that score a response token go through the LM head.
     n = responses.shape[1] + 1
-    return model(full, logits_to_keep=n).logits[:, :-1, :]
+    return last_logits(model, full, n)[:, :-1, :]
 
 
 def sample(model, prompts, n_tokens: int, temperature: float, gen, torch):
@@ -170,9 +190,11 @@ def sample(model, prompts, n_tokens: int, temperature: float, gen, torch):
     seq = prompts
     with torch.no_grad():
         for _ in range(n_tokens):
-            logits = model(seq, logits_to_keep=1).logits[:, -1, :].float() / temperature
-            probs = torch.softmax(logits, -1)
-            nxt = torch.multinomial(probs, 1, generator=gen)
+            logits = last_logits(model, seq, 1)[:, -1, :].float() / temperature
+            # Drawn on the CPU with the CPU generator: the same tokens on every device (a CUDA
+            # multinomial would need a generator of its own device).
+            probs = torch.softmax(logits, -1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=gen).to(seq.device)
             seq = torch.cat([seq, nxt], dim=1)
     return seq[:, prompts.shape[1] :]
 
@@ -417,7 +439,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> DemoConfig:
+    """The demo's configuration from parsed arguments; a bad value is reported through
+    ``parser.error`` (usage and a one-line message, exit status 2) when a parser is given,
+    else raised as ``ValueError``."""
     algs = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
+    problems = []
+    if args.steps < 1:
+        problems.append(f"--steps: expected an integer >= 1, got {args.steps}")
+    unknown = [a for a in algs if a not in ALGORITHMS]
+    if unknown or not algs:
+        problems.append(f"--algorithms: unknown {', '.join(map(repr, unknown)) or '(none given)'}; "
+                        f"valid: {', '.join(ALGORITHMS)}")
+    if problems:
+        if parser is not None:
+            parser.error("; ".join(problems))
+        raise ValueError("; ".join(problems))
     return DemoConfig(steps=args.steps, algorithms=algs, seed=args.seed, out=args.out, model=args.model,
                       device=args.device, vocab=args.vocab, quiet=args.quiet)

@@ -33,6 +33,7 @@ that holds ``inf`` or NaN never reaches the loss or the gradient.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -106,6 +107,17 @@ def _pos(flat: int, shape: tuple[int, ...]) -> str:
     return str(tuple(int(i) for i in np.unravel_index(flat, shape)))
 
 
+def _check_converted(xs: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, name: str) -> None:
+    """Raise where a finite entry of ``x`` became infinite in its conversion to ``xs.dtype``."""
+    bad = valid & ~torch.isfinite(xs)
+    if bool(bad.any()):
+        flat = int(torch.nonzero(bad.reshape(-1))[0])
+        v = float(x.reshape(-1)[flat])
+        raise ValueError(f"{name}: {v!r} at valid position {_pos(flat, tuple(x.shape))} overflows "
+                         f"{str(xs.dtype).replace('torch.', '')}, the dtype of the computation "
+                         "(that of the log-probs)")
+
+
 def _check_finite_where(x: torch.Tensor, valid: torch.Tensor, name: str) -> None:
     """Raise for the first non-finite entry of ``x`` at a valid position (padding is free)."""
     # Fast path: the float64 sum of the valid entries is finite exactly when they all are (it
@@ -124,7 +136,8 @@ def _check_finite_where(x: torch.Tensor, valid: torch.Tensor, name: str) -> None
 
 def _check_number(value: Any, name: str, *, lo: float = 0.0, allow_inf: bool = False,
                   strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real admits numpy's scalars (np.int64, np.float32), which are not int or float.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     v = float(value)
     if math.isnan(v) or (math.isinf(v) and not allow_inf) or v < lo or (strict and v == lo):
@@ -134,7 +147,8 @@ def _check_number(value: Any, name: str, *, lo: float = 0.0, allow_inf: bool = F
     return v
 
 
-def _as_mask(mask: Any, shape: tuple[int, ...], device: torch.device, name: str = "mask") -> torch.Tensor:
+def _as_mask(mask: Any, shape: tuple[int, ...], device: torch.device, name: str = "mask",
+             check: bool = True) -> torch.Tensor:
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     m = _tensor(mask, name)
@@ -146,7 +160,7 @@ def _as_mask(mask: Any, shape: tuple[int, ...], device: torch.device, name: str 
         return m
     if m.is_complex():
         raise TypeError(f"{name}: expected a bool, integer or floating tensor, got {m.dtype}")
-    if not bool(((m == 0) | (m == 1)).all()):
+    if check and not bool(((m == 0) | (m == 1)).all()):
         raise ValueError(f"{name}: entries must be 0 or 1 (or bool); got other values")
     return m != 0
 
@@ -209,7 +223,7 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
         adv = adv[:, None].expand(shape)
     elif tuple(adv.shape) != shape:
         raise ValueError(f"advantages: expected shape {shape} or ({shape[0]},), got {tuple(adv.shape)}")
-    valid = _as_mask(mask, shape, lp.device)
+    valid = _as_mask(mask, shape, lp.device, check=validate)
     dt = torch.float64 if torch.float64 in (lp.dtype, rl.dtype) else torch.float32
     if not validate:
         # Unvalidated: NaN propagates, and an infinite value (invalid as well) becomes NaN, so
@@ -231,10 +245,10 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
     adv_s = torch.where(valid, adv.detach().to(dt), zero)
     if validate:
         # One pass over the selected values first: their float64 sum is finite when every valid
-        # entry of every argument is (a float32 overflow of the element-wise sum, or a value that
-        # overflows in the conversion to float32, only sends it to the checks below, which then
-        # find nothing at the arguments themselves). Otherwise the arguments are checked in order,
-        # so the error names the first one holding a bad value, and that value's position.
+        # entry of every argument is (a float32 overflow of the element-wise sum only sends it to
+        # the checks below, which then find nothing). Otherwise the arguments are checked in
+        # order, so the error names the first one holding a bad value, and that value's
+        # position; then the conversions to the computation's dtype.
         parts = [lp_s.detach(), rl_s, adv_s] + ([old_s] if old is not None else [])
         total = parts[0] + parts[1]
         for t in parts[2:]:
@@ -245,6 +259,11 @@ def _prepare(logprob, rollout_logprob, advantages, mask, old_logprob, validate, 
             if old is not None:
                 _check_finite_where(old, valid, "old_logprob")
             _check_finite_where(adv, valid, "advantages")
+            # Finite arguments whose conversion to the computation's dtype overflowed (float64
+            # advantages of 1e39 beside float32 log-probs): an error, never an infinite loss.
+            if old is not None:
+                _check_converted(old_s, old, valid, "old_logprob")
+            _check_converted(adv_s, adv, valid, "advantages")
     return _Batch(lp_s, rl_s, old_s, adv_s, valid, old is not None, dt, bool(validate))
 
 
@@ -357,6 +376,7 @@ def aggregate_loss(
     *,
     normalizer: Any = None,
     max_length: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     r"""Reduce a per-token loss matrix ``[B, T]`` to a scalar over the valid tokens.
 
@@ -394,6 +414,13 @@ def aggregate_loss(
         :func:`loss_normalizer` over them). Must be > 0.
     max_length : int, optional
         :math:`L` of ``seq-mean-token-sum-norm``; pass the same value to every micro-batch.
+    validate : bool
+        Check a tensor ``normalizer`` (finite, > 0), which reads its value on the host (a
+        synchronisation on a GPU, a graph break under ``torch.compile``). ``False`` skips
+        that check (a number is always checked): the objectives pass their own ``validate``, so
+        ``normalizer=loss_normalizer(...)`` compiles with ``fullgraph=True`` beside
+        ``validate=False``; a normaliser <= 0 or NaN then gives a loss of the wrong sign, inf or
+        NaN, never an error. The mask's 0/1 check is governed by the same flag.
 
     Returns
     -------
@@ -416,7 +443,7 @@ def aggregate_loss(
         raise TypeError(f"token_loss: expected a floating dtype, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"token_loss: expected shape [B, T], got {tuple(x.shape)}")
-    valid = _as_mask(mask, tuple(x.shape), x.device)
+    valid = _as_mask(mask, tuple(x.shape), x.device, check=validate)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     xs = torch.where(valid, x, zero)
     n_tok = valid.sum(dim=-1)
@@ -427,13 +454,16 @@ def aggregate_loss(
         if isinstance(normalizer, torch.Tensor):
             if normalizer.numel() != 1:
                 raise ValueError(f"normalizer: expected a scalar, got shape {tuple(normalizer.shape)}")
-            nv = float(normalizer)
-            denom = normalizer.reshape(()).to(device=x.device, dtype=x.dtype)
+            if normalizer.is_complex() or normalizer.dtype == torch.bool:
+                raise TypeError(f"normalizer: expected a real number, got a {normalizer.dtype} tensor")
+            denom = normalizer.detach().reshape(()).to(device=x.device, dtype=x.dtype)
+            if validate:
+                nv = float(normalizer)
+                if not (nv > 0 and math.isfinite(nv)):
+                    raise ValueError(f"normalizer: must be finite and > 0, got {nv!r}")
         else:
             nv = _check_number(normalizer, "normalizer", strict=True)
             denom = torch.tensor(nv, dtype=x.dtype, device=x.device)
-        if not (nv > 0 and math.isfinite(nv)):
-            raise ValueError(f"normalizer: must be finite and > 0, got {nv!r}")
     if mode == "token-mean" or mode == "seq-mean-token-sum":
         return xs.sum() / denom
     if mode == "seq-mean-token-mean":
@@ -442,9 +472,10 @@ def aggregate_loss(
     if max_length is None:
         L = x.shape[-1]
     else:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        if (isinstance(max_length, (bool, np.bool_)) or not isinstance(max_length, numbers.Integral)
+                or max_length < 1):
             raise ValueError(f"max_length: expected an integer >= 1, got {max_length!r}")
-        L = max_length
+        L = int(max_length)
     return xs.sum() / (denom * L)
 
 
@@ -637,7 +668,8 @@ def _finish(token_loss, keep, b: _Batch, metrics: dict, *, aggregation, normaliz
     metrics["n_seqs"] = b.valid.any(dim=-1).sum().detach()
     if aggregation is None:
         return loss_mat, metrics
-    loss = aggregate_loss(loss_mat, b.valid, aggregation, normalizer=normalizer, max_length=max_length)
+    loss = aggregate_loss(loss_mat, b.valid, aggregation, normalizer=normalizer, max_length=max_length,
+                          validate=b.validate)
     return loss, metrics
 
 
@@ -942,23 +974,29 @@ def gspo_loss(
     return _finish(loss, b.valid, b, metrics, **_finish_kw(kw))
 
 
-class _Sigmoid(torch.autograd.Function):
-    """sigmoid(x) whose derivative is sigmoid(x) * sigmoid(-x), accurate to a few ulps.
+class _SapoGate(torch.autograd.Function):
+    """sigmoid(tau (e^lr - 1)) and its derivative in lr, tau e^lr sigmoid(x) sigmoid(-x) with
+    x = tau (e^lr - 1), formed as tau sigmoid(x) exp(lr - softplus(x)).
 
-    torch's own backward forms y (1 - y): once y is close to 1 the difference cancels (relative
-    error eps / (1 - y)), and for x > 17 in float32 it is exactly 0 although the derivative is
-    e^-x. SAPO's gate lives in that tail when a ratio drifts.
+    As a product the derivative is 0 * inf = NaN once e^lr overflows (lr > 88.7 in float32), and
+    cutting the graph above some lr instead loses it where tau is small (tau = 1e-12, lr = 30.5:
+    -1.6e6 of an exact -1.6e6, not 0). In the log domain it is finite and accurate everywhere:
+    lr - softplus(x) -> -inf as the ratio grows (an exact 0), with softplus(x) =
+    max(x, 0) + log1p(e^-|x|) to full relative accuracy (torch's softplus returns x above 20,
+    2e-9 off).
     """
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
+    def forward(ctx, lr, tau):
+        x = tau * torch.expm1(lr)
+        ctx.save_for_backward(lr, x, tau)
         return torch.sigmoid(x)
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (torch.sigmoid(x) * torch.sigmoid(-x))
+        lr, x, tau = ctx.saved_tensors
+        softplus = x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+        return g * (tau * torch.sigmoid(x) * torch.exp(lr - softplus)), None
 
 
 def sapo_loss(
@@ -1015,12 +1053,9 @@ def sapo_loss(
     b = _prepare(logprob, rollout_logprob, advantages, mask, kw.get("old_logprob"), kw.get("validate", True))
     tau = torch.where(b.pos, torch.full_like(b.adv, tp), torch.full_like(b.adv, tn))
     lr = b.lp - b.old
-    # Above lr = 30 the gate's derivative is below 4 e^30 exp(-tau (e^30 - 1)): exactly 0 in any
-    # float format. Detaching there keeps an overflowing ratio from making 0 * inf in the backward.
-    lr = torch.where(lr.detach() > 30.0, lr.detach(), lr)
-    r = torch.exp(lr)
-    loss = -b.adv * (4.0 / tau) * _Sigmoid.apply(tau * (r - 1.0))
-    x = tau * (r.detach() - 1.0)
+    loss = -b.adv * (4.0 / tau) * _SapoGate.apply(lr, tau)
+    r = torch.exp(lr.detach())
+    x = tau * torch.expm1(lr.detach())
     gate = 4.0 * torch.sigmoid(x) * torch.sigmoid(-x)
     metrics: dict[str, torch.Tensor] = {"gate_mean": _mean(gate, b.valid, b.count("valid"))}
     _ratio_stats(metrics, r, b)
@@ -1054,6 +1089,7 @@ class _context:
         if typ is ValueError:
             msg = str(err).replace("p_logprobs", self.p).replace("q_logprobs", self.q)
             msg = msg.replace("p_logprob", self.p).replace("q_logprob", self.q)
+            msg = msg.replace("p_logits", self.p).replace("q_logits", self.q)
             raise ValueError(f"divergence={self.d!r}{self.where}: {msg}") from err
         return False
 
@@ -1073,6 +1109,13 @@ def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_l
             raise ValueError(f"divergence: expected shape {tuple(lp.shape)}, got {tuple(d.shape)}")
         if validate:
             _check_finite_nan(d, valid, "divergence")
+            # A divergence is >= 0: a negative value (or -inf) comes from a bug upstream and
+            # would silently keep every token it touches.
+            neg = valid & (d < 0)
+            if bool(neg.any()):
+                flat = int(torch.nonzero(neg.reshape(-1))[0])
+                raise ValueError(f"divergence: {float(d.reshape(-1)[flat])!r} < 0 at valid position "
+                                 f"{_pos(flat, tuple(d.shape))} (a divergence is never negative)")
         return torch.where(valid, d.detach().to(dt), torch.zeros((), dtype=dt, device=d.device))
     if not isinstance(divergence, str) or divergence not in DPPO_DIVERGENCES:
         raise ValueError(f"divergence: unknown {divergence!r}; valid: {', '.join(DPPO_DIVERGENCES)} "
@@ -1113,7 +1156,8 @@ def _divergence(divergence, lp, rollout, valid, *, topk_logprobs, rollout_topk_l
         fn = trmath.tv if divergence == "exact_tv" else trmath.kl
         # validate=False: padding rows may hold anything (they give NaN and are selected out);
         # an invalid row at a valid position is caught below.
-        d = fn(p.detach(), q.detach(), temperature=temperature, validate=False).to(dt)
+        with _context(divergence, "rollout_logits", "logits"):
+            d = fn(p.detach(), q.detach(), temperature=temperature, validate=False).to(dt)
         bad = valid & torch.isnan(d)
         if validate and bool(bad.any()):
             flat = int(torch.nonzero(bad.reshape(-1))[0])
@@ -1450,7 +1494,8 @@ OBJECTIVES: Mapping[str, ObjectiveInfo] = {
             "tokens masked when D(mu, pi) > delta and the update moves further out",
             (),
             {"divergence": "binary_tv", "delta": None, "cap": math.inf},
-            "DPPO (divergence proximal policy optimisation), 2025"),
+            "DPPO (divergence proximal policy optimisation): Rethinking the Trust Region in "
+            "LLM Reinforcement Learning, arXiv:2602.04879, 2026"),
         ObjectiveInfo(
             "troll", _troll_loss, "policy projected onto the KL ball around the rollout policy (TROLL)",
             "-A * pi~(a)/mu(a) + alpha * KL(pi || sg pi~), pi~ = project_kl(pi, mu, epsilon)",

@@ -779,11 +779,10 @@ def troll_loss(logprob: Any, rollout_logprob: Any, advantages: Any, mask: Any = 
     if A.dim() == len(lead) - 1 and tuple(A.shape) == lead[:-1]:
         A = A.unsqueeze(-1).expand(lead)
     lead_tensor(A, "advantages")
-    if mask is None:
-        valid = torch.ones(lead, dtype=torch.bool, device=z.device)
-    else:
-        valid = lead_tensor(mask, "mask") != 0
-    from .objectives import _check_finite_where
+    from .objectives import _as_mask, _check_finite_where
+
+    # Bool or 0/1, as every objective takes it (another value is an error, never "valid").
+    valid = _as_mask(mask, lead, z.device)
 
     for x, name in ((lp_pi, "logprob"), (lp_mu, "rollout_logprob"), (A, "advantages")):
         _check_finite_where(x, valid, name)
@@ -793,8 +792,11 @@ def troll_loss(logprob: Any, rollout_logprob: Any, advantages: Any, mask: Any = 
     zero = torch.zeros((), dtype=torch.float64, device=z.device)
     # Selected out (never 0 * inf): padding may hold anything.
     proj_ratio = torch.exp(torch.where(valid, lp_t_a - lp_mu, zero))
-    # KL(pi || sg pi~): pi~ passed as logits at temperature T (log-probs times T).
-    reg = _kl(z, (lp_t.detach().to(torch.float64) * T).to(lp_t.dtype), temperature=T).to(torch.float64)
+    # KL(pi || sg pi~): pi~ passed as logits at temperature T (log-probs times T; at T = 1 the
+    # projected log-probs themselves, no [B, T, V] temporary; otherwise one, in their dtype: the
+    # product's rounding, 6e-8 relative, is far below that of the log-probs' own float32).
+    w_t = lp_t.detach() if T == 1.0 else lp_t.detach() * T
+    reg = _kl(z, w_t, temperature=T).to(torch.float64)
     token_loss = torch.where(valid, -torch.where(valid, A, zero) * proj_ratio + alpha * reg, zero)
     odt = _out_dtype(z.dtype)
     with torch.no_grad():

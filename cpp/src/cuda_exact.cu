@@ -1392,8 +1392,13 @@ __global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
     const double* t = a.stats + kPairStats * r;
     const double lse_p = t[0], lse_q = t[1];
     const S sa = S(t[2]), sb = S(t[3]);
+    const S ca = S(kLn2d - t[2]), cb = S(kLn2d - t[3]);  // JS: log 2 - KL(p||m), log 2 - KL(q||m)
     const S g = S(a.g[r] * invT);
     const bool bad = lse_p != lse_p || lse_q != lse_q;
+    // KL = +inf (some q_i = 0 < p_i): d/dz NaN wherever p_j > 0; a row whose upstream gradient
+    // is 0 gets 0 (no 0 * NaN reaching the rows a loss keeps), as on the CPU.
+    const bool kl_inf = OP == int(PairOp::kl) && isinf(t[2]);
+    const bool zero_row = kl_inf && a.g[r] == 0.0;
     const bool masses = t[6] != 0.0 || t[7] != 0.0;
     const double dd_[6] = {masses ? t[6] : 1.0 - t[2], masses ? t[7] : -1.0 - t[2],
                            masses ? t[8] : -t[2], masses ? t[9] : 1.0 - t[3],
@@ -1420,6 +1425,7 @@ __global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
           S em1 = small ? q * C::expm1s(eps) : p - q;
           S epsk = ck.x(zv[k], wv[k]);
           gz = zl ? g * p * epsk : zero;
+          if (kl_inf) gz = p > zero ? S(NAN) : zero;
           gw = (zl || wl) ? -g * em1 : zero;
         } else if (OP == int(PairOp::tv)) {
           const bool pos = eps > zero, neg = eps < zero;
@@ -1428,22 +1434,26 @@ __global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
           gz = (zl || wl) ? g * half * p * dp : zero;
           gw = (zl || wl) ? -g * half * q * dq : zero;
         } else {
+          // da = log(p/m) - KL(p||m), db = log(q/m) - KL(q||m), as the CPU kernels form them:
+          // beyond the series, log 2 - KL in double (ca, cb) minus log1p(lo/hi), never the
+          // difference of two float-rounded numbers near log 2 (one row a point mass away from
+          // the other).
           const bool small = fabs(eps) < half;
           S hi = p > q ? p : q, lo = p > q ? q : p;
-          S dbig = S(kLn2d) - C::log1p_ratio(lo, hi);
+          S lr = C::log1p_ratio(lo, hi);
           S ec = eps > S(-200) ? eps : S(-200);
           ec = ec < S(200) ? ec : S(200);
           const bool ppos = p > q;
-          S dp = ppos ? dbig : dbig + ec;
-          S dq = ppos ? dbig - ec : dbig;
+          S da = ppos ? ca - lr : (ca - lr) + ec;
+          S db = ppos ? (cb - lr) - ec : cb - lr;
           S ds = C::jsd(eps);  // log(p/m) = log(2 / (1 + e^-eps)), series for |eps| < 1/2
-          dp = small ? ds : dp;
-          dq = small ? ds - eps : dq;
-          gz = zl ? g * half * p * (dp - sa) : zero;
-          gw = wl ? g * half * q * (dq - sb) : zero;
+          da = small ? ds - sa : da;
+          db = small ? (ds - eps) - sb : db;
+          gz = zl ? g * half * p * da : zero;
+          gw = wl ? g * half * q * db : zero;
         }
-        gzv[k] = bad ? S(NAN) : gz;
-        gwv[k] = bad ? S(NAN) : gw;
+        gzv[k] = bad ? S(NAN) : (zero_row ? zero : gz);
+        gwv[k] = bad ? S(NAN) : (zero_row ? zero : gw);
       }
       if (dz) store_tile<In, S, E>(dz + r * V + i0, gzv, vec, V - i0);
       if (dw) store_tile<In, S, E>(dw + r * V + i0, gwv, vec, V - i0);

@@ -391,7 +391,10 @@ struct PairAlgo {
   static constexpr bool kDouble = std::is_same<In, double>::value;
   // The sum kernels take a PairTerms, never an int: a stage once named kCentre shadowed
   // PairTerms::kCentre, and the centring passes computed JS terms (its value 3 = kJS).
-  enum Stage : int { kStart, kFused, kMax, kRecentre, kFull, kDone };
+  // kRSum: a KL row with some q_i = 0 < p_i (KL = +inf) whose statistics a backward will read:
+  // one pass of the centring sums at the row's centre, so that lse_p counts the mass where q = 0
+  // (the KL passes leave it out: their value is +inf whatever it is).
+  enum Stage : int { kStart, kFused, kMax, kRecentre, kFull, kRSum, kDone };
   struct St {
     int stage = kStart;
     int flags = 0;
@@ -453,6 +456,7 @@ struct PairAlgo {
         s.mlo_pass = s.mlo;
         return true;
       }
+      case kRSum: return finish(r, s);
       default: return false;
     }
   }
@@ -518,8 +522,9 @@ struct PairAlgo {
     P.m = s.m;
     P.mlo = s.mlo;
     P.g = std::exp((((s.Mz - s.Mw) - s.m) - s.mlo) * invT);
-    if (s.masked) full<true>(z, w, n, P, p, pf, pg, s.stage == kRecentre);
-    else full<false>(z, w, n, P, p, pf, pg, s.stage == kRecentre);
+    const bool centre = s.stage == kRecentre || s.stage == kRSum;
+    if (s.masked) full<true>(z, w, n, P, p, pf, pg, centre);
+    else full<false>(z, w, n, P, p, pf, pg, centre);
   }
 
   template <bool kMasked>
@@ -661,6 +666,11 @@ struct PairAlgo {
   }
 
   bool finish(int64_t r, St& s) {
+    if (a.op == PairOp::kl && a.stats && (s.flags & kQZeroP) && !(s.flags & kErrorBits) &&
+        s.stage != kRSum) {
+      s.stage = kRSum;
+      return true;
+    }
     s.stage = kDone;
     if (a.status) a.status[r] = s.flags & kErrorBits;
     double* stats = a.stats ? a.stats + kPairStats * r : nullptr;
@@ -874,17 +884,35 @@ void single_bwd_impl(const SingleBwd& a) {
 // a switch over the op inside the loop, and terms computed for an output nobody asked for,
 // used to cost more than the exponentials. kUnitT: T = 1, and the scalings by 1/T (exact then,
 // but on every dependency chain of the loop) are skipped.
+// The dominant-token entries of KL's and JS's gradients. KL and JS are invariant to a shift of
+// either row of logits, so each gradient row sums to 0; at a token j holding more than half of p
+// (or of q) the direct formula, e.g. p_j (eps_j - KL) / T, is a small difference of numbers of
+// the size p_j (|eps_j| + KL): on a peaked row (p_j = 1 - 1e-9) all of the entry is their
+// rounding (float lanes: -1.9e-6 for an exact 2.7e-9). Each segment also sums its other
+// entries (and their magnitudes, for the choice below) and notes such a token; the row's entry
+// is then minus the sum of the others where that is the more accurate (pair_bwd_run), as the
+// torch backend does. Side 0: dz, side 1: dw.
+struct DomPart {
+  double rest[2] = {0.0, 0.0};  // sum of the segment's entries but the dominant one
+  double size[2] = {0.0, 0.0};  // sum of their magnitudes
+  double prob[2] = {0.0, 0.0};  // the dominant token's probability (0: none in the segment)
+  double direct[2] = {0.0, 0.0};  // its entry by the direct formula, as stored
+  int64_t at[2] = {-1, -1};     // its index within the segment
+};
+
 template <class L, PairOp kOp, bool kZ, bool kW, bool kUnitT>
 __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
                                             const typename L::Storage* w, int64_t n,
                                             const double* t, double T, double gr,
-                                            typename L::Storage* oz, typename L::Storage* ow) {
+                                            typename L::Storage* oz, typename L::Storage* ow,
+                                            DomPart* dom) {
   using V = typename L::V;
   using S = typename L::S;
   using Mask = typename L::Mask;
   const double invT = 1.0 / T;
   const double lse_p = t[0], lse_q = t[1];
   const S sa = S(t[2]), sb = S(t[3]);
+  const S ca = S(kLn2 - t[2]), cb = S(kLn2 - t[3]);  // JS: log 2 - KL(p||m), log 2 - KL(q||m)
   const S g = S(gr * invT);
   const S zero(0), half(0.5), one(1);
   const S ninf = -std::numeric_limits<S>::infinity();
@@ -903,10 +931,23 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
     }
     return;
   }
+  // KL = +inf (some q_i = 0 < p_i): d/dz is undefined, NaN wherever p_j > 0; d/dw keeps its
+  // formula (q - p) / T. A row whose upstream gradient is 0 (selected out of the loss) gets 0, not
+  // 0 * NaN: the NaN of an infinite KL must not poison the gradients of the other rows.
+  const bool kl_inf = kOp == PairOp::kl && std::isinf(t[2]);
+  if (kl_inf && gr == 0.0) {
+    const V z0 = splat<V>(S(0));
+    for (int64_t i = 0; i < n; i += L::W) {
+      if constexpr (kZ) store_lanes<L>(oz, n, i, z0);
+      if constexpr (kW) store_lanes<L>(ow, n, i, z0);
+    }
+    return;
+  }
   // The gradients of one vector of logits (gz, gw zero-initialised by the caller). The full
   // vectors and the last, partial one are separate loops, so the main loop stores in registers
   // (with the partial store's branch inside it, the vector went through the stack each time).
-  auto grads = [&](V zv, V wv, V& gz, V& gw) TRMATH_LAMBDA_INLINE {
+  constexpr bool kDomZ = kZ && kOp != PairOp::tv, kDomW = kW && kOp == PairOp::js;
+  auto grads = [&](V zv, V wv, V& gz, V& gw, V& pz, V& qw) TRMATH_LAMBDA_INLINE {
     Mask zl = zv > ninf, wl = wv > ninf;
     if constexpr (kOp == PairOp::kl) {
       // d KL/dz = p (eps - KL), with eps - KL formed exactly (the centre moved by T KL), not as a
@@ -935,6 +976,8 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
       if constexpr (kZ) {
         if constexpr (!kW) p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
         gz = zl ? g * p * epsk : splat<V>(zero);
+        if (__builtin_expect(kl_inf, 0)) gz = p > zero ? splat<V>(std::numeric_limits<S>::quiet_NaN()) : splat<V>(zero);
+        pz = p;
       }
     } else if constexpr (kOp == PairOp::tv) {
       V eps = L::template logratio<false, kUnitT>(zv, wv, m, mlo, invT);
@@ -959,32 +1002,77 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
       V ds;
       if constexpr (sizeof(S) == 4) ds = eps * estrin(eps, coef::jsd_fc);
       else ds = eps * estrin(eps, coef::jsd_d);
-      V dp = ds, dq = ds - eps;
+      // da = log(p/m) - KL(p||m), db = log(q/m) - KL(q||m). Beyond the series, log(p/m) is
+      // log 2 - log1p(lo/hi) (+ eps where p < q), and where one row is nearly a point mass away
+      // from the other, both it and the row scalar lie near log 2: their difference is taken
+      // with log 2 - KL formed in double (ca, cb), not from two float-rounded numbers near log 2
+      // (float lanes: errors of 1e-5 of the row's largest entry, p a point mass, q spread).
+      V da = ds - sa, db = (ds - eps) - sb;
       const Mask small = vabs(eps) < S(L::kJsRadius);
       if (!all_lanes(small)) {
         V hi = vmax(p, q), lo = vmin(p, q);
-        V dbig = S(kLn2) - L::log1p_ratio(lo, hi);
+        V lr = L::log1p_ratio(lo, hi);
         V ec = vmin(vmax(eps, splat<V>(S(-200))), splat<V>(S(200)));
         Mask ppos = p > q;
-        dp = small ? dp : (ppos ? dbig : dbig + ec);
-        dq = small ? dq : (ppos ? dbig - ec : dbig);
+        V ca_l = ca - lr, cb_l = cb - lr;
+        da = small ? da : (ppos ? ca_l : ca_l + ec);
+        db = small ? db : (ppos ? cb_l - ec : cb_l);
       }
-      if constexpr (kZ) gz = zl ? g * half * p * (dp - sa) : splat<V>(zero);
-      if constexpr (kW) gw = wl ? g * half * q * (dq - sb) : splat<V>(zero);
+      if constexpr (kZ) gz = zl ? g * half * p * da : splat<V>(zero);
+      if constexpr (kW) gw = wl ? g * half * q * db : splat<V>(zero);
+      pz = p;
+      qw = q;
     }
+  };
+  // The sums of the entries but a dominant one (DomPart), in float blocks moved to double as the
+  // forward's sums are. A lane with probability > 1/2 is rare (one token of the row at most), so
+  // its check is one compare per vector and the lane is found only then.
+  Accs<L, kDomW ? 4 : 2> acc;
+  double back[2] = {0.0, 0.0};
+  auto note = [&](int side, int64_t i, V gv, V pv) TRMATH_LAMBDA_INLINE {
+    V ga = gv;
+    if (__builtin_expect(any_lane(pv > half), 0)) {
+      // Rounding can put two tokens just above 1/2: the larger is the row's candidate, and an
+      // entry set aside before is added back (back[]).
+      for (int k = 0; k < L::W; ++k) {
+        if (pv[k] > half && double(pv[k]) > dom->prob[side]) {
+          if (dom->at[side] >= 0) back[side] += dom->direct[side];
+          dom->prob[side] = double(pv[k]);
+          dom->direct[side] = double(gv[k]);
+          dom->at[side] = i + k;
+        }
+      }
+      for (int k = 0; k < L::W; ++k)
+        if (dom->at[side] == i + k) ga[k] = zero;
+    }
+    acc.blk[2 * side] += ga;
+    acc.blk[2 * side + 1] += vabs(ga);
   };
   int64_t i = 0;
   for (; i + L::W <= n; i += L::W) {
-    V gz{}, gw{};
-    grads(L::load(z + i), L::load(w + i), gz, gw);
+    V gz{}, gw{}, pz{}, qw{};
+    grads(L::load(z + i), L::load(w + i), gz, gw, pz, qw);
     if constexpr (kZ) store_full<L>(oz + i, gz);
     if constexpr (kW) store_full<L>(ow + i, gw);
+    if constexpr (kDomZ) note(0, i, gz, pz);
+    if constexpr (kDomW) note(1, i, gw, qw);
+    if constexpr (kDomZ || kDomW) acc.step();
   }
   if (i < n) {
-    V gz{}, gw{};
-    grads(load_tail<L>(z + i, n - i), load_tail<L>(w + i, n - i), gz, gw);
+    V gz{}, gw{}, pz{}, qw{};
+    grads(load_tail<L>(z + i, n - i), load_tail<L>(w + i, n - i), gz, gw, pz, qw);
     if constexpr (kZ) store_lanes<L>(oz, n, i, gz);
     if constexpr (kW) store_lanes<L>(ow, n, i, gw);
+    // The padding lanes hold -inf logits: p = q = 0 and zero entries.
+    if constexpr (kDomZ) note(0, i, gz, pz);
+    if constexpr (kDomW) note(1, i, gw, qw);
+  }
+  if constexpr (kDomZ || kDomW) {
+    acc.flush();
+    for (int side = 0; side < (kDomW ? 2 : 1); ++side) {
+      dom->rest[side] = acc.sum(2 * side) + back[side];
+      dom->size[side] = acc.sum(2 * side + 1) + std::fabs(back[side]);
+    }
   }
 }
 
@@ -1024,6 +1112,11 @@ void tv_side_masses(const PairBwd& a, std::vector<double>& out) {
   }
 }
 
+TRMATH_INLINE void put_grad(float* p, double v) { *p = float(v); }
+TRMATH_INLINE void put_grad(double* p, double v) { *p = v; }
+TRMATH_INLINE void put_grad(bf16_t* p, double v) { store_from_float(p, float(v)); }
+TRMATH_INLINE void put_grad(f16_t* p, double v) { store_from_float(p, float(v)); }
+
 template <class In, PairOp kOp, bool kZ, bool kW>
 void pair_bwd_run(const PairBwd& a) {
   using L = typename LanesFor<In>::type;
@@ -1034,6 +1127,44 @@ void pair_bwd_run(const PairBwd& a) {
   const double* stats = kOp == PairOp::tv ? tv_stats.data() : a.stats;
   In* dz = static_cast<In*>(a.dz);
   In* dw = static_cast<In*>(a.dw);
+  constexpr bool kDomZ = kZ && kOp != PairOp::tv, kDomW = kW && kOp == PairOp::js;
+  // Each row's dominant entry (DomPart): minus the sum of the others where that is the more
+  // accurate. The direct entry's rounding is a few ulps of g p_j (|z_j - w_j| / T + |lse_p| +
+  // |lse_q| + |row scalar|) (the exact log-ratio about the saved centre, then the scalar, in
+  // the lanes' precision); the other entries' sum errs by a few ulps of their magnitudes'
+  // sum. The segments' sums are combined in segment order: deterministic.
+  auto fix_row = [&](int64_t r, const DomPart* parts) {
+    const double* t = stats + kPairStats * r;
+    const double gT = std::fabs(a.g[r] / a.T) * (kOp == PairOp::js ? 0.5 : 1.0);
+    for (int side = 0; side < 2; ++side) {
+      if ((side == 0 && !kDomZ) || (side == 1 && !kDomW)) continue;
+      int64_t best = -1;
+      for (int64_t k = 0; k < nseg; ++k)
+        if (parts[k].at[side] >= 0 && (best < 0 || parts[k].prob[side] > parts[best].prob[side])) best = k;
+      if (best < 0) continue;
+      double rest = 0.0, size = 0.0;
+      for (int64_t k = 0; k < nseg; ++k) {
+        rest += parts[k].rest[side];
+        size += parts[k].size[side];
+        if (k != best && parts[k].at[side] >= 0) {  // a rounding-level second candidate
+          rest += parts[k].direct[side];
+          size += std::fabs(parts[k].direct[side]);
+        }
+      }
+      const DomPart& d = parts[best];
+      const int64_t j = best * kSegment + d.at[side];
+      const double zj = rz.element(r, j), wj = rw.element(r, j);
+      const double scalar = side == 0 ? t[2] : t[3];
+      const double direct_size =
+          gT * d.prob[side] * (std::fabs(zj - wj) / a.T + std::fabs(t[0]) + std::fabs(t[1]) + std::fabs(scalar));
+      if (std::isfinite(rest) && std::isfinite(d.direct[side]) && std::isfinite(direct_size) &&
+          size < direct_size)
+        put_grad((side == 0 ? dz : dw) + r * Vn + j, -rest);
+    }
+  };
+  // One-segment rows are fixed by the task that computed them; longer rows once all their
+  // segments are done (a few doubles per segment).
+  std::vector<DomPart> doms((kDomZ || kDomW) && nseg > 1 ? size_t(N * nseg) : 0);
   parallel_for(N * nseg, [&](int64_t u) {
     int64_t r = u / nseg, sg = u % nseg;
     const In* z = rz.seg(r, sg, scratch<In>(0));
@@ -1043,9 +1174,16 @@ void pair_bwd_run(const PairBwd& a) {
     In* ow = kW ? dw + off : nullptr;
     const int64_t n = rz.seg_len(sg);
     const double* t = stats + kPairStats * r;
-    if (a.T == 1.0) pair_bwd_seg<L, kOp, kZ, kW, true>(z, w, n, t, a.T, a.g[r], oz, ow);
-    else pair_bwd_seg<L, kOp, kZ, kW, false>(z, w, n, t, a.T, a.g[r], oz, ow);
+    DomPart local;
+    DomPart* dom = doms.empty() ? &local : &doms[u];
+    if (a.T == 1.0) pair_bwd_seg<L, kOp, kZ, kW, true>(z, w, n, t, a.T, a.g[r], oz, ow, dom);
+    else pair_bwd_seg<L, kOp, kZ, kW, false>(z, w, n, t, a.T, a.g[r], oz, ow, dom);
+    if constexpr (kDomZ || kDomW)
+      if (nseg == 1) fix_row(r, &local);
   });
+  if constexpr (kDomZ || kDomW)
+    if (nseg > 1)
+      for (int64_t r = 0; r < N; ++r) fix_row(r, &doms[r * nseg]);
 }
 
 template <class In, PairOp kOp>

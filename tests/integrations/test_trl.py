@@ -194,6 +194,25 @@ def test_trl_policy_loss_anchors():
     assert torch.equal(loss, expect)
 
 
+def test_unscored_sampling_logprobs_take_the_trainers_own():
+    """TRL marks tokens vLLM could not score as NaN in sampling_per_token_logps (at valid
+    positions) and anchors them at the trainer's log-prob; so does trmath (it raised)."""
+    lp = torch.tensor([[-0.3, -1.0, -2.0]], dtype=torch.float64)
+    old = lp - 0.05
+    samp = torch.tensor([[-0.4, float("nan"), -2.1]], dtype=torch.float64)
+    inputs = {"completion_mask": torch.ones(1, 3, dtype=torch.long), "advantages": torch.tensor([1.0]),
+              "old_per_token_logps": old, "sampling_per_token_logps": samp}
+    loss, _ = trl_policy_loss("ppo", lp, inputs)
+    fixed = torch.where(torch.isnan(samp), old, samp)
+    assert torch.equal(loss, trmath.policy_loss("ppo", lp, fixed, inputs["advantages"],
+                                                inputs["completion_mask"], old_logprob=old)[0])
+    del inputs["old_per_token_logps"]
+    loss, _ = trl_policy_loss("dppo", lp, inputs)
+    fixed = torch.where(torch.isnan(samp), lp, samp)
+    assert torch.equal(loss, trmath.policy_loss("dppo", lp, fixed, inputs["advantages"],
+                                                inputs["completion_mask"])[0])
+
+
 def test_refused_settings(tmp_path):
     from datasets import Dataset
     from trl import GRPOConfig

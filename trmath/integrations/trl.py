@@ -36,6 +36,10 @@ old only                            ``old_per_token_logps``            --
 neither (on-policy step)            the current log-probs, detached    --
 ==================================  =================================  =====================
 
+Tokens the inference engine could not score (NaN in ``sampling_per_token_logps``, as TRL marks
+them) take the trainer's log-prob instead -- ``old_per_token_logps``, or the current one
+detached -- as TRL itself does.
+
 Aggregation. ``trmath_config["aggregation"]`` (default ``"token-mean"``) selects one of
 :data:`trmath.AGGREGATIONS`. ``token-mean`` divides by the number of completion tokens of the
 whole generation batch (TRL's ``num_items_in_batch``, shared by all accumulation micro-batches
@@ -64,6 +68,10 @@ def _anchors(per_token_logps: torch.Tensor, inputs: Mapping[str, Any]):
     old = inputs.get("old_per_token_logps")
     sampling = inputs.get("sampling_per_token_logps")
     if sampling is not None:
+        # TRL marks tokens the inference engine could not score as NaN (at valid positions) and
+        # uses the trainer's own log-prob there; so does trmath (a NaN anchor would be an error).
+        fallback = old if old is not None else per_token_logps.detach()
+        sampling = torch.where(torch.isnan(sampling), fallback.to(sampling.dtype), sampling)
         return sampling, old
     if old is not None:
         return old, None
@@ -147,6 +155,10 @@ def _check_config(objective: Any, config: Any) -> dict[str, Any]:
     for key in ("normalizer", "old_logprob"):
         if key in config:
             raise ValueError(f"trmath_config: {key!r} is set by the trainer, not by the configuration")
+    if objective == "dppo" and config.get("is_correction") == "tis":
+        # Refused by dppo_loss at the first loss call; said here, at construction.
+        raise ValueError("trmath_config: is_correction 'tis' does not compose with dppo, whose ratio is "
+                         "already pi/mu truncated at cap; use 'cap', or is_correction 'mis'")
     agg = config.get("aggregation", "token-mean")
     if agg not in _objectives.AGGREGATIONS:
         raise ValueError(f"trmath_config: aggregation {agg!r} unknown; valid: "

@@ -1030,7 +1030,13 @@ def mp_grad_token_logprob(
     g = _grad_scale(grad_output, temp, wp)
     p, _ = _Side(a, temp, wp).probs(wp)
     d = [_lm.mpf_neg(pj) for pj in p]
-    d[t] = _lm.mpf_sub(_ONE, p[t], wp, _RN)
+    # 1 - p_t as the sum of the other probabilities (positive terms): as a difference it was 0
+    # once 1 - p_t fell below the working precision (z = [300, 0.3]: 1 - p_t = 7e-131).
+    rest = _ZERO
+    for j, pj in enumerate(p):
+        if j != t:
+            rest = _lm.mpf_add(rest, pj, wp, _RN)
+    d[t] = rest
     return _to_f64([_lm.mpf_mul(g, v, wp, _RN) for v in d])
 
 
