@@ -4,7 +4,8 @@
 // KL-ball projection's solver and backward, the TV projection's log-mixture and its backward,
 // the sparse projection's tail buckets, and the element kernels of the sampled estimators and
 // the binary coarse divergences (sizes around their chunks and vector tails, masks, importance
-// weights, both directions). Checks the results against a plain double-precision
+// weights, both directions), the pair backward's dominant-token entries and KL = +inf rows.
+// Checks the results against a plain double-precision
 // reference to catch gross errors; precision itself is tested from Python against mpmath.
 #include <cmath>
 #include <cstdio>
@@ -465,6 +466,69 @@ void run_topk_refined() {
   }
 }
 
+// Peaked rows (one token with p = q ~ 1 - 1e-9): the pair backward's dominant-token entries (the
+// other entries' sums per segment, combined across segments) for KL and JS; and a KL = +inf row
+// (q = 0 < p at some tokens: the forward's extra pass for lse_p, the backward's NaN d/dz and its
+// zero rows where the upstream gradient is 0).
+template <class T>
+void run_dominant(DType dt, int64_t V, std::mt19937_64& rng) {
+  const int64_t N = 3;
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<T> zb(size_t(N * V)), wb(zb.size());
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t i = 0; i < V; ++i) {
+      double a = nd(rng), b = a + 0.3 * nd(rng);
+      if (i == (5 * r + 1) % V) { a += 30.0; b += 30.0; }   // the dominant token
+      if (r == 2 && V > 4 && i % 5 == 4) b = -INFINITY;    // row 2: KL = +inf
+      zb[size_t(r * V + i)] = from_double<T>(a);
+      wb[size_t(r * V + i)] = from_double<T>(b);
+    }
+  View z;
+  z.data = reinterpret_cast<const char*>(zb.data());
+  z.dtype = dt; z.ndim = 2; z.shape[0] = N; z.shape[1] = V; z.strides[0] = V; z.strides[1] = 1;
+  View w = z;
+  w.data = reinterpret_cast<const char*>(wb.data());
+  const bool f64 = dt == DType::f64;
+  std::vector<double> outd(N), stats(N * kPairStats);
+  std::vector<float> outf(N);
+  std::vector<int> status(N);
+  for (int op : {0, 2}) {
+    PairFwd a;
+    a.z = z; a.w = w; a.T = 1.0; a.op = PairOp(op);
+    a.out = f64 ? (void*)outd.data() : (void*)outf.data();
+    a.stats = stats.data(); a.status = status.data();
+    isa_generic::table.pair_fwd(a);
+    std::vector<T> dz(size_t(N * V)), dw(size_t(N * V));
+    for (double g2 : {1.0, 0.0}) {
+      std::vector<double> g = {1.0, -0.5, g2};
+      PairBwd b;
+      b.z = z; b.w = w; b.T = 1.0; b.op = a.op; b.stats = stats.data(); b.g = g.data();
+      b.dz = dz.data(); b.dw = dw.data();
+      isa_generic::table.pair_bwd(b);
+      for (int64_t r = 0; r < N; ++r) {
+        const bool inf_row = op == 0 && r == 2 && V > 4;
+        double s = 0, mag = 0;
+        bool nan_z = false;
+        for (int64_t i = 0; i < V; ++i) {
+          const double v = simd::to_double(dz[size_t(r * V + i)]);
+          nan_z |= std::isnan(v);
+          s += v;
+          mag += std::fabs(v);
+        }
+        if (inf_row && g2 != 0.0) {
+          check(nan_z, "KL = +inf row: NaN d/dz", V);
+        } else if (inf_row) {
+          check(s == 0.0 && mag == 0.0, "KL = +inf row, upstream 0: zero d/dz", V);
+        } else {
+          // the dominant entry is minus the others' sum (to the rounding of the stored entries)
+          const double tol = (dt == DType::bf16 ? 1e-2 : dt == DType::f32 ? 1e-6 : 1e-12) * (mag + 1e-300);
+          check(!nan_z && std::fabs(s) <= tol, "dominant row: d/dz sums to 0", V);
+        }
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937_64 rng(7);
   const int64_t seg = kSegment;
@@ -499,6 +563,11 @@ int main() {
   for (int nt : {1, 2}) {
     set_num_threads(nt);
     run_topk_refined();
+    for (int64_t V : {int64_t(3), int64_t(33), seg + 5, 2 * seg + 3}) {
+      run_dominant<float>(DType::f32, V, rng);
+      run_dominant<double>(DType::f64, V, rng);
+      run_dominant<simd::bf16_t>(DType::bf16, V, rng);
+    }
   }
   std::printf("core driver: %s (%d failures)\n", failures ? "FAILED" : "ok", failures);
   return failures ? 1 : 0;
