@@ -176,6 +176,72 @@ def test_confident_token_gradients_against_mpmath(dtype, T):
     mod.check_confident_token_gradients(dtype, T, device="cuda")
 
 
+def _sibling(name: str):
+    # The suite imports test files by path (--import-mode=importlib), so a sibling module is
+    # loaded from its file.
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name(name + ".py")
+    spec = importlib.util.spec_from_file_location("_trmath_" + name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ids=_dname)
+@pytest.mark.parametrize("T", (1.0, 0.05))
+def test_dominant_token_gradients_against_mpmath(dtype, T):
+    """KL's and JS's entry at a token holding nearly all of p (JS's d/dw: of q) is minus the sum
+    of the row's others where that is the more accurate, as on the CPU (tests/test_exact_grad.py):
+    the direct formula is all rounding on such rows."""
+    _sibling("test_exact_grad").check_dominant_token_gradients(dtype, T, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
+@pytest.mark.parametrize("func", ("kl", "js"))
+def test_dominant_token_gradients_of_long_rows_against_cpu(func, dtype):
+    """Rows of several backward chunks (the dominant token's records merged across them): peaked
+    rows, the peak in the first, a middle and the last chunk, against the CPU kernels (checked
+    against mpmath by tests/test_exact_grad.py) to twice the target of the row's largest entry,
+    and the same bits for the row alone and moved in the batch."""
+    V, n = 20011, 9
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(n, V, generator=g, dtype=torch.float64)
+    w = z + 0.3 * torch.randn(n, V, generator=g, dtype=torch.float64)
+    for r, (top, gap) in enumerate([(0, 20.0), (9000, 30.0), (V - 1, 50.0)] * 3):
+        z[r, top] += gap
+        w[r, top] += gap if r < 3 else (0.0 if r < 6 else gap + 3.0)
+    z, w = z.to(dtype), w.to(dtype)
+    up = 0.5 + torch.arange(n, dtype=torch.float64) / n  # upstream gradient per row
+
+    def grads(zi, wi, ui, device):
+        zz = zi.detach().clone().to(device).requires_grad_(True)
+        ww = wi.detach().clone().to(device).requires_grad_(True)
+        out = getattr(trmath, func)(zz, ww, temperature=0.7)
+        (out * ui.to(out.dtype).to(device)).sum().backward()
+        return zz.grad.cpu(), ww.grad.cpu()
+
+    ref = grads(z, w, up, "cpu")
+    got = grads(z, w, up, "cuda")
+    elem = {torch.bfloat16: 2.0**-7, torch.float32: 0.0, torch.float64: 0.0}[dtype]
+    for k, (a, b) in enumerate(zip(got, ref)):
+        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        row_max = torch.maximum(a64.abs().amax(-1, keepdim=True), b64.abs().amax(-1, keepdim=True))
+        allowed = elem * torch.maximum(a64.abs(), b64.abs()) + TOL[dtype] * row_max + 1e-30
+        err = (a64 - b64).abs()
+        assert bool((err <= allowed).all()), (func, k, float((err / row_max).max()))
+    perm = torch.roll(torch.arange(n), 4)
+    moved = grads(z[perm], w[perm], up[perm], "cuda")
+    for r in (1, 5):
+        one = grads(z[r:r + 1], w[r:r + 1], up[r:r + 1], "cuda")
+        pos = int((perm == r).nonzero())
+        for a, b in zip(got, one):
+            assert torch.equal(a[r:r + 1], b), (func, r)
+        for a, c in zip(got, moved):
+            assert torch.equal(a[r], c[pos]), (func, r)
+
+
 @pytest.mark.parametrize("func", PAIR + SINGLE)
 def test_row_result_independent_of_batch(func):
     z, w = _near_rows(40, 3001, torch.float32, 8)

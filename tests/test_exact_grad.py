@@ -327,17 +327,20 @@ def test_float64_pair_gradients_of_peaked_and_near_rows(backend, T):
 
 def _dominant_rows(T: float, V: int, seed: int):
     """Rows where one token holds 1 - 1e-3 ... 1 - 1e-22 of p: q peaked on the same token
-    (both sides dominant, JS's dw too), on another token (KL large), or nowhere; and rows where
-    q is so peaked and p spread."""
+    (both sides dominant, JS's dw too), on the same token with a log-ratio of 3 there (p_j - q_j
+    a difference of two numbers near 1: KL's d/dw), on another token (KL large), or nowhere; and
+    rows where q is so peaked and p spread."""
     rng = StableRNG(seed)
     zs, ws = [], []
     for k, gap in enumerate((7.0, 14.0, 20.0, 30.0, 50.0)):
-        for mode in ("same", "other", "flat", "q only"):
+        for mode in ("same", "shifted", "other", "flat", "q only"):
             z = rng.normal(V)
             top = int(rng.integers(0, V))
             z[top] += gap
-            if mode == "same":
+            if mode in ("same", "shifted"):
                 w = z + 0.3 * rng.normal(V)
+                if mode == "shifted":
+                    w[top] += 3.0
             elif mode == "other":
                 w = rng.normal(V)
                 w[(top + 1 + k) % V] += gap
@@ -365,6 +368,12 @@ def test_pair_gradients_at_a_dominant_token(backend, dtype, T):
     T = 0.01. The entry is now minus the sum of the row's others (the gradient rows sum to 0)
     where that is the more accurate: in the kernels and in the torch backend."""
     _ops._FORCE_TORCH[0] = backend == "torch"
+    check_dominant_token_gradients(dtype, T)
+
+
+def check_dominant_token_gradients(dtype, T, device="cpu"):
+    """The body of test_pair_gradients_at_a_dominant_token, also run on the GPU kernels
+    (tests/test_cuda.py)."""
     V = 200 if dtype != torch.float64 else 300
     z64, w64 = _dominant_rows(T, V, seed=int(100 * T) + 3)
     z = torch.stack([cast(r, dtype) for r in z64])
@@ -376,11 +385,11 @@ def test_pair_gradients_at_a_dominant_token(backend, dtype, T):
     gf = g.to(torch.float64 if dtype == torch.float64 else torch.float32)
     failures = []
     for func in ("kl", "js"):
-        zz = z.clone().requires_grad_(True)
-        ww = w.clone().requires_grad_(True)
-        (getattr(trmath, func)(zz, ww, temperature=T) * gf).sum().backward()
+        zz = z.clone().to(device).requires_grad_(True)
+        ww = w.clone().to(device).requires_grad_(True)
+        (getattr(trmath, func)(zz, ww, temperature=T) * gf.to(device)).sum().backward()
         refs = mp_grad_batch(func, z, w, temperature=T, grad_output=g)
-        for k, (got, ref) in enumerate(zip((zz.grad, ww.grad), refs)):
+        for k, (got, ref) in enumerate(zip((zz.grad.cpu(), ww.grad.cpu()), refs)):
             assert got.dtype == dtype
             r = np.asarray(ref, dtype=np.float64)
             err = np.abs(got.double().numpy() - r)

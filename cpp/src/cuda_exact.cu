@@ -1369,8 +1369,33 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
   }
 }
 
+// The dominant-token entries of KL's and JS's gradients, as on the CPU (kernels.cpp, DomPart): each
+// gradient row sums to 0, and at a token holding more than half of p (or of q) the direct formula,
+// e.g. p_j (eps_j - KL) / T, is a small difference of numbers of the size p_j (|eps_j| + KL), all
+// rounding on a peaked row. Every warp of the backward sums its other entries and their
+// magnitudes and notes such a token, in one record per (row, chunk, warp); pair_dom_fix_kernel
+// merges a row's records in a fixed order and, where it is the more accurate, writes minus the
+// sum of the others at the dominant token. Record: per side (0: dz, 1: dw) rest, size,
+// probability (0: none), direct entry, index.
+constexpr int kDomRec = 10;
+#ifndef TRMATH_CUDA_NO_DOM  // lab-only knob: 1 leaves the direct entries (the previous kernels)
+#define TRMATH_CUDA_NO_DOM 0
+#endif
+constexpr int kBwdWarps = kBwdThreads / 32;
+
+// The better of two candidates (larger probability, then smaller index; at < 0: none): a total
+// order, so a butterfly leaves every lane with the same choice.
+template <class S>
+__device__ __forceinline__ void dom_pick(S& prob, S& direct, int64_t& at, S oprob, S odirect, int64_t oat) {
+  if (oat >= 0 && (at < 0 || oprob > prob || (oprob == prob && oat < at))) {
+    prob = oprob;
+    direct = odirect;
+    at = oat;
+  }
+}
+
 template <class In, int OP>
-__global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
+__global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a, double* dom, double* flags) {
   using Tl = Tile<In>;
   using S = typename Tl::S;
   using C = typename CentreOf<S>::type;
@@ -1407,6 +1432,27 @@ __global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
     C cp, ck;
     cp.set(lse_p * T, lse_q * T, t[4], 0.0, t[5], invT, 1.0);
     ck.set(lse_p * T, lse_q * T, t[4], 0.0, t[5] + T * t[2], invT, 1.0);
+    // Dominant-token sums of this thread (sides: dz, dw), in the lanes' precision over its few
+    // elements, then across the warp.
+    const bool dom_z = OP != int(PairOp::tv) && dom && dz, dom_w = OP != int(PairOp::tv) && dom && dw;
+    S d_rest[2] = {zero, zero}, d_size[2] = {zero, zero}, d_prob[2] = {zero, zero}, d_dir[2] = {zero, zero};
+    int64_t d_at[2] = {-1, -1};
+    auto note = [&](int side, S gv, S pv, int64_t idx) {
+      if (pv > half && pv > d_prob[side]) {
+        // Rounding can put two tokens just above 1/2: the larger is the candidate, and one set
+        // aside before goes back into the sum of the others.
+        if (d_at[side] >= 0) {
+          d_rest[side] += d_dir[side];
+          d_size[side] += fabs(d_dir[side]);
+        }
+        d_prob[side] = pv;
+        d_dir[side] = gv;
+        d_at[side] = idx;
+        return;
+      }
+      d_rest[side] += gv;
+      d_size[side] += fabs(gv);
+    };
     for (int j = 0; j < kBwdTiles; ++j) {
       const int64_t i0 = ch * kChunk + (int64_t(j) * kBwdThreads + threadIdx.x) * E;
       if (i0 >= V) break;
@@ -1454,9 +1500,116 @@ __global__ void __launch_bounds__(kBwdThreads) pair_bwd_kernel(PairBwd a) {
         }
         gzv[k] = bad ? S(NAN) : (zero_row ? zero : gz);
         gwv[k] = bad ? S(NAN) : (zero_row ? zero : gw);
+        if (dom_z) note(0, gzv[k], p, i0 + k);
+        if (dom_w) note(1, gwv[k], q, i0 + k);
       }
       if (dz) store_tile<In, S, E>(dz + r * V + i0, gzv, vec, V - i0);
       if (dw) store_tile<In, S, E>(dw + r * V + i0, gwv, vec, V - i0);
+    }
+    if (dom_z || dom_w) {  // uniform over the block
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+      double* o = dom + ((r * nch + ch) * kBwdWarps + warp) * kDomRec;
+      for (int side = 0; side < 2; ++side) {
+        if (!(side == 0 ? dom_z : dom_w)) continue;
+        S bp = d_prob[side], bd = d_dir[side];
+        int64_t ba = d_at[side];
+        S rest = d_rest[side], size = d_size[side];
+        if (__any_sync(0xffffffffu, ba >= 0)) {  // rare: the warp holds a candidate
+          for (int m = 16; m > 0; m >>= 1) {
+            const S op = __shfl_xor_sync(0xffffffffu, bp, m), od = __shfl_xor_sync(0xffffffffu, bd, m);
+            const int64_t oa = __shfl_xor_sync(0xffffffffu, ba, m);
+            dom_pick(bp, bd, ba, op, od, oa);
+          }
+          if (d_at[side] >= 0 && d_at[side] != ba) {  // a lane's candidate that is not the warp's
+            rest += d_dir[side];
+            size += fabs(d_dir[side]);
+          }
+          if (lane == 0) flags[r] = 1.0;  // the row has a candidate (every writer writes 1)
+        }
+        // The warp's sums in the lanes' precision (32 terms; the CPU also sums blocks of its
+        // lanes in float before moving them to double).
+        for (int m = 16; m > 0; m >>= 1) {
+          rest += __shfl_down_sync(0xffffffffu, rest, m);
+          size += __shfl_down_sync(0xffffffffu, size, m);
+        }
+        if (lane == 0) {
+          double* os = o + 5 * side;
+          os[0] = double(rest);
+          os[1] = double(size);
+          os[2] = ba >= 0 ? double(bp) : 0.0;
+          os[3] = double(bd);
+          os[4] = double(ba);
+        }
+      }
+    }
+  }
+}
+
+// One block per row with a candidate (flags): the row's dominant-token records (pair_bwd_kernel)
+// merged in a fixed order -- thread t takes records t, t + kBwdThreads, ..., then fixed trees --
+// so the result depends on V alone. The entry becomes minus the sum of the others where their
+// rounding (a few ulps of their magnitudes' sum) is below the direct entry's (a few ulps of
+// g p_j (|z_j - w_j| / T + |lse_p| + |lse_q| + |row scalar|)), the CPU's criterion.
+template <class In, int OP>
+__global__ void __launch_bounds__(kBwdThreads) pair_dom_fix_kernel(PairBwd a, const double* dom, int64_t nrec,
+                                                                   const double* flags) {
+  using Tl = Tile<In>;
+  using S = typename Tl::S;
+  __shared__ double pick_p[kBwdWarps], pick_d[kBwdWarps];
+  __shared__ int64_t pick_a[kBwdWarps];
+  const int64_t N = nrows(a.z), V = a.z.shape[a.z.ndim - 1];
+  const int64_t vsz = a.z.strides[a.z.ndim - 1], vsw = a.w.strides[a.w.ndim - 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    if (flags[r] == 0.0) continue;  // uniform over the block
+    const double* t = a.stats + kPairStats * r;
+    const double gT = fabs(a.g[r] / a.T) * (OP == int(PairOp::js) ? 0.5 : 1.0);
+    for (int side = 0; side < 2; ++side) {
+      if (side == 0 ? !a.dz : !a.dw) continue;
+      const double* rec = dom + r * nrec * kDomRec + 5 * side;
+      double bp = 0.0, bd = 0.0;
+      int64_t ba = -1;
+      for (int64_t k = threadIdx.x; k < nrec; k += kBwdThreads) {
+        const double* o = rec + k * kDomRec;
+        dom_pick(bp, bd, ba, o[2], o[3], o[2] > 0.0 ? int64_t(o[4]) : int64_t(-1));
+      }
+      for (int m = 16; m > 0; m >>= 1) {
+        const double op = __shfl_xor_sync(0xffffffffu, bp, m), od = __shfl_xor_sync(0xffffffffu, bd, m);
+        const int64_t oa = __shfl_xor_sync(0xffffffffu, ba, m);
+        dom_pick(bp, bd, ba, op, od, oa);
+      }
+      if (lane == 0) {
+        pick_p[warp] = bp;
+        pick_d[warp] = bd;
+        pick_a[warp] = ba;
+      }
+      __syncthreads();
+      bp = pick_p[0];
+      bd = pick_d[0];
+      ba = pick_a[0];
+      for (int k = 1; k < kBwdWarps; ++k) dom_pick(bp, bd, ba, pick_p[k], pick_d[k], pick_a[k]);
+      __syncthreads();
+      if (ba < 0) continue;  // uniform: every thread holds the same choice
+      double v[2] = {0.0, 0.0};  // rest, size
+      for (int64_t k = threadIdx.x; k < nrec; k += kBwdThreads) {
+        const double* o = rec + k * kDomRec;
+        v[0] += o[0];
+        v[1] += o[1];
+        if (o[2] > 0.0 && int64_t(o[4]) != ba) {  // a rounding-level second candidate
+          v[0] += o[3];
+          v[1] += fabs(o[3]);
+        }
+      }
+      block_sum<2>(v);
+      if (threadIdx.x == 0) {
+        const In* z = reinterpret_cast<const In*>(a.z.data) + row_offset(a.z, r);
+        const In* w = reinterpret_cast<const In*>(a.w.data) + row_offset(a.w, r);
+        const double zj = double(Tl::one(z + ba * vsz)), wj = double(Tl::one(w + ba * vsw));
+        const double scalar = side == 0 ? t[2] : t[3];
+        const double direct_size = gT * bp * (fabs(zj - wj) / a.T + fabs(t[0]) + fabs(t[1]) + fabs(scalar));
+        if (isfinite(v[0]) && isfinite(bd) && isfinite(direct_size) && v[1] < direct_size)
+          store1(static_cast<In*>(side == 0 ? a.dz : a.dw) + r * V + ba, S(-v[0]));
+      }
     }
   }
 }
@@ -1543,11 +1696,27 @@ void pair_backward(const PairBwd& a, uintptr_t stream) {
   by_dtype(a.z.dtype, [&](auto tag) {
     using In = decltype(tag);
     const int64_t chunk = int64_t(kBwdThreads) * kBwdTiles * Tile<In>::E;
-    const int g = grid_for(N * ((V + chunk - 1) / chunk), 16);
+    const int64_t nch = (V + chunk - 1) / chunk;
+    const int g = grid_for(N * nch, 16);
+    // KL's and JS's gradients fix their dominant-token entries (records: N x nch x warps, then a
+    // flag per row).
+    const bool dom = !TRMATH_CUDA_NO_DOM && a.op != PairOp::tv;
+    const int64_t nrec = nch * kBwdWarps;
+    Scratch rec(dom ? N * nrec * kDomRec + N : 1, st);
+    double* d = dom ? rec.p : nullptr;
+    double* fl = dom ? rec.p + N * nrec * kDomRec : nullptr;
+    if (dom) check(cudaMemsetAsync(fl, 0, size_t(N) * sizeof(double), st), "pair_backward flags");
+    const int gf = grid_for(N, 8);
     switch (a.op) {
-      case PairOp::kl: pair_bwd_kernel<In, 0><<<g, kBwdThreads, 0, st>>>(a); break;
-      case PairOp::tv: pair_bwd_kernel<In, 1><<<g, kBwdThreads, 0, st>>>(a); break;
-      case PairOp::js: pair_bwd_kernel<In, 2><<<g, kBwdThreads, 0, st>>>(a); break;
+      case PairOp::kl:
+        pair_bwd_kernel<In, 0><<<g, kBwdThreads, 0, st>>>(a, d, fl);
+        if (dom) pair_dom_fix_kernel<In, 0><<<gf, kBwdThreads, 0, st>>>(a, d, nrec, fl);
+        break;
+      case PairOp::tv: pair_bwd_kernel<In, 1><<<g, kBwdThreads, 0, st>>>(a, d, fl); break;
+      case PairOp::js:
+        pair_bwd_kernel<In, 2><<<g, kBwdThreads, 0, st>>>(a, d, fl);
+        if (dom) pair_dom_fix_kernel<In, 2><<<gf, kBwdThreads, 0, st>>>(a, d, nrec, fl);
+        break;
     }
   });
   check(cudaGetLastError(), "pair_backward launch");

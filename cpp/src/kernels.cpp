@@ -946,7 +946,7 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
   // The gradients of one vector of logits (gz, gw zero-initialised by the caller). The full
   // vectors and the last, partial one are separate loops, so the main loop stores in registers
   // (with the partial store's branch inside it, the vector went through the stack each time).
-  constexpr bool kDomZ = kZ && kOp != PairOp::tv, kDomW = kW && kOp == PairOp::js;
+  constexpr bool kDomZ = kZ && kOp != PairOp::tv, kDomW = kW && kOp != PairOp::tv;
   auto grads = [&](V zv, V wv, V& gz, V& gw, V& pz, V& qw) TRMATH_LAMBDA_INLINE {
     Mask zl = zv > ninf, wl = wv > ninf;
     if constexpr (kOp == PairOp::kl) {
@@ -972,6 +972,7 @@ __attribute__((noinline)) void pair_bwd_seg(const typename L::Storage* z,
           p = q + em1;
         }
         gw = (zl | wl) ? -g * em1 : splat<V>(zero);
+        qw = q;
       }
       if constexpr (kZ) {
         if constexpr (!kW) p = L::exp(L::template shifted<kUnitT>(zv, lse_p * T, invT));
@@ -1127,7 +1128,7 @@ void pair_bwd_run(const PairBwd& a) {
   const double* stats = kOp == PairOp::tv ? tv_stats.data() : a.stats;
   In* dz = static_cast<In*>(a.dz);
   In* dw = static_cast<In*>(a.dw);
-  constexpr bool kDomZ = kZ && kOp != PairOp::tv, kDomW = kW && kOp == PairOp::js;
+  constexpr bool kDomZ = kZ && kOp != PairOp::tv, kDomW = kW && kOp != PairOp::tv;
   // Each row's dominant entry (DomPart): minus the sum of the others where that is the more
   // accurate. The direct entry's rounding is a few ulps of g p_j (|z_j - w_j| / T + |lse_p| +
   // |lse_q| + |row scalar|) (the exact log-ratio about the saved centre, then the scalar, in
