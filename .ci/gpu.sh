@@ -3,6 +3,8 @@
 # For a machine with an NVIDIA GPU, nvcc, CMake, ninja, pybind11 and torch (CUDA build); not part
 # of .ci/run, which has no GPU (it only compiles the CUDA sources). Usage:
 #   bash .ci/gpu.sh [OUTDIR]     (architectures: TRMATH_CUDA_ARCHS, default "90-real";
+#                                 PREBUILT=DIR links the objects .ci/gpu_prebuild.sh made instead
+#                                 of building;
 #                                 NCU=1 adds an Nsight Compute profile of the kl span kernel;
 #                                 BENCH_ARGS are passed to benchmarks/bench_cuda.py; BENCH=0
 #                                 skips the benchmark, BUILT=1 the build)
@@ -15,14 +17,20 @@ py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 $py -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
 bld=build-gpu
-cmake -S . -B "$bld" -G Ninja -DTRMATH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${TRMATH_CUDA_ARCHS:-90-real}" \
-  -Dpybind11_DIR="$($py -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $py)" > "$out/cmake.log"
 start=$(date +%s)
-if [ "${BUILT:-0}" != 1 ]; then
-  ninja -C "$bld" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+if [ -n "${PREBUILT:-}" ]; then
+  bash "$PREBUILT/link.sh" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  echo "link: $(( $(date +%s) - start )) s"
+  BUILT=1
+else
+  cmake -S . -B "$bld" -G Ninja -DTRMATH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${TRMATH_CUDA_ARCHS:-90-real}" \
+    -Dpybind11_DIR="$($py -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(command -v $py)" > "$out/cmake.log"
+  if [ "${BUILT:-0}" != 1 ]; then
+    ninja -C "$bld" > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  fi
+  echo "build: $(( $(date +%s) - start )) s"
+  cp "$bld"/_core*.so trmath/
 fi
-echo "build: $(( $(date +%s) - start )) s"
-cp "$bld"/_core*.so trmath/
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $py -c "import trmath, trmath._backend as b; print('kernels:', b.has_cuda(), b.cuda_device_name())"
 set +e
