@@ -159,23 +159,6 @@ def test_gradients_against_cpu(func, dtype):
         assert bool((err <= allowed).all()), (func, k, float((err - allowed).max()))
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
-@pytest.mark.parametrize("T", (1.0, 0.7))
-def test_confident_token_gradients_against_mpmath(dtype, T):
-    """The token's own entry g (1 - p_t) / T and the entropy's log p + H where p_t -> 1 (see
-    tests/test_exact_grad.py), on the GPU kernels."""
-    # The suite imports test files by path (--import-mode=importlib), so the sibling module is
-    # loaded from its file.
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).with_name("test_exact_grad.py")
-    spec = importlib.util.spec_from_file_location("_trmath_test_exact_grad", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.check_confident_token_gradients(dtype, T, device="cuda")
-
-
 def _sibling(name: str):
     # The suite imports test files by path (--import-mode=importlib), so a sibling module is
     # loaded from its file.
@@ -187,6 +170,14 @@ def _sibling(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=_dname)
+@pytest.mark.parametrize("T", (1.0, 0.7))
+def test_confident_token_gradients_against_mpmath(dtype, T):
+    """The token's own entry g (1 - p_t) / T and the entropy's log p + H where p_t -> 1 (see
+    tests/test_exact_grad.py), on the GPU kernels."""
+    _sibling("test_exact_grad").check_confident_token_gradients(dtype, T, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ids=_dname)

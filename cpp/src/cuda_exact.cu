@@ -1378,9 +1378,6 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
 // sum of the others at the dominant token. Record: per side (0: dz, 1: dw) rest, size,
 // probability (0: none), direct entry, index.
 constexpr int kDomRec = 10;
-#ifndef TRMATH_CUDA_NO_DOM  // lab-only knob: 1 leaves the direct entries (the previous kernels)
-#define TRMATH_CUDA_NO_DOM 0
-#endif
 constexpr int kBwdWarps = kBwdThreads / 32;
 
 // The better of two candidates (larger probability, then smaller index; at < 0: none): a total
@@ -1700,7 +1697,7 @@ void pair_backward(const PairBwd& a, uintptr_t stream) {
     const int g = grid_for(N * nch, 16);
     // KL's and JS's gradients fix their dominant-token entries (records: N x nch x warps, then a
     // flag per row).
-    const bool dom = !TRMATH_CUDA_NO_DOM && a.op != PairOp::tv;
+    const bool dom = a.op != PairOp::tv;
     const int64_t nrec = nch * kBwdWarps;
     Scratch rec(dom ? N * nrec * kDomRec + N : 1, st);
     double* d = dom ? rec.p : nullptr;
