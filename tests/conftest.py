@@ -17,6 +17,8 @@ thrash under load (an elementwise op on 160k doubles measured 12 ms with 2 threa
 0.05 ms with 1), and the tests' reference computations (pure-torch backend, float64 helpers)
 are small. The C++ kernels' thread pool (``trmath.set_num_threads``) is separate and unaffected.
 
+Under pytest-xdist each worker runs the CPU kernels with ``max(2, cores // workers)`` threads.
+
 The autouse fixture :func:`_restore_global_state` puts back the process-wide knobs that tests
 touch: the number of threads of the CPU kernels and the test hook ``_ops._FORCE_TORCH`` that
 routes CPU tensors to the pure-torch backend.
@@ -43,6 +45,17 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(int(os.environ.get("TRMATH_TEST_TORCH_THREADS", "1")))
+    # Under pytest-xdist (``-n auto``, the README's command) every worker is a process with its
+    # own pool of kernel threads: share the cores among the workers, but keep at least 2 threads
+    # per worker so that the default (multi-threaded) partition of the rows is what the tests
+    # run. ``TRMATH_NUM_THREADS`` (read by the core) wins when set.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1 and "TRMATH_NUM_THREADS" not in os.environ:
+        try:
+            import trmath
+        except Exception:  # the compiled core may be missing (tests of pure-Python parts)
+            return
+        trmath.set_num_threads(max(2, (os.cpu_count() or 2) // workers))
 
 
 @pytest.fixture(autouse=True)
