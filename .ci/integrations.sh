@@ -22,23 +22,53 @@ mkdir -p "$work"
 constraints="$work/constraints.txt"
 echo "torch==2.13.0" > "$constraints"
 
-echo "== trmath wheel (built once, in its own build directory)"
+# elapsed: seconds since this script started.
+elapsed() { echo "$(( $(date +%s) - start )) s"; }
+
+# The trainers' environments (torch and each trainer's dependencies, without trmath) are made
+# while trmath's wheel builds in the background: the wheel's compile and pip's downloads and
+# unpacking use different resources. trmath goes in once its wheel is there.
+echo "== trmath wheel (built once, in its own build directory, in the background)"
 rm -rf "$work/wheel"
 python3 -m venv "$work/.venv-build"
 "$work/.venv-build/bin/python" -m pip install -q -U pip
 "$work/.venv-build/bin/python" -m pip wheel -q --no-deps -w "$work/wheel" \
-  -C build-dir="$work/cmake" .
-wheel=$(ls "$work"/wheel/trmath-*.whl)
+  -C build-dir="$work/cmake" . > "$work/wheel.log" 2>&1 &
+wheel_pid=$!
+trap 'kill "$wheel_pid" 2>/dev/null || true' EXIT
 
-# make_venv DIR PACKAGES...: a fresh venv with torch==2.13.0, trmath (the wheel, with its test
-# extras) and PACKAGES.
+# make_venv DIR PACKAGES...: a fresh venv with torch==2.13.0 and PACKAGES.
 make_venv() {
   local dir=$1; shift
   rm -rf "$dir"
   python3 -m venv "$dir"
   "$dir/bin/python" -m pip install -q -U pip
-  "$dir/bin/python" -m pip install -q -c "$constraints" torch==2.13.0 "${wheel}[test]" "$@"
+  "$dir/bin/python" -m pip install -q -c "$constraints" torch==2.13.0 "$@"
 }
+
+echo "== environments: TRL $TRL_VERSION [$(elapsed)]"
+make_venv .venv-trl "trl==$TRL_VERSION"
+echo "== environments: verl $VERL_VERSION [$(elapsed)]"
+# verl's full requirements pull Ray's dashboard, vLLM-side tooling, wandb, ...; its policy-loss
+# registry (verl.trainer.ppo.core_algos), ActorConfig and the actor's loss function
+# (verl.workers.utils.losses) need only these.
+make_venv .venv-verl ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf hydra-core \
+  "transformers>=5.5.3,<5.11,!=5.6.0" "numpy>=2" packaging codetiming dill pandas datasets pillow
+.venv-verl/bin/python -m pip install -q --no-deps "verl==$VERL_VERSION"
+
+echo "== waiting for the trmath wheel [$(elapsed)]"
+set +e
+wait "$wheel_pid"
+wrc=$?
+set -e
+trap - EXIT
+cat "$work/wheel.log"
+[ "$wrc" -eq 0 ] || { echo "pip wheel failed (exit $wrc)"; exit 1; }
+wheel=$(ls "$work"/wheel/trmath-*.whl)
+echo "built $wheel [$(elapsed)]"
+if [ -n "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]; then
+  "$CMAKE_CXX_COMPILER_LAUNCHER" --show-stats 2>/dev/null | grep -E "^(Compile requests|Cache hits|Cache misses) " || true
+fi
 
 # run_suite DIR TESTFILE: pytest must pass, collect tests and skip none.
 run_suite() {
@@ -62,18 +92,13 @@ run_suite() {
   rm -f "$log"
 }
 
-echo "== TRL $TRL_VERSION"
-make_venv .venv-trl "trl==$TRL_VERSION"
+echo "== TRL $TRL_VERSION [$(elapsed)]"
+.venv-trl/bin/python -m pip install -q -c "$constraints" "${wheel}[test]"
 (cd "$work" && ../../.venv-trl/bin/python -c "import trl, transformers, torch, trmath; print('trl', trl.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__, 'trmath', trmath.__file__)")
 run_suite .venv-trl tests/integrations/test_trl.py
 
-echo "== verl $VERL_VERSION"
-# verl's full requirements pull Ray's dashboard, vLLM-side tooling, wandb, ...; its policy-loss
-# registry (verl.trainer.ppo.core_algos), ActorConfig and the actor's loss function
-# (verl.workers.utils.losses) need only these.
-make_venv .venv-verl ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf hydra-core \
-  "transformers>=5.5.3,<5.11,!=5.6.0" "numpy>=2" packaging codetiming dill pandas datasets pillow
-.venv-verl/bin/python -m pip install -q --no-deps "verl==$VERL_VERSION"
+echo "== verl $VERL_VERSION [$(elapsed)]"
+.venv-verl/bin/python -m pip install -q -c "$constraints" "${wheel}[test]"
 (cd "$work" && ../../.venv-verl/bin/python -c "import verl, torch, trmath; print('verl', verl.__version__, 'torch', torch.__version__, 'trmath', trmath.__file__)")
 run_suite .venv-verl tests/integrations/test_verl.py
 
