@@ -37,13 +37,15 @@ python3 -m venv "$work/.venv-build"
 wheel_pid=$!
 trap 'kill "$wheel_pid" 2>/dev/null || true' EXIT
 
-# make_venv DIR PACKAGES...: a fresh venv with torch==2.13.0 and PACKAGES.
+# make_venv DIR PACKAGES...: a fresh venv with torch==2.13.0 and PACKAGES. --no-compile: no
+# bytecode for the thousands of modules of torch, transformers, ray, ... that the two test files
+# never import (what they import is compiled when imported).
 make_venv() {
   local dir=$1; shift
   rm -rf "$dir"
   python3 -m venv "$dir"
   "$dir/bin/python" -m pip install -q -U pip
-  "$dir/bin/python" -m pip install -q -c "$constraints" torch==2.13.0 "$@"
+  "$dir/bin/python" -m pip install -q --no-compile -c "$constraints" torch==2.13.0 "$@"
 }
 
 echo "== environments: TRL $TRL_VERSION [$(elapsed)]"
@@ -54,7 +56,7 @@ echo "== environments: verl $VERL_VERSION [$(elapsed)]"
 # (verl.workers.utils.losses) need only these.
 make_venv .venv-verl ray "tensordict>=0.8.0,<=0.10.0,!=0.9.0" omegaconf hydra-core \
   "transformers>=5.5.3,<5.11,!=5.6.0" "numpy>=2" packaging codetiming dill pandas datasets pillow
-.venv-verl/bin/python -m pip install -q --no-deps "verl==$VERL_VERSION"
+.venv-verl/bin/python -m pip install -q --no-compile --no-deps "verl==$VERL_VERSION"
 
 echo "== waiting for the trmath wheel [$(elapsed)]"
 set +e

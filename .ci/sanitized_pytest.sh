@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# usage: .ci/sanitized_pytest.sh DIR
+#
+# The tests that drive the C++ core, run against an AddressSanitizer + UndefinedBehaviorSanitizer
+# build of it. DIR holds the sanitized kernel objects kernels.o, project_kernels.o,
+# estimator_kernels.o and threadpool.o, compiled with the flags of .ci/sanitizer_flags.sh (as
+# .ci/run and .ci/sanitize.sh do). This script compiles the Python bindings the same way, links
+# DIR/_core.so from them and runs pytest with the sanitizer runtime preloaded, in two processes
+# over two halves of the test files. The extension holds the generic kernels only (the AVX2 and
+# AVX-512 builds are the same sources with wider lanes; the other tests run those). Any report
+# fails the run: halt_on_error, and the reports go to files (a report on stderr is lost when the
+# process aborts under pytest's output capture), which are printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+drv=$(cd "$1" && pwd)
+py=$(command -v python)
+"$py" -m pip install -q pybind11
+
+. .ci/sanitizer_flags.sh
+read -r -a inc <<< "$("$py" -c "import pybind11, sysconfig; print('-I' + pybind11.get_include(), '-I' + sysconfig.get_paths()['include'])")"
+suffix=$("$py" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+objs=()
+# compile_bindings FILES...: the binding sources, one after another.
+compile_bindings() {
+  for f in "$@"; do
+    g++ "${san[@]}" "${inc[@]}" -fvisibility=hidden -c "cpp/src/$f.cpp" -o "$drv/py_$f.o"
+  done
+}
+# Two compilers at a time (the bindings are about 20 s each at -O1).
+compile_bindings module bind_exact bind_coarse dispatch &
+pid=$!
+compile_bindings bind_estimators bind_project bufpool
+wait "$pid"
+for f in module bind_exact bind_coarse bind_estimators bind_project dispatch bufpool; do
+  objs+=("$drv/py_$f.o")
+done
+for f in kernels project_kernels estimator_kernels threadpool; do
+  [ -f "$drv/$f.o" ] || { echo "missing $drv/$f.o"; exit 1; }
+  objs+=("$drv/$f.o")
+done
+g++ -shared -fsanitize=address,undefined "${objs[@]}" -o "$drv/_core$suffix" -lpthread
+
+# A package tree that holds the sanitized extension (the editable install points elsewhere).
+stage="$drv/stage"
+rm -rf "$stage"
+mkdir -p "$stage/pkg" "$stage/reports"
+cp -r trmath "$stage/pkg/"
+rm -f "$stage/pkg/trmath/"_core*.so
+cp "$drv/_core$suffix" "$stage/pkg/trmath/"
+
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:detect_odr_violation=0:log_path=$stage/reports/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$stage/reports/ubsan"
+# The sanitizer runtime first, then libstdc++: python itself does not link libstdc++, and an
+# ASan runtime preloaded without it cannot resolve the real __cxa_throw, so the first C++
+# exception (every invalid-input test throws one) stops the process with "CHECK failed:
+# asan_interceptors.cpp ... real___cxa_throw".
+preload="$(gcc -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"
+site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# run_half LOG FILES...: pytest on FILES without the editable install's import hook (no site
+# processing, -S), the staged package first on the path, then the environment's packages.
+run_half() {
+  local log=$1; shift
+  (cd "$stage" && LD_PRELOAD="$preload" "$py" -S -c "
+import sys; sys.path[:0] = ['$stage/pkg', '$root/tests']; sys.path.append('$site')
+import trmath, trmath._backend as b
+assert trmath.__file__.startswith('$stage'), trmath.__file__
+print('sanitized core:', b.isa(), trmath.__file__)
+import pytest
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--rootdir', '$root', '-c', '$root/pyproject.toml',
+                      '-m', 'not slow', *sys.argv[1:]]))
+" "$@") > "$log" 2>&1
+}
+t="$root/tests"
+run_half "$stage/a.log" "$t/test_exact_grad.py" "$t/test_exact_errors.py" "$t/test_coarse.py" \
+  "$t/test_coarse_errors.py" &
+pid_a=$!
+set +e
+run_half "$stage/b.log" "$t/test_exact_backends.py" "$t/test_coarse_topk.py" "$t/test_estimators.py" \
+  "$t/test_projections.py" "$t/test_buffer_cache.py" "$t/test_objectives.py"
+rc_b=$?
+wait "$pid_a"
+rc_a=$?
+set -e
+cat "$stage/a.log" "$stage/b.log"
+reports=$(ls "$stage/reports")
+if [ -n "$reports" ]; then
+  for r in "$stage"/reports/*; do echo "== $r"; cat "$r"; done
+  echo "sanitizer reports (above)"
+  exit 1
+fi
+if [ "$rc_a" -ne 0 ] || [ "$rc_b" -ne 0 ]; then
+  echo "sanitized pytest failed (exit $rc_a, $rc_b)"
+  exit 1
+fi
+echo "sanitized pytest: ok (no reports)"
