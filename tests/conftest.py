@@ -19,6 +19,10 @@ are small. The C++ kernels' thread pool (``trmath.set_num_threads``) is separate
 
 Under pytest-xdist each worker runs the CPU kernels with ``max(2, cores // workers)`` threads.
 
+``TRMATH_TESTS_CORE_ONLY=1`` (the sanitizer run, ``.ci/sanitized_pytest.sh``) deselects the
+cases that never reach the compiled core: those parametrized with ``backend="torch"`` (the
+pure-torch backend).
+
 The autouse fixture :func:`_restore_global_state` puts back the process-wide knobs that tests
 touch: the number of threads of the CPU kernels and the test hook ``_ops._FORCE_TORCH`` that
 routes CPU tensors to the pure-torch backend.
@@ -56,6 +60,18 @@ def pytest_configure(config):
         except Exception:  # the compiled core may be missing (tests of pure-Python parts)
             return
         trmath.set_num_threads(max(2, (os.cpu_count() or 2) // workers))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRMATH_TESTS_CORE_ONLY", "") in ("", "0"):
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        (drop if params.get("backend") == "torch" else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True)
