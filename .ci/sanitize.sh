@@ -9,16 +9,13 @@ cd "$(dirname "$0")/.."
 . .ci/sanitizer_flags.sh
 drv=$(mktemp -d)
 trap 'rm -rf "$drv"' EXIT
-g++ "${san[@]}" -c cpp/src/kernels.cpp -o "$drv/kernels.o" &
+san_objects "$drv" cpp/src/kernels &
 pid=$!
-for f in cpp/tests/core_driver cpp/src/project_kernels cpp/src/estimator_kernels cpp/src/threadpool; do
-  g++ "${san[@]}" -c "$f.cpp" -o "$drv/$(basename "$f").o"
-done
+san_objects "$drv" cpp/tests/core_driver cpp/src/project_kernels cpp/src/estimator_kernels \
+  cpp/src/threadpool
+python -c "import pybind11" 2>/dev/null || python -m pip install -q pybind11
+san_bindings "$drv"
 wait "$pid"
-g++ -fsanitize=address,undefined "$drv/core_driver.o" "$drv/kernels.o" "$drv/project_kernels.o" \
-  "$drv/estimator_kernels.o" "$drv/threadpool.o" -o "$drv/core_driver" -lpthread
-# Leak check of the core on its own (the interpreter's own allocations are out of scope in the
-# pytest run).
-ASAN_OPTIONS=detect_leaks=1 "$drv/core_driver"
+san_driver "$drv"
 echo "sanitized C++ driver (leak check on): OK"
 bash .ci/sanitized_pytest.sh "$drv"

@@ -4,9 +4,10 @@
 # The tests that drive the C++ core, run against an AddressSanitizer + UndefinedBehaviorSanitizer
 # build of it. DIR holds the sanitized kernel objects kernels.o, project_kernels.o,
 # estimator_kernels.o and threadpool.o, compiled with the flags of .ci/sanitizer_flags.sh (as
-# .ci/run and .ci/sanitize.sh do). This script compiles the Python bindings the same way, links
-# DIR/_core.so from them and runs pytest with the sanitizer runtime preloaded, in two processes
-# over two halves of the test files. The extension holds the generic kernels only (the AVX2 and
+# .ci/run and .ci/sanitize.sh do). Unless DIR already holds it (.ci/background_checks.sh), this
+# script compiles the Python bindings the same way (unless already there) and links DIR/_core.so;
+# it then runs pytest
+# with the sanitizer runtime preloaded, in two processes over two halves of the test files. The extension holds the generic kernels only (the AVX2 and
 # AVX-512 builds are the same sources with wider lanes; the other tests run those). Any report
 # fails the run: halt_on_error, and the reports go to files (a report on stderr is lost when the
 # process aborts under pytest's output capture), which are printed.
@@ -15,31 +16,13 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 drv=$(cd "$1" && pwd)
 py=$(command -v python)
-"$py" -m pip install -q pybind11
-
-. .ci/sanitizer_flags.sh
-read -r -a inc <<< "$("$py" -c "import pybind11, sysconfig; print('-I' + pybind11.get_include(), '-I' + sysconfig.get_paths()['include'])")"
 suffix=$("$py" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-objs=()
-# compile_bindings FILES...: the binding sources, one after another.
-compile_bindings() {
-  for f in "$@"; do
-    g++ "${san[@]}" "${inc[@]}" -fvisibility=hidden -c "cpp/src/$f.cpp" -o "$drv/py_$f.o"
-  done
-}
-# Two compilers at a time (the bindings are about 20 s each at -O1).
-compile_bindings module bind_exact bind_coarse dispatch &
-pid=$!
-compile_bindings bind_estimators bind_project bufpool
-wait "$pid"
-for f in module bind_exact bind_coarse bind_estimators bind_project dispatch bufpool; do
-  objs+=("$drv/py_$f.o")
-done
-for f in kernels project_kernels estimator_kernels threadpool; do
-  [ -f "$drv/$f.o" ] || { echo "missing $drv/$f.o"; exit 1; }
-  objs+=("$drv/$f.o")
-done
-g++ -shared -fsanitize=address,undefined "${objs[@]}" -o "$drv/_core$suffix" -lpthread
+. .ci/sanitizer_flags.sh
+if [ ! -f "$drv/_core$suffix" ]; then
+  "$py" -c "import pybind11" 2>/dev/null || "$py" -m pip install -q pybind11
+  [ -f "$drv/py_module.o" ] || san_bindings "$drv"
+  san_link "$drv"
+fi
 
 # A package tree that holds the sanitized extension (the editable install points elsewhere).
 stage="$drv/stage"

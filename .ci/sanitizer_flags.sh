@@ -5,3 +5,44 @@
 # into the C++ driver and the sanitized Python extension.
 san=(-std=gnu++17 -O1 -g1 -fPIC -fsanitize=address,undefined -fno-sanitize-recover=all
      -fno-omit-frame-pointer -DTRMATH_ISA=generic -Icpp/include -Icpp/src -Wno-psabi)
+
+# san_objects DIR PATHS...: compile each PATH.cpp (relative to the repository root) to
+# DIR/<its base name>.o, one after another.
+san_objects() {
+  local dir=$1 f
+  shift
+  for f in "$@"; do
+    g++ "${san[@]}" -c "$f.cpp" -o "$dir/$(basename "$f").o"
+  done
+}
+
+# san_driver DIR: link the C++ driver of every entry point from the objects in DIR and run it
+# with leak detection on (the interpreter's own allocations are out of scope in the pytest run).
+san_driver() {
+  local dir=$1
+  g++ -fsanitize=address,undefined "$dir/core_driver.o" "$dir/kernels.o" "$dir/project_kernels.o" \
+    "$dir/estimator_kernels.o" "$dir/threadpool.o" -o "$dir/core_driver" -lpthread
+  ASAN_OPTIONS=detect_leaks=1 "$dir/core_driver"
+}
+
+# san_bindings DIR: the Python bindings, compiled with the same flags (about 20 s each at -O1) for
+# the python on PATH (pybind11 must be importable there), to DIR/py_<name>.o.
+san_bindings() {
+  local dir=$1 f inc
+  inc=$(python -c "import pybind11, sysconfig; print('-I' + pybind11.get_include(), '-I' + sysconfig.get_paths()['include'])")
+  for f in $san_binding_names; do
+    # shellcheck disable=SC2086  # $inc: two -I flags
+    g++ "${san[@]}" $inc -fvisibility=hidden -c "cpp/src/$f.cpp" -o "$dir/py_$f.o"
+  done
+}
+san_binding_names="module bind_exact bind_coarse bind_estimators bind_project dispatch bufpool"
+
+# san_link DIR: the sanitized extension DIR/_core<suffix> from the bindings and kernel objects.
+san_link() {
+  local dir=$1 f suffix objs=()
+  suffix=$(python -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  for f in $san_binding_names; do objs+=("$dir/py_$f.o"); done
+  for f in kernels project_kernels estimator_kernels threadpool; do objs+=("$dir/$f.o"); done
+  for f in "${objs[@]}"; do [ -f "$f" ] || { echo "missing $f"; return 1; }; done
+  g++ -shared -fsanitize=address,undefined "${objs[@]}" -o "$dir/_core$suffix" -lpthread
+}

@@ -1203,6 +1203,27 @@ void pair_bwd_impl(const PairBwd& a) {
   }
 }
 
+#if defined(__AVX512BF16__)
+// The AVX512_BF16 build differs from the AVX-512 one only where bfloat16 gradients are rounded
+// (store16 above): it compiles the bfloat16 backward passes alone and hands every other call to
+// the AVX-512 table (at call time, so no static initialisation order is involved).
+}  // namespace
+}  // namespace TRMATH_NS
+namespace isa_avx512 { extern const KernelTable table; }
+namespace TRMATH_NS {
+namespace {
+
+void single_fwd(const SingleFwd& a) { isa_avx512::table.single_fwd(a); }
+void pair_fwd(const PairFwd& a) { isa_avx512::table.pair_fwd(a); }
+void single_bwd(const SingleBwd& a) {
+  if (a.z.dtype == DType::bf16) single_bwd_impl<bf16_t>(a);
+  else isa_avx512::table.single_bwd(a);
+}
+void pair_bwd(const PairBwd& a) {
+  if (a.z.dtype == DType::bf16) pair_bwd_impl<bf16_t>(a);
+  else isa_avx512::table.pair_bwd(a);
+}
+#else
 template <template <class> class Algo, class Args>
 void run_fwd(const Args& a, DType dt) {
   const int64_t N = a.z.rows();
@@ -1233,6 +1254,7 @@ void pair_bwd(const PairBwd& a) {
     case DType::f16: pair_bwd_impl<f16_t>(a); break;
   }
 }
+#endif  // __AVX512BF16__
 
 }  // namespace
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# usage: .ci/background_checks.sh DIR
+#
+# The compile-heavy checks of .ci/run. .ci/run starts this script at the lowest CPU priority
+# (nice 19) beside its main steps (install, tests, demo, documentation, integrations), so that it
+# runs on the CPU time those leave idle (pip's downloads and unpacking, single-threaded builds,
+# test collection) instead of after them. In order:
+#   1. two chains at once: the AddressSanitizer + UndefinedBehaviorSanitizer build of kernels.cpp
+#      (the longest single compile, about 10 CPU-minutes); and nvcc on the CUDA sources, a syntax
+#      check of their bindings, the other sanitizer objects, the sanitized Python bindings and the
+#      ThreadSanitizer stress test;
+#   2. the C++ driver of every entry point (leak check on) and the thread-pool stress test;
+#   3. once DIR/go exists (.ci/run creates it when it has finished installing into its
+#      environment), the kernel tests against the sanitized extension (.ci/sanitized_pytest.sh).
+# Objects, logs and reports go to DIR. Stops at the first failure, with a non-zero exit status.
+# Each step prints the seconds since CI_START (seconds since the epoch; default: now).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=$(cd "${1:?usage: .ci/background_checks.sh DIR}" && pwd)
+t0=${CI_START:-$(date +%s)}
+say() { echo "-- [$(( $(date +%s) - t0 )) s] $*"; }
+. .ci/sanitizer_flags.sh
+
+say "start (nice $(nice))"
+san_objects "$dir" cpp/src/kernels > "$dir/kernels.log" 2>&1 &
+kernels_pid=$!
+trap 'kill "$kernels_pid" 2>/dev/null || true' EXIT
+
+# nvcc, one architecture, sm_80: the sources' only architecture branches are __CUDA_ARCH__ >= 800,
+# so sm_90 (also in the CMake build's default list) compiles the same code, and sm_80 has the
+# smaller shared-memory limit.
+command -v nvcc >/dev/null || { echo "nvcc not found: the CUDA sources cannot be checked"; exit 1; }
+for f in cuda_exact cuda_topk cuda_project; do
+  nvcc -std=c++17 --expt-relaxed-constexpr -O3 -Icpp/include -Icpp/src \
+    -gencode arch=compute_80,code=sm_80 -c "cpp/src/$f.cu" -o "$dir/$f.cu.o"
+done
+# shellcheck disable=SC2046  # two -I flags
+g++ -std=gnu++17 -fsyntax-only -Wall -Wextra -Icpp/include -Icpp/src \
+  $(python -c "import pybind11, sysconfig; print('-I' + pybind11.get_include(), '-I' + sysconfig.get_paths()['include'])") \
+  cpp/src/bind_cuda.cpp
+say "nvcc: ok (cuda_exact, cuda_topk, cuda_project; bind_cuda.cpp syntax)"
+san_objects "$dir" cpp/tests/core_driver cpp/src/project_kernels cpp/src/estimator_kernels \
+  cpp/src/threadpool
+san_bindings "$dir"
+g++ -std=gnu++17 -O1 -g1 -fsanitize=thread -Icpp/include -Icpp/src cpp/tests/pool_stress.cpp \
+  cpp/src/threadpool.cpp -o "$dir/pool_stress" -lpthread
+say "sanitizer objects other than kernels.cpp, sanitized bindings: ok"
+
+set +e
+wait "$kernels_pid"
+krc=$?
+set -e
+trap - EXIT
+cat "$dir/kernels.log"
+[ "$krc" -eq 0 ] || { echo "the sanitizer build of kernels.cpp failed (exit $krc)"; exit 1; }
+say "sanitizer build of kernels.cpp: ok"
+san_link "$dir"
+say "sanitized Python extension: linked"
+
+say "AddressSanitizer + UndefinedBehaviorSanitizer + LeakSanitizer: C++ driver of every entry point"
+san_driver "$dir"
+say "ThreadSanitizer: the thread pool under short, sleeping-worker and concurrent jobs"
+"$dir/pool_stress"
+
+say "waiting until the environment is no longer being installed into"
+while [ ! -e "$dir/go" ]; do sleep 2; done
+say "AddressSanitizer + UndefinedBehaviorSanitizer: the kernel tests against a sanitized extension"
+bash .ci/sanitized_pytest.sh "$dir"
+say "done"
