@@ -6,7 +6,7 @@
 # runs on the CPU time those leave idle (pip's downloads and unpacking, single-threaded builds,
 # test collection) instead of after them. In order:
 #   1. two chains at once: the AddressSanitizer + UndefinedBehaviorSanitizer build of kernels.cpp
-#      (the longest single compile, about 10 CPU-minutes); and nvcc on the CUDA sources, a syntax
+#      (the longest single compile, 4 to 7 CPU-minutes); and nvcc on the CUDA sources, a syntax
 #      check of their bindings, the other sanitizer objects, the sanitized Python bindings and the
 #      ThreadSanitizer stress test;
 #   2. the C++ driver of every entry point (leak check on) and the thread-pool stress test;

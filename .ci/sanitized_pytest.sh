@@ -4,10 +4,10 @@
 # The tests that drive the C++ core, run against an AddressSanitizer + UndefinedBehaviorSanitizer
 # build of it. DIR holds the sanitized kernel objects kernels.o, project_kernels.o,
 # estimator_kernels.o and threadpool.o, compiled with the flags of .ci/sanitizer_flags.sh (as
-# .ci/run and .ci/sanitize.sh do). Unless DIR already holds it (.ci/background_checks.sh), this
-# script compiles the Python bindings the same way (unless already there) and links DIR/_core.so;
-# it then runs pytest
-# with the sanitizer runtime preloaded, in two processes over two halves of the test files. The extension holds the generic kernels only (the AVX2 and
+# .ci/background_checks.sh and .ci/sanitize.sh do). Unless DIR already holds the sanitized
+# extension DIR/_core.so, this script links it (compiling the Python bindings the same way if
+# DIR lacks them); it then runs pytest with the sanitizer runtime preloaded, in two processes
+# over two halves of the test files. The extension holds the generic kernels only (the AVX2 and
 # AVX-512 builds are the same sources with wider lanes; the other tests run those). Any report
 # fails the run: halt_on_error, and the reports go to files (a report on stderr is lost when the
 # process aborts under pytest's output capture), which are printed.
