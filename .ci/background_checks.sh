@@ -5,10 +5,13 @@
 # (nice 19) beside its main steps (install, tests, demo, documentation, integrations), so that it
 # runs on the CPU time those leave idle (pip's downloads and unpacking, single-threaded builds,
 # test collection) instead of after them. In order:
-#   1. two chains at once: the AddressSanitizer + UndefinedBehaviorSanitizer build of kernels.cpp
-#      (the longest single compile, 4 to 7 CPU-minutes); and nvcc on the CUDA sources, a syntax
-#      check of their bindings, the other sanitizer objects, the sanitized Python bindings and the
-#      ThreadSanitizer stress test;
+#   1. two chains of compiles at once, of about equal length (about 500 CPU-s each here), so
+#      that neither core waits for the other at the end: the AddressSanitizer +
+#      UndefinedBehaviorSanitizer objects of the forward drivers of the exact reductions (the
+#      longest compile, ~360 CPU-s), the estimators, the projections and two of the Python
+#      bindings; and those of the backward drivers (~230 CPU-s), nvcc on the CUDA sources, a
+#      syntax check of their bindings, the C++ driver, the thread pool, the other bindings and
+#      the ThreadSanitizer stress test;
 #   2. the C++ driver of every entry point (leak check on) and the thread-pool stress test;
 #   3. once DIR/go exists (.ci/run creates it when it has finished installing into its
 #      environment), the kernel tests against the sanitized extension (.ci/sanitized_pytest.sh).
@@ -28,9 +31,11 @@ if [ "$(ps -o sid= -p $$ | tr -d ' ')" = "$$" ] && [ -w /proc/self/autogroup ]; 
   echo 19 > /proc/self/autogroup 2>/dev/null || true
 fi
 say "start (nice $(nice); $(cat /proc/self/autogroup 2>/dev/null || echo "no autogroup"))"
-san_objects "$dir" cpp/src/kernels > "$dir/kernels.log" 2>&1 &
-kernels_pid=$!
-trap 'kill "$kernels_pid" 2>/dev/null || true' EXIT
+(san_objects "$dir" cpp/src/kernels_fwd cpp/src/estimator_kernels cpp/src/project_kernels &&
+  san_bindings "$dir" bind_estimators bind_project) > "$dir/chain.log" 2>&1 &
+chain_pid=$!
+trap 'kill "$chain_pid" 2>/dev/null || true' EXIT
+san_objects "$dir" cpp/src/kernels_bwd
 
 # nvcc, one architecture, sm_80: the sources' only architecture branches are __CUDA_ARCH__ >= 800,
 # so sm_90 (also in the CMake build's default list) compiles the same code, and sm_80 has the
@@ -45,21 +50,20 @@ g++ -std=gnu++17 -fsyntax-only -Wall -Wextra -Icpp/include -Icpp/src \
   $(python -c "import pybind11, sysconfig; print('-I' + pybind11.get_include(), '-I' + sysconfig.get_paths()['include'])") \
   cpp/src/bind_cuda.cpp
 say "nvcc: ok (cuda_exact, cuda_topk, cuda_project; bind_cuda.cpp syntax)"
-san_objects "$dir" cpp/tests/core_driver cpp/src/project_kernels cpp/src/estimator_kernels \
-  cpp/src/threadpool
-san_bindings "$dir"
+san_objects "$dir" cpp/tests/core_driver cpp/src/threadpool
+san_bindings "$dir" module bind_exact bind_coarse dispatch bufpool
 g++ -std=gnu++17 -O1 -g1 -fsanitize=thread -Icpp/include -Icpp/src cpp/tests/pool_stress.cpp \
   cpp/src/threadpool.cpp -o "$dir/pool_stress" -lpthread
-say "sanitizer objects other than kernels.cpp, sanitized bindings: ok"
+say "sanitizer objects: backward drivers, C++ driver, thread pool, five bindings: ok"
 
 set +e
-wait "$kernels_pid"
-krc=$?
+wait "$chain_pid"
+crc=$?
 set -e
 trap - EXIT
-cat "$dir/kernels.log"
-[ "$krc" -eq 0 ] || { echo "the sanitizer build of kernels.cpp failed (exit $krc)"; exit 1; }
-say "sanitizer build of kernels.cpp: ok"
+cat "$dir/chain.log"
+[ "$crc" -eq 0 ] || { echo "the other chain of sanitizer objects failed (exit $crc)"; exit 1; }
+say "sanitizer objects: forward drivers, estimators, projections, two bindings: ok"
 san_link "$dir"
 say "sanitized Python extension: linked"
 

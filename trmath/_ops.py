@@ -245,7 +245,7 @@ def pair_fwd_impl(z: Tensor, w: Tensor, temperature: float, op: str, validate: b
     # Columns 4-5 hold the log-ratio centre as an unevaluated sum (logit units), as in the C++
     # kernels' statistics; 6-8 are where the CPU kernels' TV backward (which these statistics may
     # also feed) finds the row maxima and the centre correction its side-mass pass works about
-    # (cpp/src/kernels.cpp). (The CUDA TV backward reads the side masses its own forward stores
+    # (cpp/src/kernels_bwd.cpp). (The CUDA TV backward reads the side masses its own forward stores
     # there: zeros tell it that they are missing.)
     pad = torch.zeros(stats.shape[0], _PAIR_STATS - tb._PAIR_STATS, dtype=stats.dtype, device=stats.device)
     if op == "tv" and z.device.type == "cpu":

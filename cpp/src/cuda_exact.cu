@@ -3,7 +3,8 @@
 //
 // A row's result never depends on the batch, its position or the launch: every reduction tree
 // below is fixed by V alone. The formulas are the CPU kernels' (cpp/include/trmath/exact.hpp,
-// cpp/src/kernels.cpp), element for element; what differs is how a row is traversed:
+// cpp/src/kernels_fwd.cpp, kernels_bwd.cpp), element for element; what differs is how a row is
+// traversed:
 //
 //  * Forward, first pass (span kernels): a row is cut into spans of kSpan elements and one block
 //    reads each (row, span) once (16-byte loads where the row is contiguous and aligned; for
@@ -1242,7 +1243,7 @@ __global__ void __launch_bounds__(kThreads, 2) pair_fwd_kernel(PairFwd a, const 
       s.s[7] = kFirst == kKL ? 0.0 : v[4];  // KL = +inf is decided by the flag alone
       s.mag = v[3];
     }
-    // ---- the CPU's stage machine (kernels.cpp, PairAlgo::next), in order
+    // ---- the CPU's stage machine (kernels_fwd.cpp, PairAlgo::next), in order
     bool done = (s.flags & kErrorBits) != 0;
     if (!done) {
       s.m = s.Mz - s.Mw;
@@ -1369,14 +1370,14 @@ __global__ void __launch_bounds__(kBwdThreads) single_bwd_kernel(SingleBwd a) {
   }
 }
 
-// The dominant-token entries of KL's and JS's gradients, as on the CPU (kernels.cpp, DomPart): each
-// gradient row sums to 0, and at a token holding more than half of p (or of q) the direct formula,
-// e.g. p_j (eps_j - KL) / T, is a small difference of numbers of the size p_j (|eps_j| + KL), all
-// rounding on a peaked row. Every warp of the backward sums its other entries and their
+// The dominant-token entries of KL's and JS's gradients, as on the CPU (kernels_bwd.cpp, DomPart):
+// each gradient row sums to 0, and at a token holding more than half of p (or of q) the direct
+// formula, e.g. p_j (eps_j - KL) / T, is a small difference of numbers of the size p_j (|eps_j| +
+// KL), all rounding on a peaked row. Every warp of the backward sums its other entries and their
 // magnitudes and notes such a token, in one record per (row, chunk, warp); pair_dom_fix_kernel
-// merges a row's records in a fixed order and, where it is the more accurate, writes minus the
-// sum of the others at the dominant token. Record: per side (0: dz, 1: dw) rest, size,
-// probability (0: none), direct entry, index.
+// merges a row's records in a fixed order and, where it is the more accurate, writes minus the sum
+// of the others at the dominant token. Record: per side (0: dz, 1: dw) rest, size, probability (0:
+// none), direct entry, index.
 constexpr int kDomRec = 10;
 constexpr int kBwdWarps = kBwdThreads / 32;
 

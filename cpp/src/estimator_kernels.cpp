@@ -1,6 +1,6 @@
 // trmath: the element kernels of the sampled KL estimators k1, k2, k3 (trmath/estimators.py)
 // and of the binary coarse divergences binary_tv, binary_kl (trmath/coarse.py; formulas below).
-// Compiled once per instruction set, like kernels.cpp; bind_estimators.cpp picks the copy
+// Compiled once per instruction set, like kernels_fwd.cpp; bind_estimators.cpp picks the copy
 // matching the exact kernels in use.
 //
 // One read of both inputs and one write of each output, in double lanes (8 with AVX-512, else

@@ -1,5 +1,5 @@
 // trmath: CPU kernels of the KL-ball projection (TROLL). Compiled once per instruction set,
-// like kernels.cpp; cpp/src/bind_project.cpp picks the copy matching the exact kernels in use.
+// like kernels_fwd.cpp; cpp/src/bind_project.cpp picks the copy matching the exact kernels in use.
 //
 // Forward, per row (rows are spread over the thread pool; each row is reduced by one thread in
 // a fixed order, so a row's result does not depend on the number of threads or on the batch),

@@ -1,5 +1,5 @@
 // trmath: per-row decisions and final formulas of the pair reductions, shared by the CPU
-// (cpp/src/kernels.cpp) and CUDA (cpp/src/cuda_exact.cu) drivers. Scalar double code, host and
+// (cpp/src/kernels_fwd.cpp) and CUDA (cpp/src/cuda_exact.cu) drivers. Scalar double code, host and
 // device; the element sums it consumes are the drivers' own.
 //
 // Slots of the row sums s[] (q-units, about the centre m + mlo, see exact.hpp):
