@@ -30,10 +30,25 @@ elapsed() { echo "$(( $(date +%s) - start )) s"; }
 # unpacking use different resources. trmath goes in once its wheel is there.
 echo "== trmath wheel (built once, in its own build directory, in the background)"
 rm -rf "$work/wheel"
+# The pybind11 that the README install's build (build/<wheel tag>, when .ci/run made it) found,
+# from its CMake cache: the wheel's build then compiles the bindings against the same headers at
+# the same path, so that a compiler cache (.ci/run's sccache, which hashes that path) reuses
+# them. Without it the wheel's isolated build environment finds its own copy of pybind11, under
+# a new random path, and every binding compiles again (about 200 CPU-s).
+same_pybind11=()
+for cache in build/cp*/CMakeCache.txt; do
+  [ -f "$cache" ] || continue
+  dir=$(sed -n 's/^pybind11_DIR:PATH=//p' "$cache")
+  if [ -n "$dir" ] && [ -d "$dir" ]; then
+    same_pybind11=(-C "cmake.define.pybind11_DIR=$dir")
+    echo "pybind11 of the install's build: $dir"
+  fi
+  break
+done
 python3 -m venv "$work/.venv-build"
 "$work/.venv-build/bin/python" -m pip install -q -U pip
 "$work/.venv-build/bin/python" -m pip wheel -q --no-deps -w "$work/wheel" \
-  -C build-dir="$work/cmake" . > "$work/wheel.log" 2>&1 &
+  -C build-dir="$work/cmake" "${same_pybind11[@]}" . > "$work/wheel.log" 2>&1 &
 wheel_pid=$!
 trap 'kill "$wheel_pid" 2>/dev/null || true' EXIT
 
